@@ -1,0 +1,96 @@
+"""The UCI handwritten digits shipped inside scikit-learn, as a tfds dataset.
+
+`sklearn.datasets.load_digits()` reads 1,797 real 8x8 grey images (values 0..16) from the
+scikit-learn wheel, so this dataset builds anywhere without a network. It is the project's
+default small dataset: real enough to learn on, small enough for tests and CPU smoke runs.
+
+Importing this module registers the builder under the tfds name `sklearn_digits`; building it is
+`tfds.builder('sklearn_digits', data_dir=...).download_and_prepare()` (`jaxkd.data.sources` does
+that on first use).
+"""
+
+import contextlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+TFDS_NAME = 'sklearn_digits'
+NUM_EXAMPLES = 1797
+NUM_TRAIN = 1437
+NUM_TEST = NUM_EXAMPLES - NUM_TRAIN
+# The split is a fixed permutation of sklearn's order: the first NUM_TRAIN images of
+# `np.random.RandomState(SPLIT_SEED).permutation(1797)` are train, the rest test. RandomState
+# (not Generator) because NumPy keeps its streams stable across versions.
+SPLIT_SEED = 0
+
+
+def digit_images_and_labels() -> tuple[np.ndarray, np.ndarray]:
+  """All 1,797 digits in sklearn's order: uint8 [N, 8, 8, 1] in 0..255 and int64 [N] labels."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  return images, digits.target.astype(np.int64)
+
+
+def split_indices() -> dict[str, np.ndarray]:
+  """Indices into sklearn's order of the `train` and `test` examples."""
+  perm = np.random.RandomState(SPLIT_SEED).permutation(NUM_EXAMPLES)
+  return {'train': perm[:NUM_TRAIN], 'test': perm[NUM_TRAIN:]}
+
+
+def _is_registered() -> bool:
+  try:
+    tfds.builder_cls(TFDS_NAME)
+  except tfds.core.registered.DatasetNotFoundError:
+    return False
+  return True
+
+
+# A second import of this file (importlib.reload, running it as a script, a Colab re-run) would
+# define the class again; tfds refuses duplicate names outside notebooks, so the copy stays
+# unregistered and the first registration keeps serving `tfds.builder`.
+with (tfds.core.registered.skip_registration() if _is_registered()
+      else contextlib.nullcontext()):
+
+  class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+    """UCI ML hand-written digits (8x8, 10 classes) from scikit-learn, fixed 1437/360 split."""
+
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'First release: fixed permutation split with seed 0.'}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=(
+              'The 1,797 8x8 grey handwritten digits of the UCI "Optical Recognition of '
+              'Handwritten Digits" test set, as shipped by scikit-learn. Pixel values 0..16 are '
+              f'scaled to 0..255 by round(v*255/16). Split: a fixed permutation (RandomState('
+              f'{SPLIT_SEED})) gives {NUM_TRAIN} train and {NUM_TEST} test images.'),
+          features=tfds.features.FeaturesDict({
+              'image': tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8),
+              'label': tfds.features.ClassLabel(num_classes=10),
+          }),
+          supervised_keys=('image', 'label'),
+          # Keep the documented permutation order on disk instead of tfds' key-hash order.
+          disable_shuffling=True,
+          homepage=(
+              'https://archive.ics.uci.edu/dataset/80/'
+              'optical+recognition+of+handwritten+digits'),
+          citation=(
+              '@misc{alpaydin1998digits, author={Alpaydin, E. and Kaynak, C.}, '
+              'title={Optical Recognition of Handwritten Digits}, year={1998}, '
+              'howpublished={UCI Machine Learning Repository}}'),
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # Everything comes from the scikit-learn wheel.
+      images, labels = digit_images_and_labels()
+      return {
+          name: self._generate_examples(images, labels, indices)
+          for name, indices in split_indices().items()
+      }
+
+    def _generate_examples(self, images, labels, indices):
+      # With shuffling disabled tfds stores examples sorted by key: the position in the split.
+      for position, i in enumerate(indices):
+        yield position, {'image': images[i], 'label': int(labels[i])}

@@ -1,0 +1,143 @@
+"""tf.data input pipelines yielding host-local numpy batches.
+
+Training is an infinite stream that is a pure function of (seed, step): position p of a process's
+stream is example `shuffle_e(p mod n)` of its shard in epoch e = p // n, where n = steps_per_epoch
+* local batch and shuffle_e is a stateless permutation seeded from (seed, e). The shard is held in
+memory (fine for digits and CIFAR) so each position can be computed on its own; resuming at
+`start_step` therefore starts the same stream at position start_step * local batch, with nothing
+to replay.
+"""
+
+import math
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from jaxkd import errors
+from jaxkd.data import sources
+from jaxkd.data import views as views_lib
+from jaxkd.data.sources import DatasetInfo
+
+
+def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
+  """Full global batches per epoch; the remainder of the train split is dropped each epoch."""
+  return info.num_train // global_batch_size
+
+
+def num_eval_steps(info: DatasetInfo, global_batch_size: int) -> int:
+  """Batches in one eval pass; the last one is padded."""
+  return math.ceil(info.num_eval / global_batch_size)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise errors.UserError(
+        f'global batch size {global_batch_size} must be positive and divisible by the '
+        f'process count {process_count}')
+  return global_batch_size // process_count
+
+
+def _examples(dataset_config: ml_collections.ConfigDict, split: str, num_examples: int,
+              process_index: int, process_count: int) -> tf.data.Dataset:
+  """(index in split, image, label) of this process's shard of the first `num_examples`."""
+  ds = sources.load_split(dataset_config, split)
+  available = int(ds.cardinality())
+  if 0 <= available < num_examples:
+    raise errors.UserError(
+        f'dataset {dataset_config.name!r} split {split!r} has {available} examples but the '
+        f'config asks for {num_examples}; lower num_train_examples / num_eval_examples')
+  ds = ds.take(num_examples).enumerate()
+  return ds.shard(process_count, process_index)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
+                  seed: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> tf.data.Dataset:
+  """The infinite training stream of this process as a tf.data.Dataset (see train_batches)."""
+  sources.hide_accelerators()
+  views_lib.check_views(views)
+  info = sources.get_dataset_info(dataset_config)
+  views_fn = views_lib.make_views_fn(views, info, train=True)
+  batch = _local_batch_size(global_batch_size, process_count)
+  steps = steps_per_epoch(info, global_batch_size)
+  if start_step < 0:
+    raise errors.UserError(f'start_step must be >= 0, got {start_step}')
+  if steps == 0:
+    raise errors.UserError(
+        f'global batch size {global_batch_size} is larger than the {info.num_train} training '
+        f'examples of dataset {info.name!r}')
+  shard = _examples(dataset_config, dataset_config.get('train_split', 'train'), info.num_train,
+                    process_index, process_count)
+  # The whole shard as three tensors, for random access by shuffled position.
+  indices, (images, labels) = shard.batch(info.num_train).get_single_element()
+  max_index = tf.cast(tf.shape(indices)[0] - 1, tf.int64)
+  per_epoch = steps * batch  # Never more than the shard size, on every process.
+
+  def element(position):
+    epoch = position // per_epoch
+    # Example keys fold in indices >= 0, so -1 gives the epoch's shuffle its own key.
+    shuffle_key = views_lib.example_key(seed, epoch, -1)
+    j = tf.random.experimental.index_shuffle(position % per_epoch, shuffle_key, max_index)
+    key = views_lib.example_key(seed, epoch, indices[j])
+    return {'image': views_fn(images[j], key), 'label': labels[j]}
+
+  ds = tf.data.Dataset.counter(start=start_step * batch, dtype=tf.int64)
+  ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def train_batches(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
+                  seed: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite host-local training batches, starting at global step `start_step`.
+
+  Yields {'image': float32 [b, H, W, C] (views 'none') or [b, V, H, W, C], 'label': int32 [b]}
+  with b = global_batch_size // process_count; process i reads shard i of process_count.
+  Batch s is the same whether the iterator started at 0 or at `start_step` <= s.
+  """
+  return train_dataset(dataset_config, views, global_batch_size, seed, start_step,
+                       process_index, process_count).as_numpy_iterator()
+
+
+def eval_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
+                 process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """One padded pass over this process's shard of the eval split (see eval_batches)."""
+  sources.hide_accelerators()
+  views_lib.check_views(views)
+  info = sources.get_dataset_info(dataset_config)
+  views_fn = views_lib.make_views_fn(views, info, train=False)
+  batch = _local_batch_size(global_batch_size, process_count)
+  ds = _examples(dataset_config, dataset_config.get('eval_split', 'test'), info.num_eval,
+                 process_index, process_count)
+  ds = ds.map(
+      lambda index, example: {
+          'image': views_fn(example[0], None), 'label': example[1],
+          'mask': tf.constant(1.0, tf.float32)},
+      num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros(views_lib.view_shape(views, info), tf.float32),
+      'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32)}).repeat()
+  # Every process pads its shard to the same number of batches, so collective steps line up.
+  ds = ds.concatenate(padding).take(num_eval_steps(info, global_batch_size) * batch)
+  return ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_batches(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
+                 process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split in host-local batches with a 'mask' (1 real, 0 padding).
+
+  Every batch is full size; summing mask-weighted metrics over all processes and batches counts
+  each eval example exactly once.
+  """
+  return eval_dataset(dataset_config, views, global_batch_size, process_index,
+                      process_count).as_numpy_iterator()

@@ -1,0 +1,1 @@
+"""Conversion of weights from other frameworks' layouts into Flax variable trees."""

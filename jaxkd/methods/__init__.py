@@ -1,0 +1,23 @@
+"""Registry of distillation methods: one module per method, each exporting `METHOD`."""
+
+import importlib
+
+from jaxkd.errors import unknown_name
+from jaxkd.methods.base import Method
+from jaxkd.methods.losses import distill_kl
+
+# name -> module under jaxkd.methods; adding a method is one file and one line here.
+_MODULES = {
+    "ce": "ce",
+    "kd": "kd",
+}
+METHOD_NAMES = tuple(_MODULES)
+
+
+def get_method(name: str) -> Method:
+  if name not in _MODULES:
+    raise unknown_name("method", name, METHOD_NAMES)
+  return importlib.import_module(f"jaxkd.methods.{_MODULES[name]}").METHOD
+
+
+__all__ = ["Method", "METHOD_NAMES", "get_method", "distill_kl"]

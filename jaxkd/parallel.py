@@ -1,0 +1,53 @@
+"""Data parallelism with `jax.jit` over a device `Mesh`.
+
+The batch is sharded over the mesh axis 'data' and everything else is replicated. Under this
+global view every in-batch reduction (BatchNorm statistics, ranking and graph terms) sees the
+whole global batch, so results do not depend on how many devices share it.
+"""
+
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxkd.errors import UserError
+
+DATA_AXIS = "data"
+
+
+def create_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over 'data'."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divides(global_batch_size: int, mesh: Mesh) -> None:
+  """Raises a UserError unless the global batch splits evenly over the mesh."""
+  n = mesh.devices.size
+  if global_batch_size % n:
+    lower = (global_batch_size // n) * n
+    raise UserError(
+        f"global batch size {global_batch_size} does not divide over {n} devices; "
+        f"set --config.batch_size to a multiple of {n} (e.g. {max(lower, n)} or {lower + n})")
+
+
+def to_global(local_batch: Any, mesh: Mesh) -> Any:
+  """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded on 'data'."""
+  sharding = data_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Puts every leaf of `tree` on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))

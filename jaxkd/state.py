@@ -1,0 +1,44 @@
+"""The student's train state, and the network a method trains (backbone + optional heads).
+
+The frozen teacher is not part of the state: its variables travel beside it as a separate,
+never-differentiated argument of the train step, and are never written into the student's
+checkpoint (its path and checksum are recorded instead).
+"""
+
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step, the trained variables (`params`, `batch_stats`) and the optimiser state."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+class Network(nn.Module):
+  """A zoo backbone plus a method's heads, returning one dict of outputs.
+
+  {'logits': [R, N], 'feats': {tap: array}, ...whatever the heads add}. The backbone's
+  variables live under 'backbone', so a reference checkpoint maps onto them unchanged.
+  """
+  backbone: nn.Module
+  heads: Optional[nn.Module] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, Any]:
+    logits, feats = self.backbone(x, train=train)
+    out = {"logits": logits, "feats": feats}
+    if self.heads is not None:
+      out.update(self.heads(out, train=train))
+    return out
+
+
+def variables_of(state: TrainState) -> dict[str, Any]:
+  """The Flax variable dict of the network the state trains."""
+  return {"params": state.params, "batch_stats": state.batch_stats}

@@ -1,0 +1,409 @@
+"""Training and evaluation: the stages of one run, the jitted steps, checkpoints and logs.
+
+A run is a sequence of stages, each in its own sub-directory of the workdir and each skipped
+when its `result.json` exists:
+
+  teacher            train the teacher with cross-entropy (unless --config.teacher.checkpoint)
+  student_<method>   distil the student with `config.method`, then each `config.baselines`
+                     method (e.g. `ce`: the student trained alone), for the final table
+
+The trainer never names a method: it asks the method registry for the views, the heads and the
+pure loss, and runs the same step for all of them.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+
+from jaxkd import checkpoint
+from jaxkd import data
+from jaxkd import models
+from jaxkd import parallel
+from jaxkd.errors import UserError
+from jaxkd.methods import Method, get_method
+from jaxkd.methods.losses import topk_correct
+from jaxkd.optim import learning_rate_schedule, make_optimizer
+from jaxkd.state import Network, TrainState, variables_of
+
+RESULT_FILE = "result.json"
+TEACHER_FILE = "teacher.msgpack"
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen teacher: its network, its variables (replicated) and where they came from."""
+  network: Network
+  variables: Any
+  path: str
+  sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage: which network learns with which method for how long."""
+  name: str
+  model_name: str
+  method: Method
+  hparams: ml_collections.ConfigDict
+  num_epochs: int
+  base_lr: float
+  teacher: Optional[Teacher] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Pure steps.
+
+
+def flatten_views(images: jax.Array) -> jax.Array:
+  """[B, V, H, W, C] -> [B·V, H, W, C] with row V·i + k = image i, view k; [B, H, W, C] as is."""
+  return images.reshape((-1,) + images.shape[-3:]) if images.ndim == 5 else images
+
+
+def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array], *,
+               network: Network, teacher_network: Optional[Network], method: Method,
+               hparams: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step of the student on a global batch; the teacher runs in inference mode."""
+  images = flatten_views(batch["image"])
+  teacher_out = None
+  if teacher_network is not None:
+    teacher_out = jax.lax.stop_gradient(
+        teacher_network.apply(teacher_variables, images, train=False))
+
+  def loss_fn(params):
+    out, updates = network.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                 train=True, mutable=["batch_stats"])
+    loss, metrics = method.loss(out, teacher_out, batch["label"], hparams)
+    return loss, (metrics, updates["batch_stats"])
+
+  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, lr=schedule(state.step))
+  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                    opt_state=opt_state), metrics
+
+
+def eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Network
+              ) -> dict[str, jax.Array]:
+  """Counts of top-1 / top-5 hits over the real (mask = 1) rows of an eval batch."""
+  logits = network.apply(variables, batch["image"], train=False)["logits"]
+  mask = batch["mask"]
+  k5 = min(5, logits.shape[-1])
+  return {"top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+          "top5": jnp.sum(topk_correct(logits, batch["label"], k5) * mask),
+          "count": jnp.sum(mask)}
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks of a stage.
+
+
+def build_network(model_name: str, num_classes: int, method: Optional[Method],
+                  hparams: Optional[ml_collections.ConfigDict], dtype: Any) -> Network:
+  heads = None
+  if method is not None and method.student_heads is not None:
+    heads = method.student_heads(num_classes, hparams)
+  return Network(backbone=models.get_model(model_name, num_classes, dtype=dtype), heads=heads)
+
+
+def init_variables(network: Network, image_shape: tuple[int, ...], seed: int,
+                   mesh: jax.sharding.Mesh) -> Any:
+  """Initialises the network under jit, replicated over the mesh."""
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
+  def init(rng):
+    return network.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  return dict(init(jax.random.key(seed)))
+
+
+def evaluate(network: Network, variables: Any, config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh, eval_fn: Callable) -> dict[str, float]:
+  """Top-1 / top-5 (percent) over the whole eval split, every example counted once."""
+  totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+  for local in data.eval_batches(config.dataset, "none", config.eval_batch_size,
+                                 jax.process_index(), jax.process_count()):
+    counts = jax.device_get(eval_fn(variables, parallel.to_global(local, mesh)))
+    for key in totals:
+      totals[key] += float(counts[key])
+  n = max(totals["count"], 1.0)
+  return {"top1": 100.0 * totals["top1"] / n, "top5": 100.0 * totals["top5"] / n}
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """One line per log interval: step, epoch, loss, steps/s, images/s and ETA."""
+
+  def __init__(self, stage: str, total_steps: int, steps_per_epoch: int, batch_size: int,
+               start_step: int):
+    self.stage, self.total, self.per_epoch = stage, total_steps, steps_per_epoch
+    self.batch_size = batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def line(self, step: int, scalars: dict[str, float]) -> str:
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    epoch = (step - 1) // self.per_epoch + 1
+    eta = (self.total - step) / max(rate, 1e-9)
+    return (f"[{self.stage}] step {step}/{self.total} epoch {epoch}/"
+            f"{-(-self.total // self.per_epoch)} loss {scalars.get('loss', float('nan')):.4f} | "
+            f"{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s | ETA {_format_seconds(eta)}")
+
+
+# --------------------------------------------------------------------------------------------
+# A stage.
+
+
+def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
+              mesh: jax.sharding.Mesh, info: data.DatasetInfo,
+              export_file: Optional[str] = None) -> dict[str, Any]:
+  """Trains one stage to the end (resuming if interrupted) and returns its result record.
+
+  The record is also written to `<workdir>/<stage>/result.json`, last, so that its presence
+  means the stage is complete. With `export_file`, the final variables are first written to
+  that file in the stage directory (how a trained teacher is handed to the next stages).
+  """
+  stage_dir = os.path.join(workdir, stage.name)
+  result_path = os.path.join(stage_dir, RESULT_FILE)
+  description = {"model": stage.model_name, "method": stage.method.name,
+                 "num_epochs": stage.num_epochs, "dataset": config.dataset.name,
+                 "teacher_sha256": stage.teacher.sha256 if stage.teacher else None}
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      result = json.load(f)
+    _check_same_stage(result, description, stage_dir)
+    print(f"[{stage.name}] already done ({result_path}): top-1 {result['top1_last']:.2f}")
+    return result
+  os.makedirs(stage_dir, exist_ok=True)
+
+  dtype = jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
+  network = build_network(stage.model_name, info.num_classes, stage.method, stage.hparams, dtype)
+  steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
+  total_steps = stage.num_epochs * steps_per_epoch
+  schedule = learning_rate_schedule(config, stage.base_lr, stage.num_epochs, steps_per_epoch)
+  tx = make_optimizer(config, schedule)
+
+  variables = init_variables(network, info.image_shape, config.seed, mesh)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
+  state = parallel.replicate(state, mesh)
+
+  mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"),
+                            config.checkpoint_every_steps, config.keep_checkpoints)
+  record = {"best_top1": 0.0, "history": [],
+            "teacher_path": stage.teacher.path if stage.teacher else None,
+            "teacher_sha256": stage.teacher.sha256 if stage.teacher else None}
+  restored = checkpoint.restore_latest(mngr, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  if restored is not None:
+    state, record = restored
+    if stage.teacher and record.get("teacher_sha256") != stage.teacher.sha256:
+      raise UserError(
+          f"{stage_dir} was started with teacher {record.get('teacher_path')!r} "
+          f"(sha256 {record.get('teacher_sha256')}) but this run uses {stage.teacher.path!r} "
+          f"(sha256 {stage.teacher.sha256}); use a new --workdir")
+  start_step = int(jax.device_get(state.step))
+  if start_step:
+    print(f"[{stage.name}] resuming from step {start_step} ({mngr.directory})")
+
+  teacher = stage.teacher
+  step_fn = jax.jit(
+      functools.partial(train_step, network=network,
+                        teacher_network=teacher.network if teacher else None,
+                        method=stage.method, hparams=stage.hparams, tx=tx, schedule=schedule),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, network=network))
+  teacher_variables = teacher.variables if teacher else None
+
+  writer = metric_writers.create_default_writer(
+      stage_dir, just_logging=jax.process_index() > 0, asynchronous=False)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)
+  progress = Progress(stage.name, total_steps, steps_per_epoch, config.batch_size, start_step)
+  batches = data.train_batches(config.dataset, stage.method.views, config.batch_size,
+                               seed=config.seed, start_step=start_step,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  pending: list[dict[str, jax.Array]] = []
+  eval_every = max(config.eval_every_epochs, 1)
+  for step in range(start_step + 1, total_steps + 1):
+    batch = parallel.to_global(next(batches), mesh)
+    state, metrics = step_fn(state, teacher_variables, batch)
+    pending.append(metrics)
+    report(step)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      scalars = _mean_metrics(pending)
+      pending = []
+      writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+      print(progress.line(step, scalars), flush=True)
+    epoch_end = step % steps_per_epoch == 0
+    epoch = step // steps_per_epoch
+    if step == total_steps or (epoch_end and epoch % eval_every == 0):
+      scores = evaluate(network, variables_of(state), config, mesh, eval_fn)
+      record["best_top1"] = max(record["best_top1"], scores["top1"])
+      record["history"].append({"step": step, "epoch": epoch, **scores})
+      writer.write_scalars(step, {"eval/top1": scores["top1"], "eval/top5": scores["top5"],
+                                  "eval/top1_best": record["best_top1"]})
+      print(f"[{stage.name}] epoch {epoch} eval top-1 {scores['top1']:.2f} "
+            f"top-5 {scores['top5']:.2f} (best {record['best_top1']:.2f})", flush=True)
+    checkpoint.save(mngr, step, state, record, force=step == total_steps)
+  mngr.wait_until_finished()
+  writer.flush()
+
+  last = record["history"][-1] if record["history"] else evaluate(
+      network, variables_of(state), config, mesh, eval_fn)
+  result = dict(description, stage=stage.name, steps=total_steps,
+                top1_last=last["top1"], top5_last=last["top5"],
+                top1_best=max(record["best_top1"], last["top1"]),
+                checkpoints=str(mngr.directory), logdir=stage_dir)
+  if stage.teacher is not None:
+    result["teacher_path"] = stage.teacher.path
+  if export_file is not None:
+    result["export"] = os.path.join(stage_dir, export_file)
+    result["export_sha256"] = checkpoint.export_variables(result["export"], variables_of(state))
+  _write_result(stage_dir, result)
+  return result
+
+
+def _check_same_stage(result: dict[str, Any], description: dict[str, Any], stage_dir: str):
+  for key, value in description.items():
+    if result.get(key) != value:
+      raise UserError(
+          f"{stage_dir} already holds a finished stage with {key}={result.get(key)!r}, but this "
+          f"run asks for {key}={value!r}; use a new --workdir (nothing there was changed)")
+
+
+def _write_result(stage_dir: str, result: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    tmp = os.path.join(stage_dir, RESULT_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(stage_dir, RESULT_FILE))
+
+
+def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  host = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# A run.
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early, with one clear error, when the workdir cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); "
+                    "pass a --workdir you can write to") from None
+
+
+def student_methods(config: ml_collections.ConfigDict) -> list[str]:
+  """config.method.name first, then the comma-separated `config.baselines`, without repeats."""
+  names = [config.method.name] + [n.strip() for n in config.get("baselines", "").split(",")]
+  return list(dict.fromkeys(n for n in names if n))
+
+
+def prepare_teacher(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+                    info: data.DatasetInfo) -> tuple[Teacher, dict[str, Any]]:
+  """Trains the teacher (stage `teacher`) or loads `config.teacher.checkpoint`."""
+  network = build_network(config.teacher.name, info.num_classes, None, None, jnp.float32)
+  if config.teacher.checkpoint:
+    path = os.path.abspath(config.teacher.checkpoint)
+    result = {"stage": "teacher", "model": config.teacher.name, "method": "imported",
+              "checkpoint": path}
+  else:
+    stage = Stage(name="teacher", model_name=config.teacher.name, method=get_method("ce"),
+                  hparams=ml_collections.ConfigDict(), num_epochs=config.teacher.num_epochs,
+                  base_lr=config.teacher.get("lr", -1) if config.teacher.get("lr", -1) > 0
+                  else config.optimizer.lr)
+    result = run_stage(stage, config, workdir, mesh, info, export_file=TEACHER_FILE)
+    path = result["export"]
+  template = jax.eval_shape(lambda: network.init(
+      jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
+  variables = parallel.replicate(checkpoint.import_variables(path, template), mesh)
+  teacher = Teacher(network=network, variables=variables, path=path,
+                    sha256=checkpoint.file_sha256(path))
+  if "top1_last" not in result:
+    scores = evaluate(network, variables, config, mesh,
+                      jax.jit(functools.partial(eval_step, network=network)))
+    result.update(top1_last=scores["top1"], top5_last=scores["top5"], top1_best=scores["top1"])
+  return teacher, result
+
+
+def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data.DatasetInfo:
+  """Every check that can fail on bad input, before any work is done."""
+  info = data.get_dataset_info(config.dataset)
+  for name in (config.teacher.name, config.student.name):
+    models.get_model(name, info.num_classes)
+  for name in student_methods(config):
+    get_method(name)
+  parallel.check_batch_divides(config.batch_size, mesh)
+  parallel.check_batch_divides(config.eval_batch_size, mesh)
+  if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
+    raise UserError("log_every_steps and checkpoint_every_steps must be positive")
+  return info
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """Runs every stage of `config` in `workdir` and returns their result records."""
+  check_workdir(workdir)
+  mesh = parallel.create_mesh()
+  info = validate(config, mesh)
+  methods = [get_method(name) for name in student_methods(config)]
+  teacher = None
+  results = []
+  if any(m.uses_teacher for m in methods):
+    teacher, teacher_result = prepare_teacher(config, workdir, mesh, info)
+    results.append(teacher_result)
+  for method in methods:
+    stage = Stage(name=f"student_{method.name}", model_name=config.student.name, method=method,
+                  hparams=method.hparams(config.method if method.name == config.method.name
+                                         else None),
+                  num_epochs=config.num_epochs, base_lr=config.optimizer.lr,
+                  teacher=teacher if method.uses_teacher else None)
+    results.append(run_stage(stage, config, workdir, mesh, info))
+  if jax.process_index() == 0:
+    print(results_table(results, workdir))
+  return results
+
+
+def results_table(results: list[dict[str, Any]], workdir: str) -> str:
+  """The closing table: held-out top-1 of every stage, and where its files are."""
+  rows = [("stage", "model", "method", "top-1 last", "top-1 best", "top-5 last")]
+  for r in results:
+    rows.append((r["stage"], r["model"], r["method"], f"{r['top1_last']:.2f}",
+                 f"{r['top1_best']:.2f}", f"{r['top5_last']:.2f}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  lines.append(f"\nlogs (TensorBoard): tensorboard --logdir {workdir}")
+  lines.append(f"checkpoints: {workdir}/<stage>/checkpoints; results: {workdir}/<stage>/"
+               f"{RESULT_FILE}")
+  return "\n".join(lines)
