@@ -26,13 +26,18 @@ class Network(nn.Module):
 
   {'logits': [R, N], 'feats': {tap: array}, ...whatever the heads add}. The backbone's
   variables live under 'backbone', so a reference checkpoint maps onto them unchanged.
+  With `frozen_backbone` the backbone always runs in inference mode and passes no gradient, as
+  when only a method's heads are trained on a finished teacher.
   """
   backbone: nn.Module
   heads: Optional[nn.Module] = None
+  frozen_backbone: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, Any]:
-    logits, feats = self.backbone(x, train=train)
+    logits, feats = self.backbone(x, train=train and not self.frozen_backbone)
+    if self.frozen_backbone:
+      logits, feats = jax.lax.stop_gradient((logits, feats))
     out = {"logits": logits, "feats": feats}
     if self.heads is not None:
       out.update(self.heads(out, train=train))

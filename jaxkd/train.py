@@ -4,11 +4,13 @@ A run is a sequence of stages, each in its own sub-directory of the workdir and 
 when its `result.json` exists:
 
   teacher            train the teacher with cross-entropy (unless --config.teacher.checkpoint)
+  teacher_<method>   for a method that prepares its teacher: its heads trained on the frozen
+                     teacher (or backbone and heads jointly, replacing `teacher`)
   student_<method>   distil the student with `config.method`, then each `config.baselines`
                      method (e.g. `ce`: the student trained alone), for the final table
 
-The trainer never names a method: it asks the method registry for the views, the heads and the
-pure loss, and runs the same step for all of them.
+The trainer never branches on a method: it asks the method registry for the views, the heads
+and the pure losses, and runs the same step for all of them.
 """
 
 import dataclasses
@@ -33,6 +35,7 @@ from jaxkd import models
 from jaxkd import parallel
 from jaxkd.errors import UserError
 from jaxkd.methods import Method, get_method
+from jaxkd.methods.base import EvalMetricsFn, HeadsFactory, LossFn
 from jaxkd.methods.losses import topk_correct
 from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.state import Network, TrainState, variables_of
@@ -52,14 +55,30 @@ class Teacher:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One training stage: which network learns with which method for how long."""
+  """One training stage: which network learns with which loss, on which views, for how long.
+
+  `init_backbone`: variables loaded into the backbone before training and kept frozen (the
+  backbone then runs in inference mode and only the heads learn).
+  """
   name: str
   model_name: str
-  method: Method
+  method_name: str
+  loss: LossFn
   hparams: ml_collections.ConfigDict
   num_epochs: int
   base_lr: float
+  views: str = "none"
+  heads: Optional[HeadsFactory] = None
+  milestones: Optional[tuple[float, ...]] = None
   teacher: Optional[Teacher] = None
+  init_backbone: Optional[Any] = None
+  init_backbone_sha256: Optional[str] = None
+  eval_metrics: Optional[EvalMetricsFn] = None
+
+  def network(self, num_classes: int, dtype: Any = jnp.float32) -> Network:
+    return Network(backbone=models.get_model(self.model_name, num_classes, dtype=dtype),
+                   heads=self.heads(num_classes, self.hparams) if self.heads else None,
+                   frozen_backbone=self.init_backbone is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +91,7 @@ def flatten_views(images: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array], *,
-               network: Network, teacher_network: Optional[Network], method: Method,
+               network: Network, teacher_network: Optional[Network], loss: LossFn,
                hparams: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of the student on a global batch; the teacher runs in inference mode."""
@@ -85,8 +104,8 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
   def loss_fn(params):
     out, updates = network.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                  train=True, mutable=["batch_stats"])
-    loss, metrics = method.loss(out, teacher_out, batch["label"], hparams)
-    return loss, (metrics, updates["batch_stats"])
+    value, metrics = loss(out, teacher_out, batch["label"], hparams)
+    return value, (metrics, updates["batch_stats"])
 
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -107,16 +126,26 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Network
           "count": jnp.sum(mask)}
 
 
+def method_eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Network,
+                     metrics_fn: EvalMetricsFn, hparams: ml_collections.ConfigDict
+                     ) -> dict[str, jax.Array]:
+  """Sums of a method's per-image eval metrics over the real rows, on the method's views."""
+  out = network.apply(variables, flatten_views(batch["image"]), train=False)
+  scores = metrics_fn(out, batch["label"], hparams)
+  sums = {name: jnp.sum(value * batch["mask"]) for name, value in scores.items()}
+  return dict(sums, count=jnp.sum(batch["mask"]))
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks of a stage.
 
 
-def build_network(model_name: str, num_classes: int, method: Optional[Method],
-                  hparams: Optional[ml_collections.ConfigDict], dtype: Any) -> Network:
-  heads = None
-  if method is not None and method.student_heads is not None:
-    heads = method.student_heads(num_classes, hparams)
-  return Network(backbone=models.get_model(model_name, num_classes, dtype=dtype), heads=heads)
+def build_network(model_name: str, num_classes: int, heads: Optional[HeadsFactory] = None,
+                  hparams: Optional[ml_collections.ConfigDict] = None,
+                  dtype: Any = jnp.float32) -> Network:
+  """A zoo backbone with optional heads (built from `heads(num_classes, hparams)`)."""
+  return Network(backbone=models.get_model(model_name, num_classes, dtype=dtype),
+                 heads=heads(num_classes, hparams) if heads else None)
 
 
 def init_variables(network: Network, image_shape: tuple[int, ...], seed: int,
@@ -128,17 +157,31 @@ def init_variables(network: Network, image_shape: tuple[int, ...], seed: int,
   return dict(init(jax.random.key(seed)))
 
 
-def evaluate(network: Network, variables: Any, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh, eval_fn: Callable) -> dict[str, float]:
-  """Top-1 / top-5 (percent) over the whole eval split, every example counted once."""
-  totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
-  for local in data.eval_batches(config.dataset, "none", config.eval_batch_size,
+def _eval_sums(fn: Callable, variables: Any, config: ml_collections.ConfigDict, views: str,
+               mesh: jax.sharding.Mesh) -> dict[str, float]:
+  totals: dict[str, float] = {}
+  for local in data.eval_batches(config.dataset, views, config.eval_batch_size,
                                  jax.process_index(), jax.process_count()):
-    counts = jax.device_get(eval_fn(variables, parallel.to_global(local, mesh)))
-    for key in totals:
-      totals[key] += float(counts[key])
-  n = max(totals["count"], 1.0)
-  return {"top1": 100.0 * totals["top1"] / n, "top5": 100.0 * totals["top5"] / n}
+    sums = jax.device_get(fn(variables, parallel.to_global(local, mesh)))
+    for key, value in sums.items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+  return totals
+
+
+def evaluate(network: Network, variables: Any, config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh, eval_fn: Callable,
+             method_eval: Optional[tuple[str, Callable]] = None) -> dict[str, float]:
+  """Top-1 / top-5 (percent) over the whole eval split, every example counted once, and the
+  method's own metrics (percent) when `method_eval` = (views, jitted method_eval_step)."""
+  totals = _eval_sums(eval_fn, variables, config, "none", mesh)
+  n = max(totals.pop("count"), 1.0)
+  scores = {key: 100.0 * value / n for key, value in totals.items()}
+  if method_eval is not None:
+    views, fn = method_eval
+    extra = _eval_sums(fn, variables, config, views, mesh)
+    n = max(extra.pop("count"), 1.0)
+    scores.update({key: 100.0 * value / n for key, value in extra.items()})
+  return scores
 
 
 def _format_seconds(seconds: float) -> str:
@@ -183,9 +226,10 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   """
   stage_dir = os.path.join(workdir, stage.name)
   result_path = os.path.join(stage_dir, RESULT_FILE)
-  description = {"model": stage.model_name, "method": stage.method.name,
+  description = {"model": stage.model_name, "method": stage.method_name,
                  "num_epochs": stage.num_epochs, "dataset": config.dataset.name,
-                 "teacher_sha256": stage.teacher.sha256 if stage.teacher else None}
+                 "teacher_sha256": stage.teacher.sha256 if stage.teacher else None,
+                 "backbone_sha256": stage.init_backbone_sha256}
   if os.path.exists(result_path):
     with open(result_path) as f:
       result = json.load(f)
@@ -195,13 +239,18 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(stage_dir, exist_ok=True)
 
   dtype = jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
-  network = build_network(stage.model_name, info.num_classes, stage.method, stage.hparams, dtype)
+  network = stage.network(info.num_classes, dtype)
   steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
   total_steps = stage.num_epochs * steps_per_epoch
-  schedule = learning_rate_schedule(config, stage.base_lr, stage.num_epochs, steps_per_epoch)
-  tx = make_optimizer(config, schedule)
-
+  schedule = learning_rate_schedule(config, stage.base_lr, stage.num_epochs, steps_per_epoch,
+                                    stage.milestones)
+  frozen = None
   variables = init_variables(network, info.image_shape, config.seed, mesh)
+  if stage.init_backbone is not None:
+    variables = {col: dict(tree, backbone=stage.init_backbone[col]["backbone"])
+                 for col, tree in variables.items()}
+    frozen = {"backbone": True, "heads": False}
+  tx = make_optimizer(config, schedule, frozen)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
@@ -229,9 +278,14 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   step_fn = jax.jit(
       functools.partial(train_step, network=network,
                         teacher_network=teacher.network if teacher else None,
-                        method=stage.method, hparams=stage.hparams, tx=tx, schedule=schedule),
+                        loss=stage.loss, hparams=stage.hparams, tx=tx, schedule=schedule),
       donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, network=network))
+  method_eval = None
+  if stage.eval_metrics is not None:
+    method_eval = (stage.views, jax.jit(functools.partial(
+        method_eval_step, network=network, metrics_fn=stage.eval_metrics,
+        hparams=stage.hparams)))
   teacher_variables = teacher.variables if teacher else None
 
   writer = metric_writers.create_default_writer(
@@ -239,7 +293,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   progress = Progress(stage.name, total_steps, steps_per_epoch, config.batch_size, start_step)
-  batches = data.train_batches(config.dataset, stage.method.views, config.batch_size,
+  batches = data.train_batches(config.dataset, stage.views, config.batch_size,
                                seed=config.seed, start_step=start_step,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
@@ -258,10 +312,10 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
     epoch_end = step % steps_per_epoch == 0
     epoch = step // steps_per_epoch
     if step == total_steps or (epoch_end and epoch % eval_every == 0):
-      scores = evaluate(network, variables_of(state), config, mesh, eval_fn)
+      scores = evaluate(network, variables_of(state), config, mesh, eval_fn, method_eval)
       record["best_top1"] = max(record["best_top1"], scores["top1"])
       record["history"].append({"step": step, "epoch": epoch, **scores})
-      writer.write_scalars(step, {"eval/top1": scores["top1"], "eval/top5": scores["top5"],
+      writer.write_scalars(step, {**{f"eval/{k}": v for k, v in scores.items()},
                                   "eval/top1_best": record["best_top1"]})
       print(f"[{stage.name}] epoch {epoch} eval top-1 {scores['top1']:.2f} "
             f"top-5 {scores['top5']:.2f} (best {record['best_top1']:.2f})", flush=True)
@@ -270,10 +324,11 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   writer.flush()
 
   last = record["history"][-1] if record["history"] else evaluate(
-      network, variables_of(state), config, mesh, eval_fn)
+      network, variables_of(state), config, mesh, eval_fn, method_eval)
   result = dict(description, stage=stage.name, steps=total_steps,
                 top1_last=last["top1"], top5_last=last["top5"],
                 top1_best=max(record["best_top1"], last["top1"]),
+                eval_last={k: v for k, v in last.items() if k not in ("step", "epoch")},
                 checkpoints=str(mngr.directory), logdir=stage_dir)
   if stage.teacher is not None:
     result["teacher_path"] = stage.teacher.path
@@ -330,31 +385,82 @@ def student_methods(config: ml_collections.ConfigDict) -> list[str]:
   return list(dict.fromkeys(n for n in names if n))
 
 
-def prepare_teacher(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
-                    info: data.DatasetInfo) -> tuple[Teacher, dict[str, Any]]:
-  """Trains the teacher (stage `teacher`) or loads `config.teacher.checkpoint`."""
-  network = build_network(config.teacher.name, info.num_classes, None, None, jnp.float32)
-  if config.teacher.checkpoint:
-    path = os.path.abspath(config.teacher.checkpoint)
-    result = {"stage": "teacher", "model": config.teacher.name, "method": "imported",
-              "checkpoint": path}
-  else:
-    stage = Stage(name="teacher", model_name=config.teacher.name, method=get_method("ce"),
-                  hparams=ml_collections.ConfigDict(), num_epochs=config.teacher.num_epochs,
-                  base_lr=config.teacher.get("lr", -1) if config.teacher.get("lr", -1) > 0
-                  else config.optimizer.lr)
-    result = run_stage(stage, config, workdir, mesh, info, export_file=TEACHER_FILE)
-    path = result["export"]
+def load_teacher(network: Network, path: str, info: data.DatasetInfo,
+                 mesh: jax.sharding.Mesh) -> Teacher:
+  """A frozen teacher from a jaxkd variables file, checked against the network's tree."""
   template = jax.eval_shape(lambda: network.init(
       jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
   variables = parallel.replicate(checkpoint.import_variables(path, template), mesh)
-  teacher = Teacher(network=network, variables=variables, path=path,
-                    sha256=checkpoint.file_sha256(path))
-  if "top1_last" not in result:
-    scores = evaluate(network, variables, config, mesh,
-                      jax.jit(functools.partial(eval_step, network=network)))
-    result.update(top1_last=scores["top1"], top5_last=scores["top5"], top1_best=scores["top1"])
-  return teacher, result
+  return Teacher(network=network, variables=variables, path=path,
+                 sha256=checkpoint.file_sha256(path))
+
+
+class Teachers:
+  """The run's teachers, each prepared once, on first use.
+
+  plain(): stage `teacher` trains the teacher with cross-entropy, unless
+    `config.teacher.checkpoint` names a file to import.
+  for_method(m): the plain teacher, or, for a method with a `TeacherPreparation`, stage
+    `teacher_<m>`: the method's heads trained on the frozen plain teacher, or backbone and heads
+    trained jointly from scratch.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+               info: data.DatasetInfo, results: list[dict[str, Any]]):
+    self.config, self.workdir, self.mesh, self.info = config, workdir, mesh, info
+    self.results = results
+    self._cache: dict[str, Teacher] = {}
+
+  def plain(self) -> Teacher:
+    if "" in self._cache:
+      return self._cache[""]
+    config = self.config
+    if config.teacher.checkpoint:
+      path = os.path.abspath(config.teacher.checkpoint)
+      result = {"stage": "teacher", "model": config.teacher.name, "method": "imported",
+                "checkpoint": path}
+    else:
+      lr = config.teacher.get("lr", -1.0)
+      ce = get_method("ce")
+      stage = Stage(name="teacher", model_name=config.teacher.name, method_name=ce.name,
+                    loss=ce.loss, hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
+                    base_lr=lr if lr > 0 else config.optimizer.lr)
+      result = run_stage(stage, config, self.workdir, self.mesh, self.info,
+                         export_file=TEACHER_FILE)
+      path = result["export"]
+    network = build_network(config.teacher.name, self.info.num_classes)
+    teacher = load_teacher(network, path, self.info, self.mesh)
+    if "top1_last" not in result:
+      scores = evaluate(network, teacher.variables, config, self.mesh,
+                        jax.jit(functools.partial(eval_step, network=network)))
+      result.update(top1_last=scores["top1"], top5_last=scores["top5"],
+                    top1_best=scores["top1"])
+    self.results.append(result)
+    self._cache[""] = teacher
+    return teacher
+
+  def for_method(self, method: Method, hparams: ml_collections.ConfigDict) -> Teacher:
+    prep = method.teacher
+    if prep is None:
+      return self.plain()
+    if method.name in self._cache:
+      return self._cache[method.name]
+    config = self.config
+    base = self.plain() if prep.frozen_backbone else None
+    stage = Stage(name=f"teacher_{method.name}", model_name=config.teacher.name,
+                  method_name=method.name, loss=prep.loss, hparams=hparams,
+                  num_epochs=int(hparams[prep.num_epochs]), base_lr=float(hparams[prep.lr]),
+                  views=prep.views, heads=prep.heads,
+                  milestones=tuple(hparams[prep.milestones]),
+                  init_backbone=base.variables if base else None,
+                  init_backbone_sha256=base.sha256 if base else None)
+    result = run_stage(stage, config, self.workdir, self.mesh, self.info,
+                       export_file=TEACHER_FILE)
+    self.results.append(result)
+    network = build_network(config.teacher.name, self.info.num_classes, prep.heads, hparams)
+    teacher = load_teacher(network, result["export"], self.info, self.mesh)
+    self._cache[method.name] = teacher
+    return teacher
 
 
 def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data.DatasetInfo:
@@ -376,18 +482,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   check_workdir(workdir)
   mesh = parallel.create_mesh()
   info = validate(config, mesh)
-  methods = [get_method(name) for name in student_methods(config)]
-  teacher = None
-  results = []
-  if any(m.uses_teacher for m in methods):
-    teacher, teacher_result = prepare_teacher(config, workdir, mesh, info)
-    results.append(teacher_result)
-  for method in methods:
-    stage = Stage(name=f"student_{method.name}", model_name=config.student.name, method=method,
-                  hparams=method.hparams(config.method if method.name == config.method.name
-                                         else None),
-                  num_epochs=config.num_epochs, base_lr=config.optimizer.lr,
-                  teacher=teacher if method.uses_teacher else None)
+  results: list[dict[str, Any]] = []
+  teachers = Teachers(config, workdir, mesh, info, results)
+  for name in student_methods(config):
+    method = get_method(name)
+    hparams = method.hparams(config.method if name == config.method.name else None)
+    stage = Stage(name=f"student_{name}", model_name=config.student.name, method_name=name,
+                  loss=method.loss, hparams=hparams, num_epochs=config.num_epochs,
+                  base_lr=config.optimizer.lr, views=method.views, heads=method.student_heads,
+                  teacher=teachers.for_method(method, hparams) if method.uses_teacher else None,
+                  eval_metrics=method.eval_metrics)
     results.append(run_stage(stage, config, workdir, mesh, info))
   if jax.process_index() == 0:
     print(results_table(results, workdir))

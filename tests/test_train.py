@@ -96,8 +96,8 @@ def test_multistep_schedule_and_sgd_match_torch_rules():
 
 def _three_steps(mesh, batches):
   config = demo.get_config()
-  network = train.build_network("resnet8", 10, None, None, jnp.float32)
-  teacher_net = train.build_network("resnet8", 10, None, None, jnp.float32)
+  network = train.build_network("resnet8", 10)
+  teacher_net = train.build_network("resnet8", 10)
   method = get_method("kd")
   schedule = learning_rate_schedule(config, 0.1, 1, 3)
   tx = make_optimizer(config, schedule)
@@ -107,7 +107,7 @@ def _three_steps(mesh, batches):
       step=jnp.zeros((), jnp.int32), params=variables["params"],
       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
   step = jax.jit(functools.partial(
-      train.train_step, network=network, teacher_network=teacher_net, method=method,
+      train.train_step, network=network, teacher_network=teacher_net, loss=method.loss,
       hparams=method.hparams(), tx=tx, schedule=schedule), donate_argnums=(0,))
   for b in batches:
     state, _ = step(state, teacher_vars, parallel.to_global(b, mesh))
@@ -264,3 +264,67 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path):
   assert bad_name.returncode == 2
   assert "error: unknown model 'nope'" in bad_name.stderr
   assert "Traceback" not in bad_name.stderr
+
+
+# ------------------------------------------------- a method that prepares its teacher
+
+
+def _toy_method(frozen_backbone):
+  import flax.linen as nn
+  from jaxkd.methods.base import Method, TeacherPreparation
+  from jaxkd.methods.losses import cross_entropy
+
+  class Head(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, out, train=False):
+      return {"head_logits": nn.Dense(self.num_classes)(out["feats"]["pooled"])}
+
+  def heads(num_classes, hparams):
+    return Head(num_classes)
+
+  def head_loss(out, teacher_out, labels, hparams):
+    loss = cross_entropy(out["head_logits"], labels)
+    if not frozen_backbone:
+      loss = loss + cross_entropy(out["logits"], labels)
+    return loss, {"loss": loss}
+
+  def student_loss(out, teacher_out, labels, hparams):
+    loss = distill_kl(out["logits"], teacher_out["head_logits"], 4.0)
+    return loss, {"loss": loss}
+
+  def eval_metrics(out, labels, hparams):
+    return {"twice_top1": 2.0 * (jnp.argmax(out["logits"], -1) == labels)}
+
+  return Method(name="toy", loss=student_loss, student_heads=None,
+                teacher=TeacherPreparation(heads=heads, loss=head_loss,
+                                           frozen_backbone=frozen_backbone),
+                defaults=dict(teacher_epochs=1, teacher_lr=0.1, teacher_milestones=(1,)),
+                eval_metrics=eval_metrics)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_teacher_preparation_stage(demo_run, tmp_path, monkeypatch, frozen):
+  config, workdir, results = demo_run
+  toy = _toy_method(frozen)
+  monkeypatch.setattr(train, "get_method", lambda name: toy if name == "toy" else get_method(name))
+  cfg = smoke_config(**{"method.name": "toy", "baselines": "",
+                        "dataset.data_dir": config.dataset.data_dir,
+                        "teacher.checkpoint": results[0]["export"] if frozen else ""})
+  out = train.train_and_evaluate(cfg, str(tmp_path))
+  assert [r["stage"] for r in out] == (["teacher", "teacher_toy", "student_toy"] if frozen
+                                       else ["teacher_toy", "student_toy"])
+  prepared = checkpoint.import_variables(
+      out[-2]["export"], train.load_teacher(
+          train.build_network("resnet20", 10, toy.teacher.heads, toy.hparams()),
+          out[-2]["export"], train.data.get_dataset_info(cfg.dataset),
+          parallel.create_mesh()).variables)
+  assert set(prepared["params"]) == {"backbone", "heads"}
+  plain = checkpoint.import_variables(results[0]["export"], {
+      k: {"backbone": v["backbone"]} for k, v in prepared.items()})
+  same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain["params"]["backbone"]),
+                                                jax.tree.leaves(prepared["params"]["backbone"]))]
+  # Frozen: the imported teacher backbone is untouched; joint: it is trained from scratch.
+  assert all(same) if frozen else not any(same)
+  assert out[-1]["eval_last"]["twice_top1"] == pytest.approx(2 * out[-1]["top1_last"], rel=1e-5)

@@ -1,13 +1,14 @@
 """What a distillation method is, as far as the trainer is concerned.
 
 A method is data, not a branch in the trainer: the views it needs from the input pipeline,
-whether it reads a teacher, optional heads it adds to the student, and a pure loss
+whether it reads a teacher, heads it adds to the student and to the teacher, and pure losses
 
     loss(student_out, teacher_out, labels, hparams) -> (scalar, metrics)
 
 `student_out` / `teacher_out` are dicts with at least 'logits' [R, N] and 'feats' (the named taps
-of the backbone) over the R rows of the step (R = B·views, interleaved image-major), plus whatever
-the method's heads add. `labels` holds the B class labels of the original images.
+of the backbone) over the R rows of the step (R = B·views, interleaved image-major: row V·i + k is
+image i, view k), plus whatever the heads add. `labels` holds the B class labels of the images.
+Every metric a loss returns is a scalar mean over the step and is logged as `train/<name>`.
 """
 
 import dataclasses
@@ -19,6 +20,35 @@ import ml_collections
 Outputs = Mapping[str, Any]
 LossFn = Callable[[Outputs, Optional[Outputs], jax.Array, ml_collections.ConfigDict],
                   tuple[jax.Array, dict[str, jax.Array]]]
+HeadsFactory = Callable[[int, ml_collections.ConfigDict], Any]
+# eval_metrics(out, labels, hparams) -> {name: [B] per-image scores in [0, 1]}; the trainer
+# averages them over the eval split and logs them as `eval/<name>`.
+EvalMetricsFn = Callable[[Outputs, jax.Array, ml_collections.ConfigDict], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherPreparation:
+  """How a method prepares its teacher before distillation (stage `teacher_<method>`).
+
+  Attributes:
+    heads: factory `(num_classes, hparams) -> nn.Module` of the teacher's heads, called as
+      `heads(outputs, train=...)` and returning a dict merged into the teacher outputs.
+    loss: the loss that trains them, `loss(teacher_out, None, labels, hparams)`.
+    views: input views of that stage.
+    frozen_backbone: True: the trained teacher backbone is loaded, kept in inference mode and
+      not updated; only the heads learn (SSKD's SS module, HSAKD's "Teacher"). False: backbone
+      and heads are trained jointly from scratch and replace the plain teacher stage (HSAKD's
+      "Teacher*").
+    num_epochs, lr, milestones: hparams field names holding this stage's schedule (multistep,
+      decay 0.1), so that recipes and command lines can change them.
+  """
+  heads: HeadsFactory
+  loss: LossFn
+  views: str = "none"
+  frozen_backbone: bool = True
+  num_epochs: str = "teacher_epochs"
+  lr: str = "teacher_lr"
+  milestones: str = "teacher_milestones"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,23 +57,28 @@ class Method:
 
   Attributes:
     name: registry name, used in configs (`--config.method.name=kd`).
-    loss: the pure loss function (see module docstring).
-    views: input views of the training batch: 'none', 'rotations' or 'two_crops'.
+    loss: the pure student loss (see module docstring).
+    views: input views of the student's training batch: 'none', 'rotations' or 'two_crops'.
     uses_teacher: whether `teacher_out` is computed (False for plain cross-entropy).
-    defaults: default hyper-parameters; `config.method` overrides them.
+    defaults: default hyper-parameters; the fields of `config.method` override them.
     student_heads: optional factory `(num_classes, hparams) -> nn.Module` of extra student heads,
       called as `heads(outputs, train=...)` and returning a dict merged into the outputs.
+    teacher: optional preparation of the teacher (heads trained before distillation).
+    eval_metrics: optional extra evaluation of the student on the eval split, computed on the
+      method's views (see EvalMetricsFn); top-1/top-5 on the original images are always there.
   """
   name: str
   loss: LossFn
   views: str = "none"
   uses_teacher: bool = True
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  student_heads: Optional[Callable[..., Any]] = None
+  student_heads: Optional[HeadsFactory] = None
+  teacher: Optional[TeacherPreparation] = None
+  eval_metrics: Optional[EvalMetricsFn] = None
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None
               ) -> ml_collections.ConfigDict:
-    """The method's defaults updated with the matching fields of `overrides`."""
+    """The method's defaults updated with the fields of `overrides` (except `name`)."""
     merged = ml_collections.ConfigDict(dict(self.defaults))
     if overrides is not None:
       for key, value in overrides.items():
