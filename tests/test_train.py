@@ -191,10 +191,12 @@ def _final_student_params(workdir):
 
 def test_killed_run_resumes_to_the_same_params(demo_run, tmp_path):
   """SIGKILL a run once it has written a student checkpoint, rerun, compare to uninterrupted."""
-  config, ref_workdir, _ = demo_run
+  config, ref_workdir, results = demo_run
   workdir = str(tmp_path / "killed")
+  # The demo's own teacher, imported, so that only the KD student trains here.
   cmd = [sys.executable, "-m", "jaxkd.main", "--config", "configs/demo.py:runlocal",
          "--workdir", workdir, f"--config.dataset.data_dir={config.dataset.data_dir}",
+         f"--config.teacher.checkpoint={results[0]['export']}", "--config.baselines=",
          "--config.checkpoint_every_steps=3"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
