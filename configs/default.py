@@ -20,6 +20,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       eval_split="test",
       num_train_examples=-1,    # -1: from the tfds metadata (set it for mock data)
       num_eval_examples=-1,
+      train_fraction=1.0,       # < 1: a class-balanced subset per seed (few-shot experiments)
+      label_noise=0.0,          # > 0: that fraction of train labels flipped to another class
   ))
 
   config.teacher = ml_collections.ConfigDict(dict(
@@ -34,6 +36,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.method = ml_collections.ConfigDict(dict(name="kd", T=4.0, ce_weight=0.1, kd_weight=0.9))
   # Comma-separated methods also trained on the student for the closing table ('ce' = alone).
   config.baselines = ""
+  # Hyper-parameters of baseline methods that differ from their defaults: {method: {field: v}}.
+  config.method_overrides = ml_collections.ConfigDict()
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4))

@@ -14,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxkd import distributed
 from jaxkd.errors import UserError
 from jaxkd.tree_check import first_mismatch
 
@@ -58,6 +59,7 @@ def export_variables(path: str, variables: Any) -> str:
     with open(tmp, "wb") as f:
       f.write(flax.serialization.msgpack_serialize(jax.device_get(variables)))
     os.replace(tmp, path)
+  distributed.barrier(f"export {path}")  # The other processes read what process 0 wrote.
   return file_sha256(path)
 
 

@@ -74,11 +74,11 @@ class Stage:
   init_backbone: Optional[Any] = None
   init_backbone_sha256: Optional[str] = None
   eval_metrics: Optional[EvalMetricsFn] = None
+  select: Optional[Callable[[dict[str, float], ml_collections.ConfigDict], Optional[float]]] = None
 
   def network(self, num_classes: int, dtype: Any = jnp.float32) -> Network:
-    return Network(backbone=models.get_model(self.model_name, num_classes, dtype=dtype),
-                   heads=self.heads(num_classes, self.hparams) if self.heads else None,
-                   frozen_backbone=self.init_backbone is not None)
+    network = build_network(self.model_name, num_classes, self.heads, self.hparams, dtype)
+    return network.clone(frozen_backbone=self.init_backbone is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def method_eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Ne
                      ) -> dict[str, jax.Array]:
   """Sums of a method's per-image eval metrics over the real rows, on the method's views."""
   out = network.apply(variables, flatten_views(batch["image"]), train=False)
-  scores = metrics_fn(out, batch["label"], hparams)
+  scores = metrics_fn(out, batch["label"], hparams, batch["mask"])
   sums = {name: jnp.sum(value * batch["mask"]) for name, value in scores.items()}
   return dict(sums, count=jnp.sum(batch["mask"]))
 
@@ -143,9 +143,10 @@ def method_eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Ne
 def build_network(model_name: str, num_classes: int, heads: Optional[HeadsFactory] = None,
                   hparams: Optional[ml_collections.ConfigDict] = None,
                   dtype: Any = jnp.float32) -> Network:
-  """A zoo backbone with optional heads (built from `heads(num_classes, hparams)`)."""
-  return Network(backbone=models.get_model(model_name, num_classes, dtype=dtype),
-                 heads=heads(num_classes, hparams) if heads else None)
+  """A zoo backbone with optional heads (built by `heads(num_classes, hparams, backbone)`)."""
+  backbone = models.get_model(model_name, num_classes, dtype=dtype)
+  return Network(backbone=backbone,
+                 heads=heads(num_classes, hparams, backbone) if heads else None)
 
 
 def init_variables(network: Network, image_shape: tuple[int, ...], seed: int,
@@ -247,7 +248,9 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   frozen = None
   variables = init_variables(network, info.image_shape, config.seed, mesh)
   if stage.init_backbone is not None:
-    variables = {col: dict(tree, backbone=stage.init_backbone[col]["backbone"])
+    # Copies: the train step donates the state, and the frozen teacher is used again later.
+    variables = {col: dict(tree, backbone=jax.tree.map(jnp.copy,
+                                                      stage.init_backbone[col]["backbone"]))
                  for col, tree in variables.items()}
     frozen = {"backbone": True, "heads": False}
   tx = make_optimizer(config, schedule, frozen)
@@ -312,9 +315,18 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
     epoch_end = step % steps_per_epoch == 0
     epoch = step // steps_per_epoch
     if step == total_steps or (epoch_end and epoch % eval_every == 0):
+      # A background checkpoint write must not overlap opening a split: tfds' mock data
+      # redirects file access while it does.
+      mngr.wait_until_finished()
       scores = evaluate(network, variables_of(state), config, mesh, eval_fn, method_eval)
       record["best_top1"] = max(record["best_top1"], scores["top1"])
       record["history"].append({"step": step, "epoch": epoch, **scores})
+      selected = stage.select(scores, stage.hparams) if stage.select and export_file else None
+      if selected is not None and selected > record.get("selected_score", -float("inf")):
+        # Written before the checkpoint that records it, so a resumed run never loses it.
+        record["selected_score"], record["selected_step"] = selected, step
+        checkpoint.export_variables(os.path.join(stage_dir, "best_" + export_file),
+                                    variables_of(state))
       writer.write_scalars(step, {**{f"eval/{k}": v for k, v in scores.items()},
                                   "eval/top1_best": record["best_top1"]})
       print(f"[{stage.name}] epoch {epoch} eval top-1 {scores['top1']:.2f} "
@@ -335,6 +347,11 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   if export_file is not None:
     result["export"] = os.path.join(stage_dir, export_file)
     result["export_sha256"] = checkpoint.export_variables(result["export"], variables_of(state))
+    if "selected_step" in record:
+      result["export"] = os.path.join(stage_dir, "best_" + export_file)
+      result["export_sha256"] = checkpoint.file_sha256(result["export"])
+      result.update(selected_score=record["selected_score"],
+                    selected_step=record["selected_step"])
   _write_result(stage_dir, result)
   return result
 
@@ -453,7 +470,8 @@ class Teachers:
                   views=prep.views, heads=prep.heads,
                   milestones=tuple(hparams[prep.milestones]),
                   init_backbone=base.variables if base else None,
-                  init_backbone_sha256=base.sha256 if base else None)
+                  init_backbone_sha256=base.sha256 if base else None,
+                  eval_metrics=method.eval_metrics, select=prep.select)
     result = run_stage(stage, config, self.workdir, self.mesh, self.info,
                        export_file=TEACHER_FILE)
     self.results.append(result)
@@ -468,7 +486,7 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
   info = data.get_dataset_info(config.dataset)
   for name in (config.teacher.name, config.student.name):
     models.get_model(name, info.num_classes)
-  for name in student_methods(config):
+  for name in student_methods(config) + list(config.get("method_overrides", {}).keys()):
     get_method(name)
   parallel.check_batch_divides(config.batch_size, mesh)
   parallel.check_batch_divides(config.eval_batch_size, mesh)
@@ -486,7 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   teachers = Teachers(config, workdir, mesh, info, results)
   for name in student_methods(config):
     method = get_method(name)
-    hparams = method.hparams(config.method if name == config.method.name else None)
+    hparams = method.hparams(config.method if name == config.method.name
+                             else config.get("method_overrides", {}).get(name))
     stage = Stage(name=f"student_{name}", model_name=config.student.name, method_name=name,
                   loss=method.loss, hparams=hparams, num_epochs=config.num_epochs,
                   base_lr=config.optimizer.lr, views=method.views, heads=method.student_heads,

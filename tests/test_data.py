@@ -174,6 +174,21 @@ def test_rotations_share_the_flip_and_crop_each_view_independently():
   assert exact_rotations <= 2  # Chance: (1/25)**3 per image.
 
 
+def test_rotations_of_crop_rotate_one_crop():
+  """HSAKD's order: one crop and flip, then the four rotations of that same crop."""
+  info, image = _test_info(padding=2), _distinct_image()
+  uncropped = 0
+  for i in range(12):
+    out = views.train_views('rotations_of_crop', image, views.example_key(3, 1, i), info).numpy()
+    assert out.shape == (4, 6, 6, 3)
+    assert len(_explain(out[0], image, 2, rotation=0)) == 1
+    for k in range(4):
+      np.testing.assert_array_equal(out[k], np.rot90(out[0], k))
+    uncropped += np.allclose(out[0], image, atol=1e-3) or np.allclose(out[0], image[:, ::-1],
+                                                                          atol=1e-3)
+  assert uncropped < 12
+
+
 def test_rotations_eval_has_no_crop_or_flip():
   info, image = _test_info(), _distinct_image()
   out = views.eval_views('rotations', image, info).numpy()
@@ -215,7 +230,7 @@ def test_views_depend_only_on_the_key():
 
 
 def test_unknown_views_list_valid_names(digits_dir):
-  with pytest.raises(errors.UserError, match="'jigsaw'.*none, rotations, two_crops"):
+  with pytest.raises(errors.UserError, match="'jigsaw'.*none, rotations, rotations_of_crop, two_crops"):
     pipeline.train_batches(_config(data_dir=digits_dir), 'jigsaw', 64, seed=0)
 
 

@@ -131,7 +131,10 @@ def test_one_global_batch_on_1_and_4_devices_gives_the_same_params():
 
 
 def smoke_config(**overrides):
+  """The demo at runlocal size, with KD and CE students only (the SSKD and HSAKD rows have
+  end-to-end tests of their own)."""
   config = demo.get_config("runlocal")
+  config.baselines = "ce"
   for key, value in overrides.items():
     target = config
     *path, last = key.split(".")
@@ -283,7 +286,7 @@ def _toy_method(frozen_backbone):
     def __call__(self, out, train=False):
       return {"head_logits": nn.Dense(self.num_classes)(out["feats"]["pooled"])}
 
-  def heads(num_classes, hparams):
+  def heads(num_classes, hparams, backbone):
     return Head(num_classes)
 
   def head_loss(out, teacher_out, labels, hparams):
@@ -296,7 +299,7 @@ def _toy_method(frozen_backbone):
     loss = distill_kl(out["logits"], teacher_out["head_logits"], 4.0)
     return loss, {"loss": loss}
 
-  def eval_metrics(out, labels, hparams):
+  def eval_metrics(out, labels, hparams, mask):
     return {"twice_top1": 2.0 * (jnp.argmax(out["logits"], -1) == labels)}
 
   return Method(name="toy", loss=student_loss, student_heads=None,

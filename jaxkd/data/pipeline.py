@@ -6,6 +6,11 @@ stream is example `shuffle_e(p mod n)` of its shard in epoch e = p // n, where n
 memory (fine for digits and CIFAR) so each position can be computed on its own; resuming at
 `start_step` therefore starts the same stream at position start_step * local batch, with nothing
 to replay.
+
+Two switches of `dataset_config` change the training set, deterministically per seed (the eval
+split never changes): `train_fraction` < 1 keeps a class-balanced subset (the few-shot
+experiments of SSKD/HSAKD), `label_noise` > 0 gives that fraction of the training examples a
+uniformly random other class (symmetric label noise).
 """
 
 import math
@@ -52,6 +57,65 @@ def _examples(dataset_config: ml_collections.ConfigDict, split: str, num_example
   return ds.shard(process_count, process_index)
 
 
+def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+  """Sorted indices of `size` examples, every class kept in proportion to its count.
+
+  Each class is put in a random order (per seed); member p of class c, of n_c, gets the score
+  (p + 1/2) / n_c, and the `size` smallest scores are kept (ties in random order), so class c
+  keeps size / N · n_c members give or take one; exactly size / C each when the C classes are
+  equal and C divides size (CIFAR-100 at 25/50/75 %).
+  """
+  rng = np.random.RandomState([seed, 1])
+  order = rng.permutation(len(labels))
+  score = np.empty(len(labels))
+  for c in np.unique(labels):
+    members = order[labels[order] == c]
+    score[members] = (np.arange(len(members)) + 0.5) / len(members)
+  tie_break = np.empty(len(labels), np.int64)
+  tie_break[order] = np.arange(len(labels))
+  return np.sort(np.lexsort((tie_break, score))[:size])
+
+
+def symmetric_label_noise(labels: np.ndarray, rate: float, num_classes: int,
+                          seed: int) -> np.ndarray:
+  """`labels` with int(rate · N) of them, chosen per seed, changed to a uniform other class."""
+  rng = np.random.RandomState([seed, 2])
+  noisy = np.array(labels, copy=True)
+  chosen = rng.permutation(len(labels))[:int(rate * len(labels))]
+  noisy[chosen] = (noisy[chosen] + rng.randint(1, num_classes, size=len(chosen))) % num_classes
+  return noisy
+
+
+def _altered_examples(dataset_config: ml_collections.ConfigDict, info: DatasetInfo, seed: int,
+                      process_index: int, process_count: int) -> tf.data.Dataset:
+  """`_examples` of the train split after `train_fraction` and `label_noise` (see above).
+
+  Needs every label of the split first; the index of an example stays its index in the split.
+  """
+  noise = dataset_config.get('label_noise', 0.0)
+  if not 0.0 <= noise < 1.0:
+    raise errors.UserError(f'dataset.label_noise is {noise}; it must be in [0, 1) (0: clean)')
+  split = dataset_config.get('train_split', 'train')
+  ds = sources.load_split(dataset_config, split)
+  pool = dataset_config.get('num_train_examples', -1) or -1
+  if pool > 0:
+    available = int(ds.cardinality())
+    if 0 <= available < pool:
+      raise errors.UserError(
+          f'dataset {dataset_config.name!r} split {split!r} has {available} examples but the '
+          f'config asks for {pool}; lower num_train_examples')
+    ds = ds.take(pool)
+  labels = np.concatenate(list(
+      ds.map(lambda image, label: label).batch(1 << 16).as_numpy_iterator()))
+  keep = balanced_subset(labels, info.num_train, seed)
+  labels[keep] = symmetric_label_noise(labels[keep], noise, info.num_classes, seed)
+  kept = tf.constant(np.isin(np.arange(len(labels)), keep))
+  new_labels = tf.constant(labels, tf.int32)
+  ds = ds.enumerate().filter(lambda index, example: tf.gather(kept, index))
+  ds = ds.map(lambda index, example: (index, (example[0], tf.gather(new_labels, index))))
+  return ds.shard(process_count, process_index)
+
+
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -74,8 +138,12 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
     raise errors.UserError(
         f'global batch size {global_batch_size} is larger than the {info.num_train} training '
         f'examples of dataset {info.name!r}')
-  shard = _examples(dataset_config, dataset_config.get('train_split', 'train'), info.num_train,
-                    process_index, process_count)
+  if (dataset_config.get('train_fraction', 1.0) < 1.0
+      or dataset_config.get('label_noise', 0.0) != 0.0):
+    shard = _altered_examples(dataset_config, info, seed, process_index, process_count)
+  else:
+    shard = _examples(dataset_config, dataset_config.get('train_split', 'train'), info.num_train,
+                      process_index, process_count)
   # The whole shard as three tensors, for random access by shuffled position.
   indices, (images, labels) = shard.batch(info.num_train).get_single_element()
   max_index = tf.cast(tf.shape(indices)[0] - 1, tf.int64)

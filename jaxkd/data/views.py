@@ -4,6 +4,7 @@ A view set turns one uint8 image [H, W, C] into float32 normalised views:
   `none`       one augmented view               -> [H, W, C]
   `rotations`  the SSKD layout: one shared flip, rotations by k*90 degrees counter-clockwise
                (k = 0..3, `np.rot90(img, k)`), then an independent crop per view -> [4, H, W, C]
+  `rotations_of_crop`  HSAKD's order: one crop + flip, then its four rotations -> [4, H, W, C]
   `two_crops`  two independent crop+flip augmentations (contrastive methods) -> [2, H, W, C]
 Eval views skip the crop and the flip. All randomness is stateless and comes from `key`, derived
 from (seed, epoch, example index), so the data stream is a pure function of the seed.
@@ -17,21 +18,22 @@ import tensorflow as tf
 from jaxkd import errors
 from jaxkd.data.sources import DatasetInfo
 
-VIEWS = ('none', 'rotations', 'two_crops')
+VIEWS = ('none', 'rotations', 'rotations_of_crop', 'two_crops')
+_ROTATED = ('rotations', 'rotations_of_crop')
 # Fixed rather than 'auto_select' so the stream does not depend on which device TF picks.
 _ALG = 'philox'
 
 
 def num_views(views: str) -> int:
   """Views per example: 1 for `none` (which has no view axis), 4 rotations, 2 crops."""
-  return {'none': 1, 'rotations': 4, 'two_crops': 2}[check_views(views)]
+  return {'none': 1, 'rotations': 4, 'rotations_of_crop': 4, 'two_crops': 2}[check_views(views)]
 
 
 def check_views(views: str, info: DatasetInfo | None = None) -> str:
   """Raises a UserError for an unknown view set (or rotations of non-square images)."""
   if views not in VIEWS:
     raise errors.unknown_name('views', views, VIEWS)
-  if views == 'rotations' and info is not None and info.image_shape[0] != info.image_shape[1]:
+  if views in _ROTATED and info is not None and info.image_shape[0] != info.image_shape[1]:
     raise errors.UserError(
         f'views {views!r} need square images; dataset {info.name!r} has {info.image_shape}')
   return views
@@ -107,6 +109,8 @@ def train_views(views: str, image: tf.Tensor, key: tf.Tensor, info: DatasetInfo)
     return normalize(_augment(image, key, info), info)
   if views == 'two_crops':
     return normalize(tf.stack([_augment(image, k, info) for k in _split(key, 2)]), info)
+  if views == 'rotations_of_crop':
+    return normalize(tf.stack(_rotations(_augment(image, key, info))), info)
   flip_key, *crop_keys = _split(key, 5)
   if info.flip:
     image = random_flip(image, flip_key)  # One decision for all four views.
@@ -128,8 +132,15 @@ def eval_views(views: str, image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
 
 def make_views_fn(views: str, info: DatasetInfo,
                   train: bool) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-  """fn(image uint8 [H, W, C], key [2]) -> float32 views; eval ignores the key."""
+  """fn(image uint8 [H, W, C], key [2]) -> float32 views; eval ignores the key.
+
+  Datasets whose `info.transform` is 'inception_crop' (ImageNet) get the functions of
+  jaxkd/data/imagenet.py instead, which take the encoded JPEG.
+  """
   check_views(views, info)
+  if info.transform == 'inception_crop':
+    from jaxkd.data import imagenet  # pylint: disable=g-import-not-at-top (it imports this module)
+    return imagenet.make_views_fn(views, info, train)
   if train:
     return functools.partial(train_views, views, info=info)
   return lambda image, key: eval_views(views, image, info)

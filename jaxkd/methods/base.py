@@ -20,10 +20,14 @@ import ml_collections
 Outputs = Mapping[str, Any]
 LossFn = Callable[[Outputs, Optional[Outputs], jax.Array, ml_collections.ConfigDict],
                   tuple[jax.Array, dict[str, jax.Array]]]
-HeadsFactory = Callable[[int, ml_collections.ConfigDict], Any]
-# eval_metrics(out, labels, hparams) -> {name: [B] per-image scores in [0, 1]}; the trainer
-# averages them over the eval split and logs them as `eval/<name>`.
-EvalMetricsFn = Callable[[Outputs, jax.Array, ml_collections.ConfigDict], dict[str, jax.Array]]
+# heads(num_classes, hparams, backbone) -> nn.Module; the backbone module is given because some
+# heads copy its family's blocks (HSAKD's auxiliary classifiers).
+HeadsFactory = Callable[[int, ml_collections.ConfigDict, Any], Any]
+# eval_metrics(out, labels, hparams, mask) -> {name: [B] per-image scores in [0, 1]}; `mask` [B]
+# is 0 on the padding rows of the last eval batch (in-batch terms must ignore them); the trainer
+# averages the scores of the real rows over the eval split and logs them as `eval/<name>`.
+EvalMetricsFn = Callable[[Outputs, jax.Array, ml_collections.ConfigDict, jax.Array],
+                         dict[str, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +35,7 @@ class TeacherPreparation:
   """How a method prepares its teacher before distillation (stage `teacher_<method>`).
 
   Attributes:
-    heads: factory `(num_classes, hparams) -> nn.Module` of the teacher's heads, called as
+    heads: factory `(num_classes, hparams, backbone) -> nn.Module` of the teacher's heads, called as
       `heads(outputs, train=...)` and returning a dict merged into the teacher outputs.
     loss: the loss that trains them, `loss(teacher_out, None, labels, hparams)`.
     views: input views of that stage.
@@ -41,6 +45,9 @@ class TeacherPreparation:
       "Teacher*").
     num_epochs, lr, milestones: hparams field names holding this stage's schedule (multistep,
       decay 0.1), so that recipes and command lines can change them.
+    select: optional `(eval scores, hparams) -> score or None`; when it gives a score, the
+      teacher handed to the student is the one of the evaluation with the highest score (e.g.
+      HSAKD keeps the best auxiliary joint-label accuracy), else the last one.
   """
   heads: HeadsFactory
   loss: LossFn
@@ -49,6 +56,7 @@ class TeacherPreparation:
   num_epochs: str = "teacher_epochs"
   lr: str = "teacher_lr"
   milestones: str = "teacher_milestones"
+  select: Optional[Callable[[Mapping[str, float], ml_collections.ConfigDict], Optional[float]]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +69,8 @@ class Method:
     views: input views of the student's training batch: 'none', 'rotations' or 'two_crops'.
     uses_teacher: whether `teacher_out` is computed (False for plain cross-entropy).
     defaults: default hyper-parameters; the fields of `config.method` override them.
-    student_heads: optional factory `(num_classes, hparams) -> nn.Module` of extra student heads,
+    student_heads: optional factory `(num_classes, hparams, backbone) -> nn.Module` of extra
+      student heads,
       called as `heads(outputs, train=...)` and returning a dict merged into the outputs.
     teacher: optional preparation of the teacher (heads trained before distillation).
     eval_metrics: optional extra evaluation of the student on the eval split, computed on the

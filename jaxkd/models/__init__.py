@@ -3,8 +3,10 @@
 Every model is a Flax Linen module called as
 `module.apply(variables, x, train=False, preact=False, mutable=[...])` with NHWC input, returning
 `(logits, feats)`; `feats` is a `collections.OrderedDict` of named taps in the reference
-`is_feat` order (stem, stage1, stage2, stage3, pooled for the CIFAR ResNets and WRNs); an
-OrderedDict because jit returns a plain dict with its keys sorted.
+`is_feat` order (stem, stage1, stage2, stage3, pooled for the CIFAR ResNets and WRNs; each
+family's docstring lists its keys and shapes: VGG has stage0..stage4, the 4-stage nets stage1..4);
+an OrderedDict because jit returns a plain dict with its keys sorted. The first key is the
+reference's f0, the last the pooled vector, the ones between the spatial maps.
 Variables are `{'params', 'batch_stats'}`; pass `mutable=['batch_stats']` when `train=True`.
 
 Adding a family: write `jaxkd/models/<family>.py` exposing `MODELS = {name: build}` where
@@ -17,12 +19,25 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd import errors
-from jaxkd.models import resnet_cifar, wrn
+from jaxkd.models import imagenet
+from jaxkd.models import mobilenetv2
+from jaxkd.models import resnet_cifar
+from jaxkd.models import resnet_v2
+from jaxkd.models import shufflenetv1
+from jaxkd.models import shufflenetv2
+from jaxkd.models import vgg
+from jaxkd.models import wrn
 
 # One entry per model family, in the order their names are listed.
 _FAMILIES = (
     resnet_cifar,
     wrn,
+    vgg,
+    mobilenetv2,
+    shufflenetv1,
+    shufflenetv2,
+    resnet_v2,
+    imagenet,
 )
 
 

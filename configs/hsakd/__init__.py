@@ -1,0 +1,1 @@
+"""HSAKD recipes: one file per teacher-student pair of the paper's tables."""

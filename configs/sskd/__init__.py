@@ -1,0 +1,1 @@
+"""SSKD recipes: one file per teacher-student pair of the SSKD README table (CIFAR-100)."""

@@ -1,0 +1,239 @@
+"""Throughput of jaxkd's distillation step: images/s, step time, compile time, peak host memory,
+and achieved FLOP/s (XLA's cost analysis) as a fraction of this machine's measured matmul peak.
+
+    # The issue's two shapes: SSKD, batch 64 x 4 rotated views = 256 rows, CIFAR-100 (~5 min on
+    # 2 CPU cores):
+    python experiments/benchmark.py --shapes=issue
+    # Any pairs / methods / batch / precision:
+    python experiments/benchmark.py --pairs=resnet32x4:resnet8x4 --methods=sskd,kd --batch=64 \
+        --dtype=bfloat16 --steps=5 --out=runs/benchmark.json
+
+Images/s counts original images (the batch), as the reference does: one SSKD step on 64 images
+trains on their 4 views (256 rows) and counts 64. The step is the trainer's own `train_step`
+(teacher forward in inference mode, student forward and backward, SGD update), jitted with the
+state donated, on random CIFAR-shaped inputs; the input pipeline is not part of it.
+`--breakdown` also times the teacher forward alone, and the rest of the step by difference.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The issue's shapes: teacher -> student, SSKD (4 rotated views) at batch 64.
+ISSUE_PAIRS = "resnet32x4:resnet8x4,wrn_40_2:wrn_16_2"
+# The reference PyTorch SSKD student step on the 2-core CPU this was written on (images/s).
+REFERENCE_IMAGES_PER_S = {"resnet32x4:resnet8x4": 11.5, "wrn_40_2:wrn_16_2": 28.8}
+
+_SHAPES = flags.DEFINE_enum("shapes", None, ["issue"],
+                            f"'issue': --pairs={ISSUE_PAIRS} --methods=sskd --batch=64.")
+_PAIRS = flags.DEFINE_string("pairs", ISSUE_PAIRS, "Comma-separated teacher:student pairs.")
+_METHODS = flags.DEFINE_string("methods", "sskd", "Comma-separated registered methods.")
+_BATCH = flags.DEFINE_integer("batch", 64, "Images per step (each brings its method's views).")
+_IMAGE = flags.DEFINE_integer("image_size", 32, "Square input size (CIFAR: 32).")
+_CLASSES = flags.DEFINE_integer("num_classes", 100, "Classes (CIFAR-100: 100).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype (bfloat16 = config.half_precision).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the teacher forward alone.")
+_XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS for this run.")
+_OUT = flags.DEFINE_string("out", "", "JSON file for the results ('' = print only).")
+
+VIEWS = {"none": 1, "rotations": 4, "two_crops": 2}
+
+
+def peak_host_memory_mb() -> float:
+  """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled function, from XLA's cost analysis (0 if unavailable)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def timed_calls(fn, args, num_calls):
+  """Wall seconds of each of `num_calls` blocking calls fn(*args)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  times = []
+  for _ in range(num_calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_peak(dtype, size=4096, repeats=5) -> float:
+  """FLOP/s of the best of `repeats` [size, size] @ [size, size] products in `dtype`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  jax.block_until_ready(dot(a, b))
+  return 2.0 * size ** 3 / min(timed_calls(dot, (a, b), repeats))
+
+
+def bench_one(method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
+              steps, breakdown):
+  """Compiles and times one distillation step; returns its record."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from jaxkd import parallel, train  # pylint: disable=g-import-not-at-top
+  from jaxkd.methods import get_method  # pylint: disable=g-import-not-at-top
+  from jaxkd.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from jaxkd.state import TrainState  # pylint: disable=g-import-not-at-top
+
+  method = get_method(method_name)
+  hparams = method.hparams()
+  views = VIEWS[method.views]
+  mesh = parallel.create_mesh()
+  shape = (image_size, image_size, 3)
+  teacher_heads = method.teacher.heads if method.teacher else None
+  teacher = train.build_network(teacher_name, num_classes, teacher_heads, hparams, dtype=dtype)
+  student = train.build_network(student_name, num_classes, method.student_heads, hparams,
+                                dtype=dtype)
+  teacher_variables = train.init_variables(teacher, shape, 1, mesh)
+  variables = train.init_variables(student, shape, 0, mesh)
+  config = default.get_config()
+  schedule = lambda step: config.optimizer.lr  # pylint: disable=unnecessary-lambda-assignment
+  tx = make_optimizer(config, schedule)
+  state = parallel.replicate(TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
+  rng = np.random.default_rng(0)
+  image_shape = (batch, views) + shape if views > 1 else (batch,) + shape
+  batch_arrays = parallel.to_global({
+      "image": rng.normal(size=image_shape).astype(np.float32),
+      "label": rng.integers(0, num_classes, size=batch).astype(np.int32)}, mesh)
+
+  step = jax.jit(functools.partial(
+      train.train_step, network=student, teacher_network=teacher, loss=method.loss,
+      hparams=hparams, tx=tx, schedule=schedule), donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = step.lower(state, teacher_variables, batch_arrays).compile()
+  compile_s = time.perf_counter() - start
+  flops = compiled_flops(compiled)
+
+  def run(state):
+    return compiled(state, teacher_variables, batch_arrays)
+
+  state, metrics = run(state)  # Warm-up: first-call allocations.
+  jax.block_until_ready(metrics)
+  times, cpu_times = [], []
+  for _ in range(steps):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    state, metrics = run(state)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
+  loss = float(jax.device_get(metrics["loss"]))
+  step_s = statistics.median(times)
+  record = {
+      "method": method_name, "teacher": teacher_name, "student": student_name,
+      "dtype": jnp.dtype(dtype).name, "batch_images": batch, "rows": batch * views,
+      "image_size": image_size, "num_classes": num_classes,
+      "images_per_s": batch / step_s, "step_s": step_s, "step_s_min": min(times),
+      "step_s_all": times, "step_cpu_s": statistics.median(cpu_times), "compile_s": compile_s, "flops_per_step": flops,
+      "flops_per_s": flops / step_s, "loss": loss, "peak_host_memory_mb": peak_host_memory_mb(),
+  }
+  if breakdown:
+    forward = jax.jit(lambda v, x: teacher.apply(v, train.flatten_views(x), train=False))
+    fwd = forward.lower(teacher_variables, batch_arrays["image"]).compile()
+    jax.block_until_ready(fwd(teacher_variables, batch_arrays["image"]))
+    teacher_s = statistics.median(timed_calls(fwd, (teacher_variables, batch_arrays["image"]),
+                                              max(steps, 2)))
+    record.update(teacher_forward_s=teacher_s, teacher_forward_flops=compiled_flops(fwd),
+                  student_s=step_s - teacher_s)
+  return record
+
+
+def main(argv):
+  del argv
+  pairs, methods, batch = _PAIRS.value, _METHODS.value, _BATCH.value
+  if _SHAPES.value == "issue":
+    pairs, methods, batch = ISSUE_PAIRS, "sskd", 64
+  if _XLA_FLAGS.value:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_FLAGS.value}".strip()
+  import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main
+  dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+
+  device = jax.devices()[0]
+  peak = matmul_peak(dtype)
+  machine = {
+      "platform": device.platform, "device_kind": device.device_kind,
+      "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
+      "processor": _cpu_name(), "python": platform.python_version(), "jax": jax.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average_at_start": os.getloadavg(),
+      "matmul_peak_flops_per_s": peak, "matmul_peak_dtype": _DTYPE.value,
+  }
+  print(f"{machine['processor']} ({machine['cpu_count']} cores, {device.platform}); "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s ({_DTYPE.value}); "
+        f"load average {machine['load_average_at_start'][0]:.2f}", flush=True)
+  results = []
+  for method_name in filter(None, methods.split(",")):
+    for pair in filter(None, pairs.split(",")):
+      teacher_name, student_name = pair.split(":")
+      record = bench_one(method_name, teacher_name, student_name, batch, _IMAGE.value,
+                         _CLASSES.value, dtype, _STEPS.value, _BREAKDOWN.value)
+      record["fraction_of_matmul_peak"] = record["flops_per_s"] / peak
+      reference = REFERENCE_IMAGES_PER_S.get(pair)
+      if reference and method_name == "sskd" and batch == 64:
+        record["reference_images_per_s"] = reference
+        record["speedup_vs_reference"] = record["images_per_s"] / reference
+      results.append(record)
+      print(_row(record), flush=True)
+  machine["load_average_at_end"] = os.getloadavg()
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump({"machine": machine, "results": results}, f, indent=2)
+    print(f"wrote {_OUT.value}")
+
+
+def _row(r):
+  text = (f"{r['method']:6s} {r['teacher']:>10s} -> {r['student']:<10s} {r['dtype']:8s} "
+          f"{r['batch_images']}x{r['rows'] // r['batch_images']} rows | "
+          f"{r['images_per_s']:6.1f} img/s  step {r['step_s']:.3f} s (min {r['step_s_min']:.3f})"
+          f" cpu {r['step_cpu_s']:.2f} s  compile {r['compile_s']:.1f} s  {r['flops_per_step'] / 1e9:.0f} GFLOP/step  "
+          f"{r['flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_matmul_peak']:.0f}% "
+          f"of peak  mem {r['peak_host_memory_mb']:.0f} MB")
+  if "speedup_vs_reference" in r:
+    text += f"  | {r['speedup_vs_reference']:.2f}x the PyTorch reference"
+  if "teacher_forward_s" in r:
+    text += (f"\n    teacher forward {r['teacher_forward_s']:.3f} s "
+             f"({r['teacher_forward_flops'] / 1e9:.0f} GFLOP), rest {r['student_s']:.3f} s")
+  return text
+
+
+def _cpu_name():
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,234 @@
+"""EGA: distilling a self-supervised (or CLIP) teacher by Embedding Graph Alignment.
+
+Ma, Chen and Akata, BMVC 2022, as the reference code computes it (reference/EGA.md).
+
+The frozen teacher gives one embedding per image (CLIP's `encode_image`, or the pooled feature
+of a self-supervised zoo backbone); the student is a zoo backbone whose classifier is not used.
+Two small heads map both into a joint D = 256 space:
+
+  teacher head  ft = Linear(t_dim → D)(teacher embedding),  logit_t = Linear(D → N)(ft)
+  student head  fs = Linear(f_dim → D)(student feature),    logit_s = Linear(D → N)(fs)
+
+The teacher head learns from CE(logit_t, y) alone, with its own optimiser (SGD lr 0.01, momentum
+0.9, wd 5e-4, no schedule): see `teacher_head_loss` and `TEACHER_HEAD`. The student objective is
+
+  L = γ · CE(logit_s, y) + β · (w_node · L_node + w_edge · L_edge) + α · KD(logit_s, logit_t; T)
+
+with the graph terms over the instances of the (global) batch (see `pcc_graph`, `ega_terms`).
+Every input of the student objective that comes from the teacher side (ft, logit_t) is a constant
+for the student: the reference zeroes the EGA gradient that reaches `ft` before the teacher
+head's step, which is what `stop_gradient` says here.
+
+Both heads read the backbone's `feats['pooled']` tap: the pooled feature of a zoo network, and
+the image embedding of a CLIP tower (jaxkd.models.clip returns it under that name too). The
+student head's logits replace the backbone's as the network's 'logits', so evaluation reports
+the student's top-1 through its head, as the reference does.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxkd.methods.base import Method, Outputs
+from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
+from jaxkd.models import layers
+
+# Variance floor of the Pearson correlation: a constant embedding row (zero variance) gets
+# correlation 0 with every row (itself included) instead of 0/0 = NaN. 1e-8 is below float32
+# resolution for the variances of real embeddings, so it leaves their graph unchanged.
+PCC_EPS = 1e-8
+
+
+# ---------------------------------------------------------------------------- pure loss
+
+
+def pcc_graph(x: jax.Array, eps: float = PCC_EPS) -> jax.Array:
+  """Pearson correlation between the rows of x [R, D], computed over the feature axis:
+
+  M = x − mean_d(x);  Cov = M Mᵀ / (D − 1);  C_ij = Cov_ij / sqrt((Cov_ii + ε)(Cov_jj + ε))
+
+  C is [R, R] in float32. With ε = 0 this is the reference (torch) formula exactly; ε > 0
+  keeps a constant row finite (its correlations are 0) instead of NaN.
+  """
+  x = x.astype(jnp.float32)
+  d = x.shape[-1]
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  cov = centred @ centred.T / (d - 1)
+  std = jnp.sqrt(jnp.diagonal(cov) + eps)
+  return cov / (std[:, None] * std[None, :])
+
+
+def frobenius_norm(a: jax.Array) -> jax.Array:
+  """‖a‖_F = sqrt(Σ a²) over all entries (torch.norm(a, 2) with no dim), gradient 0 at a = 0.
+
+  Not `jnp.linalg.norm(a, 2)`, which is the spectral norm of a matrix. At a = 0 the gradient of
+  sqrt is infinite; torch returns 0 there and so does this (the double-`where` trick).
+  """
+  sq = jnp.sum(jnp.square(a.astype(jnp.float32)))
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def ega_terms(ft: jax.Array, fs: jax.Array, eps: float = PCC_EPS
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(L_node, L_edge, C) for teacher and student embeddings ft, fs of shape [B, D].
+
+  C = pcc_graph(concat(ft, fs)) is 2B × 2B (teacher rows first). With E_t = C[:B, :B] (teacher
+  edges), E_s = C[B:, B:] (student edges) and N_ts = C[:B, B:] (cross nodes):
+
+    L_edge = ‖E_t − E_s‖_F,   L_node = ‖N_ts − I‖_F
+
+  Frobenius norms, not squared and not averaged, so both grow with B. Compute them over the
+  global batch (plain jnp under jit with a sharded batch does).
+  """
+  b = ft.shape[0]
+  c = pcc_graph(jnp.concatenate([ft, fs], axis=0), eps)
+  edge_t, edge_s, nodes = c[:b, :b], c[b:, b:], c[:b, b:]
+  loss_node = frobenius_norm(nodes - jnp.eye(b, dtype=c.dtype))
+  loss_edge = frobenius_norm(edge_t - edge_s)
+  return loss_node, loss_edge, c
+
+
+def ega_objective(fs: jax.Array, logit_s: jax.Array, ft: jax.Array, logit_t: jax.Array,
+                  labels: jax.Array, *, node_weight: float = 0.8, edge_weight: float = 0.24,
+                  gamma: float = 1.0, beta: float = 1.0, alpha: float = 0.0, T: float = 4.0,
+                  eps: float = PCC_EPS) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The student objective of EGA on one batch of B images:
+
+  L_EGA = node_weight · L_node + edge_weight · L_edge             (see `ega_terms`)
+  L_KD  = T²/B Σ_i KL(softmax(logit_t,i / T) ‖ softmax(logit_s,i / T))   (RepDistiller DistillKL)
+  L     = γ · CE(logit_s, y) + β · L_EGA + α · L_KD
+
+  fs, ft: [B, D] student / teacher joint embeddings; logit_s, logit_t: [B, N]; labels: [B].
+  The teacher side (ft, logit_t) carries no gradient. Returns (L, metrics) with every term.
+  """
+  ft = jax.lax.stop_gradient(ft)
+  logit_t = jax.lax.stop_gradient(logit_t)
+  loss_node, loss_edge, _ = ega_terms(ft, fs, eps)
+  loss_ega = node_weight * loss_node + edge_weight * loss_edge
+  loss_ce = cross_entropy(logit_s, labels)
+  loss_kd = distill_kl(logit_s, logit_t, T)
+  loss = gamma * loss_ce + beta * loss_ega + alpha * loss_kd
+  return loss, {"loss": loss, "loss_ce": loss_ce, "loss_ega": loss_ega,
+                "loss_node": loss_node, "loss_edge": loss_edge, "loss_kd": loss_kd,
+                "top1": topk_correct(logit_s, labels, 1).mean()}
+
+
+def ega_loss(student_out: Outputs, teacher_out: Outputs, labels: jax.Array,
+             hparams: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The `Method` loss: `ega_objective` on the heads' outputs.
+
+  student_out: {'logits': logit_s, 'embedding': fs, ...} (StudentHead);
+  teacher_out: {'logits': logit_t, 'embedding': ft, ...} (TeacherHead, current parameters).
+  """
+  return ega_objective(
+      student_out["embedding"], student_out["logits"], teacher_out["embedding"],
+      teacher_out["logits"], labels, node_weight=hparams.node_weight,
+      edge_weight=hparams.edge_weight, gamma=hparams.gamma, beta=hparams.beta,
+      alpha=hparams.alpha, T=hparams.T, eps=hparams.get("pcc_eps", PCC_EPS))
+
+
+def teacher_head_loss(teacher_out: Outputs, student_out: Any, labels: jax.Array,
+                      hparams: ml_collections.ConfigDict
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L_t = CE(logit_t, y): the only loss the teacher head learns from (the reference's TeacNet).
+
+  Differentiate it with respect to the teacher head's parameters alone; the teacher backbone is
+  frozen and the student plays no part (`student_out` is ignored).
+  """
+  del student_out, hparams
+  logits = teacher_out["logits"]
+  loss = cross_entropy(logits, labels)
+  return loss, {"loss_teacher_head": loss,
+                "top1_teacher_head": topk_correct(logits, labels, 1).mean()}
+
+
+# ---------------------------------------------------------------------------- heads
+
+
+class JointHead(nn.Module):
+  """embedding = Linear(in → embed_dim)(feats[tap]); logits = Linear(embed_dim → N)(embedding).
+
+  The reference's `StudNet` and `TeacNet` (submodules `fit_dim_Net`, `cl_Net`, PyTorch default
+  init), called as `head(outputs, train=...)` on a backbone's outputs and returning
+  {'logits', 'embedding'}. The dropout the reference constructs is never applied there; none here.
+  """
+  num_classes: int
+  embed_dim: int = 256
+  tap: str = "pooled"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, outputs: Outputs, train: bool = False) -> dict[str, jax.Array]:
+    del train
+    x = outputs["feats"][self.tap]
+    embedding = layers.Linear(self.embed_dim, dtype=self.dtype, name="fit_dim_Net")(x)
+    logits = layers.Linear(self.num_classes, dtype=self.dtype, name="cl_Net")(embedding)
+    return {"logits": logits, "embedding": embedding}
+
+
+def student_heads(num_classes: int, hparams: ml_collections.ConfigDict,
+                  backbone: Optional[nn.Module] = None) -> nn.Module:
+  """StudNet on the student backbone's pooled feature; its logits become the network's."""
+  return JointHead(num_classes, hparams.embed_dim, hparams.get("student_tap", "pooled"))
+
+
+def teacher_heads(num_classes: int, hparams: ml_collections.ConfigDict,
+                  backbone: Optional[nn.Module] = None) -> nn.Module:
+  """TeacNet on the frozen teacher's embedding (CLIP image embedding or pooled feature)."""
+  return JointHead(num_classes, hparams.embed_dim, hparams.get("teacher_tap", "pooled"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineTeacherHead:
+  """A teacher head trained during the student stage, beside the student, by its own loss and
+  optimiser.
+
+  Per step, from one forward of the frozen teacher backbone and the head's current parameters:
+  the student's loss reads the head's outputs as constants, and the head takes one step of
+  `optimizer(hparams)` on `loss(teacher_out, None, labels, hparams)` with respect to its own
+  parameters only.
+
+  Attributes:
+    heads: factory `(num_classes, hparams) -> nn.Module`, called on the teacher's outputs.
+    loss: the head's loss, `loss(teacher_out, None, labels, hparams) -> (scalar, metrics)`.
+    optimizer: `(hparams) -> optax.GradientTransformation` of the head's own optimiser.
+  """
+  heads: Any
+  loss: Any
+  optimizer: Any
+
+
+def teacher_head_optimizer(hparams: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """torch.optim.SGD(lr, momentum, weight_decay) with a constant lr (the reference's TeacNet):
+
+  g ← g + wd·θ;  v ← μ·v + g;  θ ← θ − lr·v
+  """
+  return optax.chain(optax.add_decayed_weights(hparams.teacher_head_weight_decay),
+                     optax.sgd(hparams.teacher_head_lr, momentum=hparams.teacher_head_momentum))
+
+
+TEACHER_HEAD = OnlineTeacherHead(heads=teacher_heads, loss=teacher_head_loss,
+                                 optimizer=teacher_head_optimizer)
+
+DEFAULTS = dict(
+    node_weight=0.8,    # The reference's ViT-B/32 setting; its RN101 script uses
+    edge_weight=0.24,   # 0.8 / 0.3.
+    gamma=1.0,          # CE weight
+    beta=1.0,           # EGA weight
+    alpha=0.0,          # KD weight (DistillKL on logit_s, logit_t)
+    T=4.0,
+    embed_dim=256,
+    pcc_eps=PCC_EPS,
+    teacher_head_lr=0.01,
+    teacher_head_momentum=0.9,
+    teacher_head_weight_decay=5e-4,
+)
+
+METHOD = Method(name="ega", loss=ega_loss, views="none", uses_teacher=True,
+                defaults=DEFAULTS, student_heads=student_heads)
