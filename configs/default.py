@@ -22,6 +22,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       num_eval_examples=-1,
       train_fraction=1.0,       # < 1: a class-balanced subset per seed (few-shot experiments)
       label_noise=0.0,          # > 0: that fraction of train labels flipped to another class
+      normalization="dataset",  # student's view statistics: dataset, or clip (EGA's students)
   ))
 
   config.teacher = ml_collections.ConfigDict(dict(
@@ -29,6 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       checkpoint="",            # a jaxkd teacher file; '' = train it in stage `teacher`
       num_epochs=240,
       lr=-1.0,                  # -1: optimizer.lr
+      pretrain="",              # '' = cross-entropy; 'simclr' = self-supervised (stage pretrain)
   ))
   config.student = ml_collections.ConfigDict(dict(name="resnet8x4"))
 
@@ -38,6 +40,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.baselines = ""
   # Hyper-parameters of baseline methods that differ from their defaults: {method: {field: v}}.
   config.method_overrides = ml_collections.ConfigDict()
+  # A linear classifier on the frozen features of the `config.method` student, trained after it
+  # on `dataset` ('' = no probe; e.g. the run's own dataset, or stl10) with SGD at `lr`
+  # (× 0.1 at the `milestones` epochs) and the optimizer's momentum and weight decay.
+  config.linear_probe = ml_collections.ConfigDict(dict(
+      dataset="", num_epochs=40, lr=0.1, milestones=(20, 30)))
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4))
@@ -71,4 +78,4 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str) -> None:
       config.dataset.num_train_examples = 64    # the first 64 / 32 examples of the splits
       config.dataset.num_eval_examples = 32
     else:
-      raise ValueError(f"unknown config argument {token!r}; valid: runlocal")
+      raise ValueError(f"unknown config argument {token!r}; valid: runlocal (configs may add more)")

@@ -1,12 +1,12 @@
 """Throughput of jaxkd's distillation step: images/s, step time, compile time, peak host memory,
 and achieved FLOP/s (XLA's cost analysis) as a fraction of this machine's measured matmul peak.
 
-    # The issue's two shapes: SSKD, batch 64 x 4 rotated views = 256 rows, CIFAR-100 (~5 min on
-    # 2 CPU cores):
+    # The issue's two shapes: SSKD, batch 64 x 4 rotated views = 256 rows, CIFAR-100 (2-4 minutes
+    # on 2 CPU cores):
     python experiments/benchmark.py --shapes=issue
     # Any pairs / methods / batch / precision:
     python experiments/benchmark.py --pairs=resnet32x4:resnet8x4 --methods=sskd,kd --batch=64 \
-        --dtype=bfloat16 --steps=5 --out=runs/benchmark.json
+        --dtype=bfloat16 --teacher_dtype=bfloat16 --steps=5 --out=runs/benchmark.json
 
 Images/s counts original images (the batch), as the reference does: one SSKD step on 64 images
 trains on their 4 views (256 rows) and counts 64. The step is the trainer's own `train_step`
@@ -41,10 +41,16 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Images per step (each brings its met
 _IMAGE = flags.DEFINE_integer("image_size", 32, "Square input size (CIFAR: 32).")
 _CLASSES = flags.DEFINE_integer("num_classes", 100, "Classes (CIFAR-100: 100).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Compute dtype (bfloat16 = config.half_precision).")
+                           "Student compute dtype (bfloat16 = config.half_precision).")
+_TEACHER_DTYPE = flags.DEFINE_enum(
+    "teacher_dtype", "float32", ["float32", "bfloat16"],
+    "Teacher compute dtype (the trainer runs the teacher in float32).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the teacher forward alone.")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS for this run.")
+_XLA_DEFAULTS = flags.DEFINE_bool(
+    "xla_defaults", False, "Compile the step with XLA's default options instead of the "
+    "trainer's (jaxkd.parallel.step_compiler_options), to measure what they change.")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results ('' = print only).")
 
 VIEWS = {"none": 1, "rotations": 4, "two_crops": 2}
@@ -75,19 +81,30 @@ def timed_calls(fn, args, num_calls):
   return times
 
 
-def matmul_peak(dtype, size=4096, repeats=5) -> float:
-  """FLOP/s of the best of `repeats` [size, size] @ [size, size] products in `dtype`."""
+def matmul_peak(dtype, size=4096, repeats=5) -> tuple[float, float]:
+  """(FLOP/s, FLOP per CPU-second) of the best of `repeats` [size, size]² products in `dtype`.
+
+  The second figure counts the CPU time of all threads: on a shared machine it stays what one
+  core delivers when other processes take the wall clock.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   jax.block_until_ready(dot(a, b))
-  return 2.0 * size ** 3 / min(timed_calls(dot, (a, b), repeats))
+  flops = 2.0 * size ** 3
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    jax.block_until_ready(dot(a, b))
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - cpu_start)
+  return flops / min(wall), flops / min(cpu)
 
 
 def bench_one(method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
-              steps, breakdown):
+              teacher_dtype, steps, breakdown, xla_defaults=False):
   """Compiles and times one distillation step; returns its record."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -105,7 +122,8 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
   mesh = parallel.create_mesh()
   shape = (image_size, image_size, 3)
   teacher_heads = method.teacher.heads if method.teacher else None
-  teacher = train.build_network(teacher_name, num_classes, teacher_heads, hparams, dtype=dtype)
+  teacher = train.build_network(teacher_name, num_classes, teacher_heads, hparams,
+                                dtype=teacher_dtype)
   student = train.build_network(student_name, num_classes, method.student_heads, hparams,
                                 dtype=dtype)
   teacher_variables = train.init_variables(teacher, shape, 1, mesh)
@@ -124,7 +142,8 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
 
   step = jax.jit(functools.partial(
       train.train_step, network=student, teacher_network=teacher, loss=method.loss,
-      hparams=hparams, tx=tx, schedule=schedule), donate_argnums=(0,))
+      hparams=hparams, tx=tx, schedule=schedule), donate_argnums=(0,),
+      compiler_options=None if xla_defaults else parallel.step_compiler_options())
   start = time.perf_counter()
   compiled = step.lower(state, teacher_variables, batch_arrays).compile()
   compile_s = time.perf_counter() - start
@@ -143,17 +162,20 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
   loss = float(jax.device_get(metrics["loss"]))
-  step_s = statistics.median(times)
+  step_s, cpu_s = statistics.median(times), statistics.median(cpu_times)
   record = {
       "method": method_name, "teacher": teacher_name, "student": student_name,
-      "dtype": jnp.dtype(dtype).name, "batch_images": batch, "rows": batch * views,
-      "image_size": image_size, "num_classes": num_classes,
-      "images_per_s": batch / step_s, "step_s": step_s, "step_s_min": min(times),
-      "step_s_all": times, "step_cpu_s": statistics.median(cpu_times), "compile_s": compile_s, "flops_per_step": flops,
-      "flops_per_s": flops / step_s, "loss": loss, "peak_host_memory_mb": peak_host_memory_mb(),
+      "dtype": jnp.dtype(dtype).name, "teacher_dtype": jnp.dtype(teacher_dtype).name,
+      "batch_images": batch, "rows": batch * views, "image_size": image_size,
+      "num_classes": num_classes, "images_per_s": batch / step_s,
+      "images_per_s_best": batch / min(times), "step_s": step_s, "step_s_min": min(times),
+      "step_s_all": times, "step_cpu_s": cpu_s, "compile_s": compile_s,
+      "flops_per_step": flops, "flops_per_s": flops / step_s, "flops_per_cpu_s": flops / cpu_s,
+      "loss": loss, "peak_host_memory_mb": peak_host_memory_mb(),
   }
   if breakdown:
-    forward = jax.jit(lambda v, x: teacher.apply(v, train.flatten_views(x), train=False))
+    forward = jax.jit(lambda v, x: teacher.apply(v, train.flatten_views(x), train=False),
+                      compiler_options=None if xla_defaults else parallel.step_compiler_options())
     fwd = forward.lower(teacher_variables, batch_arrays["image"]).compile()
     jax.block_until_ready(fwd(teacher_variables, batch_arrays["image"]))
     teacher_s = statistics.median(timed_calls(fwd, (teacher_variables, batch_arrays["image"]),
@@ -174,27 +196,35 @@ def main(argv):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+  teacher_dtype = jnp.bfloat16 if _TEACHER_DTYPE.value == "bfloat16" else jnp.float32
 
   device = jax.devices()[0]
-  peak = matmul_peak(dtype)
+  peak, peak_per_cpu_s = matmul_peak(dtype)
   machine = {
       "platform": device.platform, "device_kind": device.device_kind,
       "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
       "processor": _cpu_name(), "python": platform.python_version(), "jax": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "step_compiler_options": None if _XLA_DEFAULTS.value else _step_options(),
       "load_average_at_start": os.getloadavg(),
-      "matmul_peak_flops_per_s": peak, "matmul_peak_dtype": _DTYPE.value,
+      "matmul_peak_flops_per_s": peak, "matmul_peak_flops_per_cpu_s": peak_per_cpu_s,
+      "matmul_peak_dtype": _DTYPE.value,
   }
   print(f"{machine['processor']} ({machine['cpu_count']} cores, {device.platform}); "
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s ({_DTYPE.value}); "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s, {peak_per_cpu_s / 1e9:.0f} GFLOP per CPU-s "
+        f"({_DTYPE.value}); "
         f"load average {machine['load_average_at_start'][0]:.2f}", flush=True)
   results = []
   for method_name in filter(None, methods.split(",")):
     for pair in filter(None, pairs.split(",")):
       teacher_name, student_name = pair.split(":")
       record = bench_one(method_name, teacher_name, student_name, batch, _IMAGE.value,
-                         _CLASSES.value, dtype, _STEPS.value, _BREAKDOWN.value)
+                         _CLASSES.value, dtype, teacher_dtype, _STEPS.value,
+                         _BREAKDOWN.value,
+                         _XLA_DEFAULTS.value)
       record["fraction_of_matmul_peak"] = record["flops_per_s"] / peak
+      # Per CPU-second: what the step makes of the cores it gets, even on a shared machine.
+      record["cpu_fraction_of_matmul_peak"] = record["flops_per_cpu_s"] / peak_per_cpu_s
       reference = REFERENCE_IMAGES_PER_S.get(pair)
       if reference and method_name == "sskd" and batch == 64:
         record["reference_images_per_s"] = reference
@@ -210,18 +240,28 @@ def main(argv):
 
 
 def _row(r):
-  text = (f"{r['method']:6s} {r['teacher']:>10s} -> {r['student']:<10s} {r['dtype']:8s} "
+  dtypes = r["dtype"]
+  if r["teacher_dtype"] != r["dtype"]:
+    dtypes += f" (teacher {r['teacher_dtype']})"
+  text = (f"{r['method']} {r['teacher']} -> {r['student']} {dtypes} "
           f"{r['batch_images']}x{r['rows'] // r['batch_images']} rows | "
-          f"{r['images_per_s']:6.1f} img/s  step {r['step_s']:.3f} s (min {r['step_s_min']:.3f})"
-          f" cpu {r['step_cpu_s']:.2f} s  compile {r['compile_s']:.1f} s  {r['flops_per_step'] / 1e9:.0f} GFLOP/step  "
+          f"{r['images_per_s']:.1f} img/s (best {r['images_per_s_best']:.1f})  "
+          f"step {r['step_s']:.3f} s (min {r['step_s_min']:.3f}, {r['step_cpu_s']:.2f} CPU-s)  "
+          f"compile {r['compile_s']:.1f} s  {r['flops_per_step'] / 1e9:.0f} GFLOP/step  "
           f"{r['flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_matmul_peak']:.0f}% "
-          f"of peak  mem {r['peak_host_memory_mb']:.0f} MB")
+          f"of peak ({100 * r['cpu_fraction_of_matmul_peak']:.0f}% per CPU-s)  "
+          f"mem {r['peak_host_memory_mb']:.0f} MB")
   if "speedup_vs_reference" in r:
     text += f"  | {r['speedup_vs_reference']:.2f}x the PyTorch reference"
   if "teacher_forward_s" in r:
     text += (f"\n    teacher forward {r['teacher_forward_s']:.3f} s "
              f"({r['teacher_forward_flops'] / 1e9:.0f} GFLOP), rest {r['student_s']:.3f} s")
   return text
+
+
+def _step_options():
+  from jaxkd import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.step_compiler_options()
 
 
 def _cpu_name():

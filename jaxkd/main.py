@@ -2,6 +2,10 @@
 
 Any config field can be overridden: `--config.student.name=resnet8x4 --config.optimizer.lr=0.1`.
 A config file may take an argument after a colon: `--config configs/demo.py:runlocal`.
+
+Several processes (hosts of a TPU pod slice, GPU nodes) run the same command with `--distributed`
+(TPU pods, SLURM, Open MPI detect the rest) or with `--coordinator_address=host:port
+--num_processes=N --process_id=i`; see jaxkd/distributed.py.
 """
 
 import os

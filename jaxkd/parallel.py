@@ -5,6 +5,8 @@ global view every in-batch reduction (BatchNorm statistics, ranking and graph te
 whole global batch, so results do not depend on how many devices share it.
 """
 
+import functools
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -51,3 +53,26 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Puts every leaf of `tree` on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+# Recent XLA:CPU runs convolutions through YNNPACK fusions by default. For the CIFAR networks
+# their weight-gradient convolutions are 1.4-3.7x slower than XLA's Eigen ones, and the SSKD step
+# took twice as long on 2 cores (experiments/README.md). Train steps are compiled without them.
+_CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def step_compiler_options() -> Optional[dict[str, Any]]:
+  """XLA compiler options for the jitted train step on this backend; None = XLA's defaults.
+
+  On CPU: YNNPACK fusions off, unless XLA_FLAGS already chooses them, or this jaxlib does not
+  know the option. Other backends ignore CPU options, and get None.
+  """
+  if jax.default_backend() != "cpu" or any(
+      name in os.environ.get("XLA_FLAGS", "") for name in _CPU_STEP_OPTIONS):
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_STEP_OPTIONS).lower(np.float32(0)).compile()
+  except Exception:  # pylint: disable=broad-except  (an unknown option on another jaxlib)
+    return None
+  return dict(_CPU_STEP_OPTIONS)

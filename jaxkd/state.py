@@ -5,6 +5,7 @@ never-differentiated argument of the train step, and are never written into the 
 checkpoint (its path and checksum are recorded instead).
 """
 
+import dataclasses
 from typing import Any, Optional
 
 import flax
@@ -14,11 +15,17 @@ import jax
 
 @flax.struct.dataclass
 class TrainState:
-  """step, the trained variables (`params`, `batch_stats`) and the optimiser state."""
+  """step, the trained variables (`params`, `batch_stats`) and the optimiser state.
+
+  `teacher_head`: {'params', 'opt_state'} of a head trained on the frozen teacher beside the
+  student (a method's `online_teacher_head`), else empty. It is part of the state, so it is
+  checkpointed with the student and a resumed run continues it exactly.
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  teacher_head: Any = dataclasses.field(default_factory=dict)
 
 
 class Network(nn.Module):

@@ -3,11 +3,16 @@
 A run is a sequence of stages, each in its own sub-directory of the workdir and each skipped
 when its `result.json` exists:
 
-  teacher            train the teacher with cross-entropy (unless --config.teacher.checkpoint)
+  teacher            train the teacher with cross-entropy (unless --config.teacher.checkpoint;
+                     a CLIP teacher is always loaded from it, never trained)
+  pretrain           instead of `teacher` with --config.teacher.pretrain=simclr: the teacher
+                     trained without labels; its backbone is the frozen teacher
   teacher_<method>   for a method that prepares its teacher: its heads trained on the frozen
                      teacher (or backbone and heads jointly, replacing `teacher`)
   student_<method>   distil the student with `config.method`, then each `config.baselines`
                      method (e.g. `ce`: the student trained alone), for the final table
+  linear_probe       with --config.linear_probe.dataset: a linear classifier on the frozen
+                     features of the `config.method` student
 
 The trainer never branches on a method: it asks the method registry for the views, the heads
 and the pure losses, and runs the same step for all of them.
@@ -21,6 +26,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -33,24 +39,37 @@ from jaxkd import checkpoint
 from jaxkd import data
 from jaxkd import models
 from jaxkd import parallel
+from jaxkd.data import teacher_views
+from jaxkd.interop import clip_weights
+from jaxkd.models import clip
+from jaxkd.models import layers
 from jaxkd.errors import UserError
 from jaxkd.methods import Method, get_method
-from jaxkd.methods.base import EvalMetricsFn, HeadsFactory, LossFn
+from jaxkd.methods.base import EvalMetricsFn, HeadsFactory, LossFn, OnlineTeacherHead
 from jaxkd.methods.losses import topk_correct
 from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.state import Network, TrainState, variables_of
 
 RESULT_FILE = "result.json"
 TEACHER_FILE = "teacher.msgpack"
+STUDENT_FILE = "student.msgpack"
+BACKBONE_FILE = "backbone.msgpack"
+NO_CLASSIFIER_NOTE = ("no classifier is trained in this stage, so it has no top-1; its features "
+                      "are judged by the stages that use them (e.g. linear_probe)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-  """A frozen teacher: its network, its variables (replicated) and where they came from."""
+  """A frozen teacher: its network, its variables (replicated) and where they came from.
+
+  `input`: how the teacher sees an image when it needs a view of its own (a CLIP tower: 224 px,
+  CLIP statistics); the pipeline then adds `teacher_image` to the batch. None: the student's.
+  """
   network: Network
   variables: Any
   path: str
   sha256: str
+  input: Optional[teacher_views.TeacherInput] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +78,12 @@ class Stage:
 
   `init_backbone`: variables loaded into the backbone before training and kept frozen (the
   backbone then runs in inference mode and only the heads learn).
+  `online_teacher_head`: a head trained on the frozen `teacher` beside the student (its
+  parameters and optimiser state live in the train state's `teacher_head`).
+  `backbone_num_classes`: classes of the backbone's own classifier when they differ from the
+  stage's dataset (a linear probe on another dataset keeps the student's backbone as it is).
+  `scores_top1`: False for a stage that trains no classifier (self-supervised pretraining): the
+  top-1 of its network would mean nothing, so it is not evaluated and its result says so.
   """
   name: str
   model_name: str
@@ -75,9 +100,13 @@ class Stage:
   init_backbone_sha256: Optional[str] = None
   eval_metrics: Optional[EvalMetricsFn] = None
   select: Optional[Callable[[dict[str, float], ml_collections.ConfigDict], Optional[float]]] = None
+  online_teacher_head: Optional[OnlineTeacherHead] = None
+  backbone_num_classes: Optional[int] = None
+  scores_top1: bool = True
 
   def network(self, num_classes: int, dtype: Any = jnp.float32) -> Network:
-    network = build_network(self.model_name, num_classes, self.heads, self.hparams, dtype)
+    network = build_network(self.model_name, num_classes, self.heads, self.hparams, dtype,
+                            self.backbone_num_classes)
     return network.clone(frozen_backbone=self.init_backbone is not None)
 
 
@@ -90,16 +119,59 @@ def flatten_views(images: jax.Array) -> jax.Array:
   return images.reshape((-1,) + images.shape[-3:]) if images.ndim == 5 else images
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherHeadStep:
+  """A method's online teacher head as one stage uses it: the module, its loss, its optimiser."""
+  module: Any
+  loss: LossFn
+  tx: optax.GradientTransformation
+
+
+def teacher_head_step(head: TeacherHeadStep, head_state: dict[str, Any], teacher_out: Any,
+                      labels: jax.Array, hparams: ml_collections.ConfigDict
+                      ) -> tuple[Any, dict[str, Any], dict[str, jax.Array]]:
+  """The head's outputs at its current parameters θ, and one step of its own optimiser:
+
+  out = teacher_out ∪ head_θ(teacher_out);  θ ← θ + update(∇_θ L_head(out, y))
+
+  Returns (out, the head's next {'params', 'opt_state'}, its metrics). `out` is computed with
+  the pre-update θ and carries no gradient: the student reads it as a constant, and nothing of
+  the student's loss reaches θ.
+  """
+  def loss_fn(params):
+    out = dict(teacher_out)
+    out.update(head.module.apply({"params": params}, teacher_out, train=True))
+    value, metrics = head.loss(out, None, labels, hparams)
+    return value, (out, metrics)
+
+  params, opt_state = head_state["params"], head_state["opt_state"]
+  grads, (out, metrics) = jax.grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = head.tx.update(grads, opt_state, params)
+  next_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+  return jax.lax.stop_gradient(out), next_state, metrics
+
+
 def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array], *,
                network: Network, teacher_network: Optional[Network], loss: LossFn,
                hparams: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step of the student on a global batch; the teacher runs in inference mode."""
+               schedule: optax.Schedule, teacher_head: Optional[TeacherHeadStep] = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step of the student on a global batch; the teacher runs in inference mode.
+
+  The teacher reads `batch['teacher_image']` when the pipeline gives it its own view, else the
+  student's images. With `teacher_head`, the head on the frozen teacher gives the teacher
+  outputs and takes its own step (see teacher_head_step), in the same step as the student.
+  """
   images = flatten_views(batch["image"])
   teacher_out = None
+  head_state, head_metrics = state.teacher_head, {}
   if teacher_network is not None:
+    teacher_images = flatten_views(batch.get("teacher_image", batch["image"]))
     teacher_out = jax.lax.stop_gradient(
-        teacher_network.apply(teacher_variables, images, train=False))
+        teacher_network.apply(teacher_variables, teacher_images, train=False))
+    if teacher_head is not None:
+      teacher_out, head_state, head_metrics = teacher_head_step(
+          teacher_head, state.teacher_head, teacher_out, batch["label"], hparams)
 
   def loss_fn(params):
     out, updates = network.apply({"params": params, "batch_stats": state.batch_stats}, images,
@@ -110,9 +182,9 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, lr=schedule(state.step))
+  metrics = dict(metrics, **head_metrics, lr=schedule(state.step))
   return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                    opt_state=opt_state), metrics
+                    opt_state=opt_state, teacher_head=head_state), metrics
 
 
 def eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Network
@@ -142,20 +214,64 @@ def method_eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Ne
 
 def build_network(model_name: str, num_classes: int, heads: Optional[HeadsFactory] = None,
                   hparams: Optional[ml_collections.ConfigDict] = None,
-                  dtype: Any = jnp.float32) -> Network:
-  """A zoo backbone with optional heads (built by `heads(num_classes, hparams, backbone)`)."""
-  backbone = models.get_model(model_name, num_classes, dtype=dtype)
+                  dtype: Any = jnp.float32, backbone_num_classes: Optional[int] = None
+                  ) -> Network:
+  """A zoo backbone with optional heads (built by `heads(num_classes, hparams, backbone)`);
+  the backbone's own classifier has `backbone_num_classes` outputs if given."""
+  backbone = models.get_model(model_name, backbone_num_classes or num_classes, dtype=dtype)
   return Network(backbone=backbone,
                  heads=heads(num_classes, hparams, backbone) if heads else None)
+
+
+def run_once_options(mesh: jax.sharding.Mesh) -> Optional[dict[str, Any]]:
+  """Compiler options of a program that runs once (an initialisation) on the mesh.
+
+  On CPU, LLVM's optimisation of the unrolled random-number code of an init costs seconds per
+  network and saves nothing on a single run, so it is compiled unoptimised (the values may
+  then differ from an optimised compile in the last bit; every run compiles them the same way).
+  """
+  if mesh.devices.flat[0].platform == "cpu":
+    return {"xla_backend_optimization_level": 0}
+  return None
 
 
 def init_variables(network: Network, image_shape: tuple[int, ...], seed: int,
                    mesh: jax.sharding.Mesh) -> Any:
   """Initialises the network under jit, replicated over the mesh."""
-  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh),
+                     compiler_options=run_once_options(mesh))
   def init(rng):
     return network.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
   return dict(init(jax.random.key(seed)))
+
+
+def teacher_image_shape(teacher: Teacher, info: data.DatasetInfo) -> tuple[int, ...]:
+  """[H, W, C] of the images the teacher reads: its own view's, else the dataset's."""
+  if teacher.input is None:
+    return tuple(info.image_shape)
+  return teacher_views.teacher_view_shape(info, teacher.input)
+
+
+def init_teacher_head(head: OnlineTeacherHead, teacher: Teacher,
+                      hparams: ml_collections.ConfigDict, info: data.DatasetInfo, seed: int,
+                      mesh: jax.sharding.Mesh) -> tuple[TeacherHeadStep, dict[str, Any]]:
+  """The head's step and its initial {'params', 'opt_state'}, replicated over the mesh."""
+  step = TeacherHeadStep(module=head.heads(info.num_classes, hparams, teacher.network.backbone),
+                         loss=head.loss, tx=head.optimizer(hparams))
+  shape = (1,) + teacher_image_shape(teacher, info)
+  teacher_out = jax.eval_shape(
+      lambda v: teacher.network.apply(v, jnp.zeros(shape, jnp.float32), train=False),
+      teacher.variables)
+
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh),
+                     compiler_options=run_once_options(mesh))
+  def init(rng):
+    sample = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), teacher_out)
+    params = step.module.init(rng, sample, train=False)["params"]
+    return {"params": params, "opt_state": step.tx.init(params)}
+
+  # Its own stream of the run's seed, so the student's initialisation does not change.
+  return step, dict(init(jax.random.fold_in(jax.random.key(seed), 1)))
 
 
 def _eval_sums(fn: Callable, variables: Any, config: ml_collections.ConfigDict, views: str,
@@ -235,7 +351,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
     with open(result_path) as f:
       result = json.load(f)
     _check_same_stage(result, description, stage_dir)
-    print(f"[{stage.name}] already done ({result_path}): top-1 {result['top1_last']:.2f}")
+    print(f"[{stage.name}] already done ({result_path}): top-1 {_percent(result['top1_last'])}")
     return result
   os.makedirs(stage_dir, exist_ok=True)
 
@@ -257,6 +373,11 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
+  head = None
+  if stage.online_teacher_head is not None:
+    head, head_state = init_teacher_head(stage.online_teacher_head, stage.teacher, stage.hparams,
+                                         info, config.seed, mesh)
+    state = state.replace(teacher_head=head_state)
   state = parallel.replicate(state, mesh)
 
   mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"),
@@ -281,8 +402,9 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   step_fn = jax.jit(
       functools.partial(train_step, network=network,
                         teacher_network=teacher.network if teacher else None,
-                        loss=stage.loss, hparams=stage.hparams, tx=tx, schedule=schedule),
-      donate_argnums=(0,))
+                        loss=stage.loss, hparams=stage.hparams, tx=tx, schedule=schedule,
+                        teacher_head=head),
+      donate_argnums=(0,), compiler_options=parallel.step_compiler_options())
   eval_fn = jax.jit(functools.partial(eval_step, network=network))
   method_eval = None
   if stage.eval_metrics is not None:
@@ -299,7 +421,8 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   batches = data.train_batches(config.dataset, stage.views, config.batch_size,
                                seed=config.seed, start_step=start_step,
                                process_index=jax.process_index(),
-                               process_count=jax.process_count())
+                               process_count=jax.process_count(),
+                               teacher_input=teacher.input if teacher else None)
   pending: list[dict[str, jax.Array]] = []
   eval_every = max(config.eval_every_epochs, 1)
   for step in range(start_step + 1, total_steps + 1):
@@ -314,7 +437,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
       print(progress.line(step, scalars), flush=True)
     epoch_end = step % steps_per_epoch == 0
     epoch = step // steps_per_epoch
-    if step == total_steps or (epoch_end and epoch % eval_every == 0):
+    if stage.scores_top1 and (step == total_steps or (epoch_end and epoch % eval_every == 0)):
       # A background checkpoint write must not overlap opening a split: tfds' mock data
       # redirects file access while it does.
       mngr.wait_until_finished()
@@ -335,13 +458,18 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   mngr.wait_until_finished()
   writer.flush()
 
-  last = record["history"][-1] if record["history"] else evaluate(
-      network, variables_of(state), config, mesh, eval_fn, method_eval)
-  result = dict(description, stage=stage.name, steps=total_steps,
-                top1_last=last["top1"], top5_last=last["top5"],
-                top1_best=max(record["best_top1"], last["top1"]),
-                eval_last={k: v for k, v in last.items() if k not in ("step", "epoch")},
-                checkpoints=str(mngr.directory), logdir=stage_dir)
+  if stage.scores_top1:
+    last = record["history"][-1] if record["history"] else evaluate(
+        network, variables_of(state), config, mesh, eval_fn, method_eval)
+    result = dict(description, stage=stage.name, steps=total_steps,
+                  top1_last=last["top1"], top5_last=last["top5"],
+                  top1_best=max(record["best_top1"], last["top1"]),
+                  eval_last={k: v for k, v in last.items() if k not in ("step", "epoch")},
+                  checkpoints=str(mngr.directory), logdir=stage_dir)
+  else:
+    result = dict(description, stage=stage.name, steps=total_steps, top1_last=None,
+                  top5_last=None, top1_best=None, checkpoints=str(mngr.directory),
+                  logdir=stage_dir, note=NO_CLASSIFIER_NOTE)
   if stage.teacher is not None:
     result["teacher_path"] = stage.teacher.path
   if export_file is not None:
@@ -354,6 +482,11 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
                     selected_step=record["selected_step"])
   _write_result(stage_dir, result)
   return result
+
+
+def _percent(value: Optional[float]) -> str:
+  """A top-1 / top-5 for printing; '-' where a stage has none (no classifier trained)."""
+  return "-" if value is None else f"{value:.2f}"
 
 
 def _check_same_stage(result: dict[str, Any], description: dict[str, Any], stage_dir: str):
@@ -416,7 +549,11 @@ class Teachers:
   """The run's teachers, each prepared once, on first use.
 
   plain(): stage `teacher` trains the teacher with cross-entropy, unless
-    `config.teacher.checkpoint` names a file to import.
+    `config.teacher.checkpoint` names a file to import; with `config.teacher.pretrain` (e.g.
+    'simclr'), stage `pretrain` trains it with that self-supervised method instead and the
+    teacher is its backbone alone (the method's heads dropped). A CLIP tower
+    (`config.teacher.name` in jaxkd.models.clip.CLIP_MODELS) is loaded from
+    `config.teacher.checkpoint` and never trained; it sees its own 224-px view of each image.
   for_method(m): the plain teacher, or, for a method with a `TeacherPreparation`, stage
     `teacher_<m>`: the method's heads trained on the frozen plain teacher, or backbone and heads
     trained jointly from scratch.
@@ -432,10 +569,23 @@ class Teachers:
     if "" in self._cache:
       return self._cache[""]
     config = self.config
+    if config.teacher.name in clip.CLIP_MODELS:
+      teacher = load_clip_teacher(config, self.mesh)
+      self.results.append({"stage": "teacher", "model": config.teacher.name,
+                           "method": "imported", "checkpoint": teacher.path,
+                           "teacher_sha256": teacher.sha256, "top1_last": None,
+                           "top5_last": None, "top1_best": None, "note": NO_CLASSIFIER_NOTE})
+      self._cache[""] = teacher
+      return teacher
     if config.teacher.checkpoint:
       path = os.path.abspath(config.teacher.checkpoint)
       result = {"stage": "teacher", "model": config.teacher.name, "method": "imported",
                 "checkpoint": path}
+      if config.teacher.get("pretrain", ""):
+        # A backbone pretrained without labels (e.g. <workdir>/pretrain/backbone.msgpack).
+        result.update(top1_last=None, top5_last=None, top1_best=None, note=NO_CLASSIFIER_NOTE)
+    elif config.teacher.get("pretrain", ""):
+      path, result = self._pretrain(config.teacher.pretrain)
     else:
       lr = config.teacher.get("lr", -1.0)
       ce = get_method("ce")
@@ -455,6 +605,26 @@ class Teachers:
     self.results.append(result)
     self._cache[""] = teacher
     return teacher
+
+  def _pretrain(self, method_name: str) -> tuple[str, dict[str, Any]]:
+    """Stage `pretrain`: the teacher trained by a self-supervised method; returns the path of
+    its backbone's variables (the method's heads dropped) and the stage's result."""
+    config = self.config
+    method = get_method(method_name)
+    hparams = method.hparams(config.get("method_overrides", {}).get(method_name))
+    lr = config.teacher.get("lr", -1.0)
+    stage = Stage(name="pretrain", model_name=config.teacher.name, method_name=method.name,
+                  loss=method.loss, hparams=hparams, num_epochs=config.teacher.num_epochs,
+                  base_lr=lr if lr > 0 else config.optimizer.lr, views=method.views,
+                  heads=method.student_heads, scores_top1=False)
+    result = run_stage(stage, config, self.workdir, self.mesh, self.info,
+                       export_file=TEACHER_FILE)
+    trained = load_teacher(stage.network(self.info.num_classes), result["export"], self.info,
+                           self.mesh)
+    path = os.path.join(os.path.dirname(result["export"]), BACKBONE_FILE)
+    checkpoint.export_variables(path, {col: {"backbone": tree["backbone"]}
+                                       for col, tree in trained.variables.items()})
+    return path, result
 
   def for_method(self, method: Method, hparams: ml_collections.ConfigDict) -> Teacher:
     prep = method.teacher
@@ -481,13 +651,121 @@ class Teachers:
     return teacher
 
 
+def load_clip_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Teacher:
+  """The frozen CLIP tower `config.teacher.name` from `config.teacher.checkpoint` (a Hugging Face
+  folder or an OpenAI .pt file); its checksum is that of the weight file."""
+  path = os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint else ""
+  dtype = jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
+  tower, variables = clip_weights.load_clip(path, config.teacher.name, dtype)
+  weights = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+  size = tower.config.image_size
+  return Teacher(network=Network(backbone=tower),
+                 variables=parallel.replicate({col: {"backbone": tree}
+                                               for col, tree in variables.items()}, mesh),
+                 path=path, sha256=checkpoint.file_sha256(weights),
+                 input=teacher_views.TeacherInput(size=size, mean=clip.CLIP_MEAN,
+                                                  std=clip.CLIP_STD, channels=3))
+
+
+def linear_probe_enabled(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.get("linear_probe") and config.linear_probe.get("dataset", ""))
+
+
+def linear_probe_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The run's config with the probe's dataset (the run's own, as it is, or another one with
+  the same data_dir and normalisation) and the probe's epochs."""
+  probe = ml_collections.ConfigDict(config.to_dict())
+  name = config.linear_probe.dataset
+  if name != config.dataset.name:
+    probe.dataset = ml_collections.ConfigDict(dict(
+        name=name, data_dir=config.dataset.data_dir,
+        normalization=config.dataset.get("normalization", "dataset")))
+  probe.num_epochs = config.linear_probe.num_epochs
+  return probe
+
+
+class LinearClassifier(nn.Module):
+  """logits = Linear(N)(feats[tap]): the linear probe on a frozen backbone's features."""
+  num_classes: int
+  tap: str = "pooled"
+
+  @nn.compact
+  def __call__(self, outputs: Any, train: bool = False) -> dict[str, jax.Array]:
+    del train
+    return {"logits": layers.Linear(self.num_classes, name="probe")(outputs["feats"][self.tap])}
+
+
+def linear_probe_heads(num_classes: int, hparams: ml_collections.ConfigDict,
+                       backbone: Any = None) -> nn.Module:
+  return LinearClassifier(num_classes, hparams.get("tap", "pooled"))
+
+
+def run_linear_probe(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+                     info: data.DatasetInfo, student: Stage,
+                     student_result: dict[str, Any]) -> dict[str, Any]:
+  """Stage `linear_probe`: a linear classifier trained with cross-entropy on the pooled
+  features of the finished student's frozen backbone (inference mode), on
+  `config.linear_probe.dataset`; its eval top-1 is the probe accuracy."""
+  probe_config = linear_probe_config(config)
+  probe_info = data.pipeline.dataset_info(probe_config.dataset)
+  trained = load_teacher(student.network(info.num_classes), student_result["export"], info,
+                         mesh)
+  lp = config.linear_probe
+  ce = get_method("ce")
+  stage = Stage(name="linear_probe", model_name=config.student.name,
+                method_name="linear_probe", loss=ce.loss,
+                hparams=ml_collections.ConfigDict(dict(tap="pooled")),
+                num_epochs=lp.num_epochs, base_lr=lp.lr, heads=linear_probe_heads,
+                milestones=tuple(lp.get("milestones", ())),
+                init_backbone={col: {"backbone": tree["backbone"]}
+                               for col, tree in trained.variables.items()},
+                init_backbone_sha256=student_result["export_sha256"],
+                backbone_num_classes=info.num_classes)
+  return run_stage(stage, probe_config, workdir, mesh, probe_info)
+
+
 def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data.DatasetInfo:
   """Every check that can fail on bad input, before any work is done."""
-  info = data.get_dataset_info(config.dataset)
-  for name in (config.teacher.name, config.student.name):
+  info = data.pipeline.dataset_info(config.dataset)
+  teacher_name = config.teacher.name
+  clip_teacher = teacher_name in clip.CLIP_MODELS
+  for name in (config.student.name,) if clip_teacher else (teacher_name, config.student.name):
     models.get_model(name, info.num_classes)
   for name in student_methods(config) + list(config.get("method_overrides", {}).keys()):
     get_method(name)
+  pretrain = config.teacher.get("pretrain", "")
+  if pretrain:
+    if clip_teacher:
+      raise UserError(f"teacher.pretrain={pretrain!r} trains a zoo teacher, but CLIP tower "
+                      f"{teacher_name!r} is used as it is; set --config.teacher.pretrain=''")
+    if get_method(pretrain).uses_teacher:
+      raise UserError(f"teacher.pretrain={pretrain!r} distils from a teacher itself; use a "
+                      "self-supervised method such as 'simclr'")
+  if clip_teacher or pretrain:
+    # Such a teacher has no trained classifier: only methods that train their own head on it
+    # can read it.
+    why = "is a CLIP image tower" if clip_teacher else f"is pretrained by {pretrain!r}"
+    for name in student_methods(config):
+      method = get_method(name)
+      if method.uses_teacher and (method.online_teacher_head is None or method.teacher):
+        raise UserError(
+            f"method {name!r} reads the teacher's classifier, but teacher {teacher_name!r} "
+            f"{why} and has none; use a method that trains its own head on the teacher "
+            "(e.g. ega), or a teacher trained with cross-entropy")
+  if clip_teacher:
+    checkpoint_path = config.teacher.checkpoint
+    if not checkpoint_path or not os.path.exists(checkpoint_path):
+      raise clip_weights.missing_weights_error(teacher_name, checkpoint_path)
+  if linear_probe_enabled(config):
+    probe_info = data.pipeline.dataset_info(linear_probe_config(config).dataset)
+    if probe_info.image_shape[-1] != info.image_shape[-1]:
+      raise UserError(
+          f"linear_probe.dataset={probe_info.name!r} has {probe_info.image_shape[-1]} image "
+          f"channel(s) but the student was trained on {info.image_shape[-1]} "
+          f"({info.name!r}); probe on a dataset with the same channels")
+    if config.linear_probe.num_epochs <= 0:
+      raise UserError(f"linear_probe.num_epochs is {config.linear_probe.num_epochs}; it must "
+                      "be positive (or set --config.linear_probe.dataset='' to skip the probe)")
   parallel.check_batch_divides(config.batch_size, mesh)
   parallel.check_batch_divides(config.eval_batch_size, mesh)
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
@@ -502,6 +780,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   info = validate(config, mesh)
   results: list[dict[str, Any]] = []
   teachers = Teachers(config, workdir, mesh, info, results)
+  main = None
   for name in student_methods(config):
     method = get_method(name)
     hparams = method.hparams(config.method if name == config.method.name
@@ -510,8 +789,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                   loss=method.loss, hparams=hparams, num_epochs=config.num_epochs,
                   base_lr=config.optimizer.lr, views=method.views, heads=method.student_heads,
                   teacher=teachers.for_method(method, hparams) if method.uses_teacher else None,
-                  eval_metrics=method.eval_metrics)
-    results.append(run_stage(stage, config, workdir, mesh, info))
+                  eval_metrics=method.eval_metrics,
+                  online_teacher_head=method.online_teacher_head if method.uses_teacher
+                  else None)
+    # The main student is exported, for the stages that read it (linear_probe).
+    result = run_stage(stage, config, workdir, mesh, info,
+                       export_file=STUDENT_FILE if name == config.method.name else None)
+    results.append(result)
+    if name == config.method.name:
+      main = (stage, result)
+  if linear_probe_enabled(config):
+    results.append(run_linear_probe(config, workdir, mesh, info, *main))
   if jax.process_index() == 0:
     print(results_table(results, workdir))
   return results
@@ -521,8 +809,8 @@ def results_table(results: list[dict[str, Any]], workdir: str) -> str:
   """The closing table: held-out top-1 of every stage, and where its files are."""
   rows = [("stage", "model", "method", "top-1 last", "top-1 best", "top-5 last")]
   for r in results:
-    rows.append((r["stage"], r["model"], r["method"], f"{r['top1_last']:.2f}",
-                 f"{r['top1_best']:.2f}", f"{r['top5_last']:.2f}"))
+    rows.append((r["stage"], r["model"], r["method"], _percent(r.get("top1_last")),
+                 _percent(r.get("top1_best")), _percent(r.get("top5_last"))))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))

@@ -7,14 +7,21 @@ memory (fine for digits and CIFAR) so each position can be computed on its own; 
 `start_step` therefore starts the same stream at position start_step * local batch, with nothing
 to replay.
 
+A teacher that needs its own input (a CLIP tower at 224 px) gets it from `teacher_input`: each
+batch then also holds 'teacher_image', the teacher's view of the same images, drawn independently
+of the student's (jaxkd.data.teacher_views). `dataset_config.normalization` = 'clip' normalises
+the student's views with CLIP's statistics instead of the dataset's (the EGA reference does so
+for its CIFAR students), in training and evaluation alike.
+
 Two switches of `dataset_config` change the training set, deterministically per seed (the eval
 split never changes): `train_fraction` < 1 keeps a class-balanced subset (the few-shot
 experiments of SSKD/HSAKD), `label_noise` > 0 gives that fraction of the training examples a
 uniformly random other class (symmetric label noise).
 """
 
+import dataclasses
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import ml_collections
 import numpy as np
@@ -22,8 +29,13 @@ import tensorflow as tf
 
 from jaxkd import errors
 from jaxkd.data import sources
+from jaxkd.data import teacher_views
 from jaxkd.data import views as views_lib
 from jaxkd.data.sources import DatasetInfo
+from jaxkd.data.teacher_views import TeacherInput
+
+# dataset_config.normalization -> (mean, std) of the student's views; 'dataset': the dataset's.
+NORMALIZATIONS = {'dataset': None, 'clip': (teacher_views.CLIP_MEAN, teacher_views.CLIP_STD)}
 
 
 def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
@@ -34,6 +46,35 @@ def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
 def num_eval_steps(info: DatasetInfo, global_batch_size: int) -> int:
   """Batches in one eval pass; the last one is padded."""
   return math.ceil(info.num_eval / global_batch_size)
+
+
+def dataset_info(dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
+  """`sources.get_dataset_info` with the student's statistics of `normalization` applied."""
+  info = sources.get_dataset_info(dataset_config)
+  name = dataset_config.get('normalization', 'dataset') or 'dataset'
+  if name not in NORMALIZATIONS:
+    raise errors.unknown_name('normalization', name, NORMALIZATIONS)
+  if NORMALIZATIONS[name] is None:
+    return info
+  mean, std = NORMALIZATIONS[name]
+  if len(mean) != info.image_shape[-1]:
+    raise errors.UserError(
+        f'normalization {name!r} has {len(mean)}-channel statistics but dataset {info.name!r} '
+        f"has {info.image_shape[-1]} channel(s); use --config.dataset.normalization=dataset")
+  return dataclasses.replace(info, mean=mean, std=std)
+
+
+def _views_fn(views: str, info: DatasetInfo, teacher_input: Optional[TeacherInput],
+              train: bool):
+  """fn(image, key) -> {'image': student views[, 'teacher_image': the teacher's view]}."""
+  if teacher_input is None:
+    views_fn = views_lib.make_views_fn(views, info, train)
+    return lambda image, key: {'image': views_fn(image, key)}
+  if views != 'none' or info.transform != 'pad_crop':
+    raise errors.UserError(
+        f'a teacher with its own input needs views \'none\' on a decoded dataset; got views '
+        f'{views!r} on dataset {info.name!r} (transform {info.transform!r})')
+  return teacher_views.make_views_fn(info, teacher_input, train)
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -124,12 +165,13 @@ def _options() -> tf.data.Options:
 
 def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> tf.data.Dataset:
+                  process_count: int = 1,
+                  teacher_input: Optional[TeacherInput] = None) -> tf.data.Dataset:
   """The infinite training stream of this process as a tf.data.Dataset (see train_batches)."""
   sources.hide_accelerators()
   views_lib.check_views(views)
-  info = sources.get_dataset_info(dataset_config)
-  views_fn = views_lib.make_views_fn(views, info, train=True)
+  info = dataset_info(dataset_config)
+  views_fn = _views_fn(views, info, teacher_input, train=True)
   batch = _local_batch_size(global_batch_size, process_count)
   steps = steps_per_epoch(info, global_batch_size)
   if start_step < 0:
@@ -155,7 +197,7 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
     shuffle_key = views_lib.example_key(seed, epoch, -1)
     j = tf.random.experimental.index_shuffle(position % per_epoch, shuffle_key, max_index)
     key = views_lib.example_key(seed, epoch, indices[j])
-    return {'image': views_fn(images[j], key), 'label': labels[j]}
+    return dict(views_fn(images[j], key), label=labels[j])
 
   ds = tf.data.Dataset.counter(start=start_step * batch, dtype=tf.int64)
   ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
@@ -165,47 +207,53 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
 
 def train_batches(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                  process_count: int = 1, teacher_input: Optional[TeacherInput] = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite host-local training batches, starting at global step `start_step`.
 
   Yields {'image': float32 [b, H, W, C] (views 'none') or [b, V, H, W, C], 'label': int32 [b]}
   with b = global_batch_size // process_count; process i reads shard i of process_count.
+  With `teacher_input`, also 'teacher_image' [b, S, S, C_t] (views 'none' only).
   Batch s is the same whether the iterator started at 0 or at `start_step` <= s.
   """
   return train_dataset(dataset_config, views, global_batch_size, seed, start_step,
-                       process_index, process_count).as_numpy_iterator()
+                       process_index, process_count, teacher_input).as_numpy_iterator()
 
 
 def eval_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
-                 process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+                 process_index: int = 0, process_count: int = 1,
+                 teacher_input: Optional[TeacherInput] = None) -> tf.data.Dataset:
   """One padded pass over this process's shard of the eval split (see eval_batches)."""
   sources.hide_accelerators()
   views_lib.check_views(views)
-  info = sources.get_dataset_info(dataset_config)
-  views_fn = views_lib.make_views_fn(views, info, train=False)
+  info = dataset_info(dataset_config)
+  views_fn = _views_fn(views, info, teacher_input, train=False)
   batch = _local_batch_size(global_batch_size, process_count)
   ds = _examples(dataset_config, dataset_config.get('eval_split', 'test'), info.num_eval,
                  process_index, process_count)
   ds = ds.map(
-      lambda index, example: {
-          'image': views_fn(example[0], None), 'label': example[1],
-          'mask': tf.constant(1.0, tf.float32)},
+      lambda index, example: dict(
+          views_fn(example[0], None), label=example[1], mask=tf.constant(1.0, tf.float32)),
       num_parallel_calls=tf.data.AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros(views_lib.view_shape(views, info), tf.float32),
-      'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32)}).repeat()
+  pad = {'image': tf.zeros(views_lib.view_shape(views, info), tf.float32),
+         'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32)}
+  if teacher_input is not None:
+    pad['teacher_image'] = tf.zeros(teacher_views.teacher_view_shape(info, teacher_input),
+                                    tf.float32)
+  padding = tf.data.Dataset.from_tensors(pad).repeat()
   # Every process pads its shard to the same number of batches, so collective steps line up.
   ds = ds.concatenate(padding).take(num_eval_steps(info, global_batch_size) * batch)
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
 def eval_batches(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
-                 process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_index: int = 0, process_count: int = 1,
+                 teacher_input: Optional[TeacherInput] = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the eval split in host-local batches with a 'mask' (1 real, 0 padding).
 
   Every batch is full size; summing mask-weighted metrics over all processes and batches counts
-  each eval example exactly once.
+  each eval example exactly once. With `teacher_input`, also the teacher's 'teacher_image'.
   """
   return eval_dataset(dataset_config, views, global_batch_size, process_index,
-                      process_count).as_numpy_iterator()
+                      process_count, teacher_input).as_numpy_iterator()

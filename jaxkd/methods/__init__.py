@@ -15,6 +15,7 @@ _MODULES = {
     "hsakd": "hsakd",
     "hsakd_star": "hsakd_star",
     "ega": "ega",
+    "simclr": "simclr",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)

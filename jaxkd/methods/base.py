@@ -60,6 +60,27 @@ class TeacherPreparation:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnlineTeacherHead:
+  """A teacher head trained during the student stage, beside the student, by its own loss and
+  optimiser (EGA's teacher head on a frozen CLIP or self-supervised teacher).
+
+  Per step, from one inference-mode forward of the frozen teacher backbone and the head's
+  current parameters θ_t: the student's loss reads the head's outputs as constants, and the
+  head takes one step of `optimizer(hparams)` on `loss(teacher_out, None, labels, hparams)`
+  with respect to θ_t alone. Both updates start from the same (pre-update) θ_t.
+
+  Attributes:
+    heads: factory `(num_classes, hparams, backbone) -> nn.Module`, called as
+      `heads(teacher_out, train=...)`; its outputs are merged into the teacher outputs.
+    loss: the head's loss, `loss(teacher_out, None, labels, hparams) -> (scalar, metrics)`.
+    optimizer: `(hparams) -> optax.GradientTransformation`, the head's own optimiser.
+  """
+  heads: HeadsFactory
+  loss: LossFn
+  optimizer: Callable[[ml_collections.ConfigDict], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A registered distillation method.
 
@@ -75,6 +96,9 @@ class Method:
     teacher: optional preparation of the teacher (heads trained before distillation).
     eval_metrics: optional extra evaluation of the student on the eval split, computed on the
       method's views (see EvalMetricsFn); top-1/top-5 on the original images are always there.
+    online_teacher_head: optional head on the frozen teacher, trained in the student stage by
+      its own loss and optimiser (see OnlineTeacherHead); the teacher then needs no classifier,
+      so a CLIP tower or a self-supervised backbone can teach.
   """
   name: str
   loss: LossFn
@@ -84,6 +108,7 @@ class Method:
   student_heads: Optional[HeadsFactory] = None
   teacher: Optional[TeacherPreparation] = None
   eval_metrics: Optional[EvalMetricsFn] = None
+  online_teacher_head: Optional[OnlineTeacherHead] = None
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None
               ) -> ml_collections.ConfigDict:

@@ -25,7 +25,6 @@ student head's logits replace the backbone's as the network's 'logits', so evalu
 the student's top-1 through its head, as the reference does.
 """
 
-import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxkd.methods.base import Method, Outputs
+from jaxkd.methods.base import Method, OnlineTeacherHead, Outputs
 from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
 from jaxkd.models import layers
 
@@ -184,26 +183,6 @@ def teacher_heads(num_classes: int, hparams: ml_collections.ConfigDict,
   return JointHead(num_classes, hparams.embed_dim, hparams.get("teacher_tap", "pooled"))
 
 
-@dataclasses.dataclass(frozen=True)
-class OnlineTeacherHead:
-  """A teacher head trained during the student stage, beside the student, by its own loss and
-  optimiser.
-
-  Per step, from one forward of the frozen teacher backbone and the head's current parameters:
-  the student's loss reads the head's outputs as constants, and the head takes one step of
-  `optimizer(hparams)` on `loss(teacher_out, None, labels, hparams)` with respect to its own
-  parameters only.
-
-  Attributes:
-    heads: factory `(num_classes, hparams) -> nn.Module`, called on the teacher's outputs.
-    loss: the head's loss, `loss(teacher_out, None, labels, hparams) -> (scalar, metrics)`.
-    optimizer: `(hparams) -> optax.GradientTransformation` of the head's own optimiser.
-  """
-  heads: Any
-  loss: Any
-  optimizer: Any
-
-
 def teacher_head_optimizer(hparams: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """torch.optim.SGD(lr, momentum, weight_decay) with a constant lr (the reference's TeacNet):
 
@@ -231,4 +210,5 @@ DEFAULTS = dict(
 )
 
 METHOD = Method(name="ega", loss=ega_loss, views="none", uses_teacher=True,
-                defaults=DEFAULTS, student_heads=student_heads)
+                defaults=DEFAULTS, student_heads=student_heads,
+                online_teacher_head=TEACHER_HEAD)

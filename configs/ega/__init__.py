@@ -1,0 +1,1 @@
+"""EGA recipes: one file per CLIP teacher of the reference (CIFAR-100), the student as argument."""

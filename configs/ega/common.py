@@ -1,0 +1,73 @@
+"""What every EGA recipe shares: the reference schedule and all EGA hyper-parameters.
+
+Reference (yccm/EGA `train_student.py`, `scripts/run_vit32.sh`, `scripts/ega_seq.sh`;
+reference/EGA.md), CIFAR-100, one stage after loading the teacher:
+  teacher      a CLIP image tower, frozen, never trained: its weights come from disk
+               (`--config.teacher.checkpoint`, a Hugging Face folder with config.json +
+               model.safetensors, or OpenAI's .pt file); nothing is downloaded. It sees its own
+               view of each image: crop (padding 4) → bicubic resize to 224 → flip → CLIP
+               statistics, drawn independently of the student's view.
+  student_ega  240 epochs, batch 64, SGD momentum 0.9, wd 5e-4, lr 0.05 (0.01 for ShuffleV1)
+               ×0.1 at 150/180/210; the student's 32-px crop + flip normalised with CLIP's
+               statistics (`dataset.normalization = 'clip'`), as the reference does.
+               Objective γ·CE + β·(0.8·L_node + 0.24·L_edge) + α·KD, γ = β = 1, α = 0 (edge
+               0.3 with RN101, the reference's `ega_seq.sh`); the teacher head trains beside
+               the student on CE alone with its own SGD (lr 0.01, momentum 0.9, wd 5e-4,
+               constant).
+The reference reports the student's best test top-1 through its head: `top1_best` in
+result.json (`eval/top1` per epoch).
+
+Arguments (comma-separated, after the colon of `--config <recipe>.py:`):
+  <student>  one of resnet8x4 (default), resnet32x4, vgg13, ResNet50, ShuffleV1;
+  runlocal   a few steps on the first examples, for a smoke run on a CPU (still needs the
+             CLIP weights).
+
+Evaluation as the paper adds it: `--config.linear_probe.dataset=cifar100` (or stl10, or
+tinyimagenet, prepared for tfds) trains a linear classifier on the frozen student's pooled
+features after distillation (stage `linear_probe`, `--config.linear_probe.num_epochs/lr`).
+"""
+
+import ml_collections
+
+from configs import default
+from jaxkd.methods import ega
+
+STUDENTS = ("resnet8x4", "resnet32x4", "vgg13", "ResNet50", "ShuffleV1")
+LOW_LR_STUDENTS = ("ShuffleV1",)   # lr 0.01 in the reference
+ARGS = STUDENTS + ("runlocal",)
+
+
+def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
+               ) -> ml_collections.ConfigDict:
+  """The CIFAR-100 EGA recipe for CLIP tower `teacher`, the student and `runlocal` from `arg`."""
+  tokens = [t for t in arg.split(",") if t]
+  for token in tokens:
+    if token not in ARGS:
+      raise ValueError(f"unknown config argument {token!r}; valid: {', '.join(ARGS)}")
+  students = [t for t in tokens if t in STUDENTS]
+  if len(students) > 1:
+    raise ValueError(f"one student per run, got {', '.join(students)}")
+  student = students[0] if students else "resnet8x4"
+
+  config = default.get_config()
+  config.dataset.name = "cifar100"
+  config.dataset.normalization = "clip"
+  config.teacher.name = teacher
+  config.teacher.checkpoint = ""        # the CLIP weights on disk: see the recipe's docstring
+  config.student.name = student
+
+  config.method = ml_collections.ConfigDict(dict(ega.DEFAULTS, name="ega"))
+  config.method.edge_weight = edge_weight
+  config.baselines = ""                 # e.g. "ce" adds the student trained alone
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.01 if student in LOW_LR_STUDENTS else 0.05, momentum=0.9,
+      nesterov=False, weight_decay=5e-4))
+  config.schedule = ml_collections.ConfigDict(dict(
+      name="multistep", milestones=(150, 180, 210), decay=0.1, warmup_epochs=0))
+  config.num_epochs = 240
+  # The graph terms are not normalised by the batch: keep the reference's 64.
+  config.batch_size = 64
+  if "runlocal" in tokens:
+    default.apply_arg(config, "runlocal")
+  return config
