@@ -23,7 +23,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import flax.linen as nn
@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 
@@ -56,6 +55,22 @@ STUDENT_FILE = "student.msgpack"
 BACKBONE_FILE = "backbone.msgpack"
 NO_CLASSIFIER_NOTE = ("no classifier is trained in this stage, so it has no top-1; its features "
                       "are judged by the stages that use them (e.g. linear_probe)")
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """bfloat16 with --config.half_precision (params, optimiser state and losses stay float32)."""
+  return jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
+
+
+def backbone_only(variables: Any) -> Any:
+  """The 'backbone' subtree of every collection: a network's variables without its heads."""
+  return {col: {"backbone": tree["backbone"]} for col, tree in variables.items()}
+
+
+def teacher_lr(config: ml_collections.ConfigDict) -> float:
+  """`teacher.lr`, or `optimizer.lr` where it is −1."""
+  lr = config.teacher.get("lr", -1.0)
+  return lr if lr > 0 else config.optimizer.lr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,8 +370,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
     return result
   os.makedirs(stage_dir, exist_ok=True)
 
-  dtype = jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
-  network = stage.network(info.num_classes, dtype)
+  network = stage.network(info.num_classes, compute_dtype(config))
   steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
   total_steps = stage.num_epochs * steps_per_epoch
   schedule = learning_rate_schedule(config, stage.base_lr, stage.num_epochs, steps_per_epoch,
@@ -365,8 +379,8 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   variables = init_variables(network, info.image_shape, config.seed, mesh)
   if stage.init_backbone is not None:
     # Copies: the train step donates the state, and the frozen teacher is used again later.
-    variables = {col: dict(tree, backbone=jax.tree.map(jnp.copy,
-                                                      stage.init_backbone[col]["backbone"]))
+    frozen_backbone = jax.tree.map(jnp.copy, backbone_only(stage.init_backbone))
+    variables = {col: dict(tree, backbone=frozen_backbone[col]["backbone"])
                  for col, tree in variables.items()}
     frozen = {"backbone": True, "heads": False}
   tx = make_optimizer(config, schedule, frozen)
@@ -587,15 +601,16 @@ class Teachers:
     elif config.teacher.get("pretrain", ""):
       path, result = self._pretrain(config.teacher.pretrain)
     else:
-      lr = config.teacher.get("lr", -1.0)
       ce = get_method("ce")
       stage = Stage(name="teacher", model_name=config.teacher.name, method_name=ce.name,
                     loss=ce.loss, hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
-                    base_lr=lr if lr > 0 else config.optimizer.lr)
+                    base_lr=teacher_lr(config))
       result = run_stage(stage, config, self.workdir, self.mesh, self.info,
                          export_file=TEACHER_FILE)
       path = result["export"]
-    network = build_network(config.teacher.name, self.info.num_classes)
+    # The frozen teacher computes in the run's precision too (most of a step's FLOPs on GPU/TPU).
+    network = build_network(config.teacher.name, self.info.num_classes,
+                            dtype=compute_dtype(config))
     teacher = load_teacher(network, path, self.info, self.mesh)
     if "top1_last" not in result:
       scores = evaluate(network, teacher.variables, config, self.mesh,
@@ -612,18 +627,16 @@ class Teachers:
     config = self.config
     method = get_method(method_name)
     hparams = method.hparams(config.get("method_overrides", {}).get(method_name))
-    lr = config.teacher.get("lr", -1.0)
     stage = Stage(name="pretrain", model_name=config.teacher.name, method_name=method.name,
                   loss=method.loss, hparams=hparams, num_epochs=config.teacher.num_epochs,
-                  base_lr=lr if lr > 0 else config.optimizer.lr, views=method.views,
+                  base_lr=teacher_lr(config), views=method.views,
                   heads=method.student_heads, scores_top1=False)
     result = run_stage(stage, config, self.workdir, self.mesh, self.info,
                        export_file=TEACHER_FILE)
     trained = load_teacher(stage.network(self.info.num_classes), result["export"], self.info,
                            self.mesh)
     path = os.path.join(os.path.dirname(result["export"]), BACKBONE_FILE)
-    checkpoint.export_variables(path, {col: {"backbone": tree["backbone"]}
-                                       for col, tree in trained.variables.items()})
+    checkpoint.export_variables(path, backbone_only(trained.variables))
     return path, result
 
   def for_method(self, method: Method, hparams: ml_collections.ConfigDict) -> Teacher:
@@ -645,7 +658,8 @@ class Teachers:
     result = run_stage(stage, config, self.workdir, self.mesh, self.info,
                        export_file=TEACHER_FILE)
     self.results.append(result)
-    network = build_network(config.teacher.name, self.info.num_classes, prep.heads, hparams)
+    network = build_network(config.teacher.name, self.info.num_classes, prep.heads, hparams,
+                            compute_dtype(config))
     teacher = load_teacher(network, result["export"], self.info, self.mesh)
     self._cache[method.name] = teacher
     return teacher
@@ -655,8 +669,7 @@ def load_clip_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   """The frozen CLIP tower `config.teacher.name` from `config.teacher.checkpoint` (a Hugging Face
   folder or an OpenAI .pt file); its checksum is that of the weight file."""
   path = os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint else ""
-  dtype = jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
-  tower, variables = clip_weights.load_clip(path, config.teacher.name, dtype)
+  tower, variables = clip_weights.load_clip(path, config.teacher.name, compute_dtype(config))
   weights = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
   size = tower.config.image_size
   return Teacher(network=Network(backbone=tower),
@@ -707,7 +720,7 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str, mesh: jax.
   features of the finished student's frozen backbone (inference mode), on
   `config.linear_probe.dataset`; its eval top-1 is the probe accuracy."""
   probe_config = linear_probe_config(config)
-  probe_info = data.pipeline.dataset_info(probe_config.dataset)
+  probe_info = data.get_dataset_info(probe_config.dataset)
   trained = load_teacher(student.network(info.num_classes), student_result["export"], info,
                          mesh)
   lp = config.linear_probe
@@ -717,8 +730,7 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str, mesh: jax.
                 hparams=ml_collections.ConfigDict(dict(tap="pooled")),
                 num_epochs=lp.num_epochs, base_lr=lp.lr, heads=linear_probe_heads,
                 milestones=tuple(lp.get("milestones", ())),
-                init_backbone={col: {"backbone": tree["backbone"]}
-                               for col, tree in trained.variables.items()},
+                init_backbone=backbone_only(trained.variables),
                 init_backbone_sha256=student_result["export_sha256"],
                 backbone_num_classes=info.num_classes)
   return run_stage(stage, probe_config, workdir, mesh, probe_info)
@@ -726,7 +738,7 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str, mesh: jax.
 
 def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data.DatasetInfo:
   """Every check that can fail on bad input, before any work is done."""
-  info = data.pipeline.dataset_info(config.dataset)
+  info = data.get_dataset_info(config.dataset)
   teacher_name = config.teacher.name
   clip_teacher = teacher_name in clip.CLIP_MODELS
   for name in (config.student.name,) if clip_teacher else (teacher_name, config.student.name):
@@ -757,7 +769,7 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
     if not checkpoint_path or not os.path.exists(checkpoint_path):
       raise clip_weights.missing_weights_error(teacher_name, checkpoint_path)
   if linear_probe_enabled(config):
-    probe_info = data.pipeline.dataset_info(linear_probe_config(config).dataset)
+    probe_info = data.get_dataset_info(linear_probe_config(config).dataset)
     if probe_info.image_shape[-1] != info.image_shape[-1]:
       raise UserError(
           f"linear_probe.dataset={probe_info.name!r} has {probe_info.image_shape[-1]} image "

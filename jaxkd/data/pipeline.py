@@ -19,7 +19,6 @@ experiments of SSKD/HSAKD), `label_noise` > 0 gives that fraction of the trainin
 uniformly random other class (symmetric label noise).
 """
 
-import dataclasses
 import math
 from typing import Iterator, Optional
 
@@ -34,10 +33,6 @@ from jaxkd.data import views as views_lib
 from jaxkd.data.sources import DatasetInfo
 from jaxkd.data.teacher_views import TeacherInput
 
-# dataset_config.normalization -> (mean, std) of the student's views; 'dataset': the dataset's.
-NORMALIZATIONS = {'dataset': None, 'clip': (teacher_views.CLIP_MEAN, teacher_views.CLIP_STD)}
-
-
 def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
   """Full global batches per epoch; the remainder of the train split is dropped each epoch."""
   return info.num_train // global_batch_size
@@ -46,22 +41,6 @@ def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
 def num_eval_steps(info: DatasetInfo, global_batch_size: int) -> int:
   """Batches in one eval pass; the last one is padded."""
   return math.ceil(info.num_eval / global_batch_size)
-
-
-def dataset_info(dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
-  """`sources.get_dataset_info` with the student's statistics of `normalization` applied."""
-  info = sources.get_dataset_info(dataset_config)
-  name = dataset_config.get('normalization', 'dataset') or 'dataset'
-  if name not in NORMALIZATIONS:
-    raise errors.unknown_name('normalization', name, NORMALIZATIONS)
-  if NORMALIZATIONS[name] is None:
-    return info
-  mean, std = NORMALIZATIONS[name]
-  if len(mean) != info.image_shape[-1]:
-    raise errors.UserError(
-        f'normalization {name!r} has {len(mean)}-channel statistics but dataset {info.name!r} '
-        f"has {info.image_shape[-1]} channel(s); use --config.dataset.normalization=dataset")
-  return dataclasses.replace(info, mean=mean, std=std)
 
 
 def _views_fn(views: str, info: DatasetInfo, teacher_input: Optional[TeacherInput],
@@ -85,16 +64,22 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _examples(dataset_config: ml_collections.ConfigDict, split: str, num_examples: int,
-              process_index: int, process_count: int) -> tf.data.Dataset:
-  """(index in split, image, label) of this process's shard of the first `num_examples`."""
+def _first_examples(dataset_config: ml_collections.ConfigDict, split: str,
+                    num_examples: int) -> tf.data.Dataset:
+  """The first `num_examples` (image, label) pairs of the split; an error if it has fewer."""
   ds = sources.load_split(dataset_config, split)
   available = int(ds.cardinality())
   if 0 <= available < num_examples:
     raise errors.UserError(
         f'dataset {dataset_config.name!r} split {split!r} has {available} examples but the '
         f'config asks for {num_examples}; lower num_train_examples / num_eval_examples')
-  ds = ds.take(num_examples).enumerate()
+  return ds.take(num_examples)
+
+
+def _examples(dataset_config: ml_collections.ConfigDict, split: str, num_examples: int,
+              process_index: int, process_count: int) -> tf.data.Dataset:
+  """(index in split, image, label) of this process's shard of the first `num_examples`."""
+  ds = _first_examples(dataset_config, split, num_examples).enumerate()
   return ds.shard(process_count, process_index)
 
 
@@ -137,15 +122,9 @@ def _altered_examples(dataset_config: ml_collections.ConfigDict, info: DatasetIn
   if not 0.0 <= noise < 1.0:
     raise errors.UserError(f'dataset.label_noise is {noise}; it must be in [0, 1) (0: clean)')
   split = dataset_config.get('train_split', 'train')
-  ds = sources.load_split(dataset_config, split)
   pool = dataset_config.get('num_train_examples', -1) or -1
-  if pool > 0:
-    available = int(ds.cardinality())
-    if 0 <= available < pool:
-      raise errors.UserError(
-          f'dataset {dataset_config.name!r} split {split!r} has {available} examples but the '
-          f'config asks for {pool}; lower num_train_examples')
-    ds = ds.take(pool)
+  ds = (_first_examples(dataset_config, split, pool) if pool > 0
+        else sources.load_split(dataset_config, split))
   labels = np.concatenate(list(
       ds.map(lambda image, label: label).batch(1 << 16).as_numpy_iterator()))
   keep = balanced_subset(labels, info.num_train, seed)
@@ -170,7 +149,7 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
   """The infinite training stream of this process as a tf.data.Dataset (see train_batches)."""
   sources.hide_accelerators()
   views_lib.check_views(views)
-  info = dataset_info(dataset_config)
+  info = sources.get_dataset_info(dataset_config)
   views_fn = _views_fn(views, info, teacher_input, train=True)
   batch = _local_batch_size(global_batch_size, process_count)
   steps = steps_per_epoch(info, global_batch_size)
@@ -226,7 +205,7 @@ def eval_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_b
   """One padded pass over this process's shard of the eval split (see eval_batches)."""
   sources.hide_accelerators()
   views_lib.check_views(views)
-  info = dataset_info(dataset_config)
+  info = sources.get_dataset_info(dataset_config)
   views_fn = _views_fn(views, info, teacher_input, train=False)
   batch = _local_batch_size(global_batch_size, process_count)
   ds = _examples(dataset_config, dataset_config.get('eval_split', 'test'), info.num_eval,

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from jaxkd import errors
 from jaxkd.data import digits
+from jaxkd.models.clip import CLIP_MEAN, CLIP_STD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,15 +200,35 @@ def get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetB
   return builder
 
 
+# dataset_config.normalization -> (mean, std) of the student's views; 'dataset': the dataset's.
+NORMALIZATIONS = {'dataset': None, 'clip': (CLIP_MEAN, CLIP_STD)}
+
+
+def _normalization(info: DatasetInfo, dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
+  """`info` with the statistics of `dataset_config.normalization` ('dataset' keeps its own)."""
+  name = dataset_config.get('normalization', 'dataset') or 'dataset'
+  if name not in NORMALIZATIONS:
+    raise errors.unknown_name('normalization', name, NORMALIZATIONS)
+  if NORMALIZATIONS[name] is None:
+    return info
+  mean, std = NORMALIZATIONS[name]
+  if len(mean) != info.image_shape[-1]:
+    raise errors.UserError(
+        f'normalization {name!r} has {len(mean)}-channel statistics but dataset {info.name!r} '
+        f"has {info.image_shape[-1]} channel(s); use --config.dataset.normalization=dataset")
+  return dataclasses.replace(info, mean=mean, std=std)
+
+
 def get_dataset_info(dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
   """The registry entry of `dataset_config.name` with the split sizes filled in.
 
   `num_train_examples` / `num_eval_examples` win when > 0 (the pipeline then uses the first that
   many examples of the split); otherwise the counts come from the prepared dataset's metadata.
   `train_fraction` < 1 keeps int(fraction · count) of those training examples (the pipeline picks
-  a class-balanced subset of that size).
+  a class-balanced subset of that size). `normalization` = 'clip' replaces the dataset's mean/std
+  by CLIP's (the reference normalises EGA's students so).
   """
-  info = _registry_entry(dataset_config.name)
+  info = _normalization(_registry_entry(dataset_config.name), dataset_config)
   num_train = dataset_config.get('num_train_examples', -1) or -1
   num_eval = dataset_config.get('num_eval_examples', -1) or -1
   if num_train <= 0 or num_eval <= 0:

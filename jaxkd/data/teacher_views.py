@@ -24,10 +24,9 @@ import tensorflow as tf
 from jaxkd import errors
 from jaxkd.data import views
 from jaxkd.data.sources import DatasetInfo
+from jaxkd.models.clip import CLIP_MEAN, CLIP_STD  # noqa: F401 (re-exported)
 
 # CLIP's preprocessing statistics (also jaxkd.models.clip.CLIP_MEAN / CLIP_STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _ALG = 'philox'
 STUDENT_NORMALIZATIONS = ('dataset', 'teacher')
