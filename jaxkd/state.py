@@ -35,19 +35,25 @@ class Network(nn.Module):
   variables live under 'backbone', so a reference checkpoint maps onto them unchanged.
   With `frozen_backbone` the backbone always runs in inference mode and passes no gradient, as
   when only a method's heads are trained on a finished teacher.
+  A method's `bridge` (variables under 'bridge') runs after the heads when the training step
+  passes the teacher's outputs and the batch, and at initialisation to create its variables.
   """
   backbone: nn.Module
   heads: Optional[nn.Module] = None
   frozen_backbone: bool = False
+  bridge: Optional[nn.Module] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, Any]:
+  def __call__(self, x: jax.Array, train: bool = False, teacher_out: Optional[Any] = None,
+               batch: Optional[Any] = None) -> dict[str, Any]:
     logits, feats = self.backbone(x, train=train and not self.frozen_backbone)
     if self.frozen_backbone:
       logits, feats = jax.lax.stop_gradient((logits, feats))
     out = {"logits": logits, "feats": feats}
     if self.heads is not None:
       out.update(self.heads(out, train=train))
+    if self.bridge is not None and (teacher_out is not None or self.is_initializing()):
+      out.update(self.bridge(out, teacher_out, batch, train=train))
     return out
 
 

@@ -44,7 +44,8 @@ from jaxkd.models import clip
 from jaxkd.models import layers
 from jaxkd.errors import UserError
 from jaxkd.methods import Method, get_method
-from jaxkd.methods.base import EvalMetricsFn, HeadsFactory, LossFn, OnlineTeacherHead
+from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
+                                OnlineTeacherHead)
 from jaxkd.methods.losses import topk_correct
 from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.state import Network, TrainState, variables_of
@@ -65,6 +66,12 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 def backbone_only(variables: Any) -> Any:
   """The 'backbone' subtree of every collection: a network's variables without its heads."""
   return {col: {"backbone": tree["backbone"]} for col, tree in variables.items()}
+
+
+def without_bridge(variables: Any) -> Any:
+  """A network's variables without a method's bridge (what is exported as the network)."""
+  return {col: {k: v for k, v in tree.items() if k != "bridge"}
+          for col, tree in variables.items()}
 
 
 def teacher_lr(config: ml_collections.ConfigDict) -> float:
@@ -99,6 +106,8 @@ class Stage:
   stage's dataset (a linear probe on another dataset keeps the student's backbone as it is).
   `scores_top1`: False for a stage that trains no classifier (self-supervised pretraining): the
   top-1 of its network would mean nothing, so it is not evaluated and its result says so.
+  `bridge`, `num_negatives`: a method's bridge factory and negatives per example (Method.bridge,
+  Method.negatives).
   """
   name: str
   model_name: str
@@ -118,11 +127,16 @@ class Stage:
   online_teacher_head: Optional[OnlineTeacherHead] = None
   backbone_num_classes: Optional[int] = None
   scores_top1: bool = True
+  bridge: Optional[BridgeFactory] = None
+  num_negatives: int = 0
 
-  def network(self, num_classes: int, dtype: Any = jnp.float32) -> Network:
+  def network(self, num_classes: int, dtype: Any = jnp.float32,
+              num_train: Optional[int] = None) -> Network:
+    """The stage's network; the method's bridge too when `num_train` (training) is given."""
     network = build_network(self.model_name, num_classes, self.heads, self.hparams, dtype,
                             self.backbone_num_classes)
-    return network.clone(frozen_backbone=self.init_backbone is not None)
+    bridge = self.bridge(num_train, self.hparams) if self.bridge and num_train else None
+    return network.clone(frozen_backbone=self.init_backbone is not None, bridge=bridge)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +204,8 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
 
   def loss_fn(params):
     out, updates = network.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                 train=True, mutable=["batch_stats"])
+                                 train=True, teacher_out=teacher_out, batch=batch,
+                                 mutable=["batch_stats"])
     value, metrics = loss(out, teacher_out, batch["label"], hparams)
     return value, (metrics, updates["batch_stats"])
 
@@ -370,7 +385,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
     return result
   os.makedirs(stage_dir, exist_ok=True)
 
-  network = stage.network(info.num_classes, compute_dtype(config))
+  network = stage.network(info.num_classes, compute_dtype(config), info.num_train)
   steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
   total_steps = stage.num_epochs * steps_per_epoch
   schedule = learning_rate_schedule(config, stage.base_lr, stage.num_epochs, steps_per_epoch,
@@ -382,7 +397,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
     frozen_backbone = jax.tree.map(jnp.copy, backbone_only(stage.init_backbone))
     variables = {col: dict(tree, backbone=frozen_backbone[col]["backbone"])
                  for col, tree in variables.items()}
-    frozen = {"backbone": True, "heads": False}
+    frozen = {name: name == "backbone" for name in variables["params"]}
   tx = make_optimizer(config, schedule, frozen)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -436,7 +451,8 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
                                seed=config.seed, start_step=start_step,
                                process_index=jax.process_index(),
                                process_count=jax.process_count(),
-                               teacher_input=teacher.input if teacher else None)
+                               teacher_input=teacher.input if teacher else None,
+                               num_negatives=stage.num_negatives)
   pending: list[dict[str, jax.Array]] = []
   eval_every = max(config.eval_every_epochs, 1)
   for step in range(start_step + 1, total_steps + 1):
@@ -463,7 +479,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
         # Written before the checkpoint that records it, so a resumed run never loses it.
         record["selected_score"], record["selected_step"] = selected, step
         checkpoint.export_variables(os.path.join(stage_dir, "best_" + export_file),
-                                    variables_of(state))
+                                    without_bridge(variables_of(state)))
       writer.write_scalars(step, {**{f"eval/{k}": v for k, v in scores.items()},
                                   "eval/top1_best": record["best_top1"]})
       print(f"[{stage.name}] epoch {epoch} eval top-1 {scores['top1']:.2f} "
@@ -488,7 +504,8 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
     result["teacher_path"] = stage.teacher.path
   if export_file is not None:
     result["export"] = os.path.join(stage_dir, export_file)
-    result["export_sha256"] = checkpoint.export_variables(result["export"], variables_of(state))
+    result["export_sha256"] = checkpoint.export_variables(result["export"],
+                                                          without_bridge(variables_of(state)))
     if "selected_step" in record:
       result["export"] = os.path.join(stage_dir, "best_" + export_file)
       result["export_sha256"] = checkpoint.file_sha256(result["export"])
@@ -736,6 +753,15 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str, mesh: jax.
   return run_stage(stage, probe_config, workdir, mesh, probe_info)
 
 
+def method_hparams(config: ml_collections.ConfigDict, method: Method
+                   ) -> ml_collections.ConfigDict:
+  """A student method's hyper-parameters: its defaults, then `config.method` for the main
+  method or `config.method_overrides.<name>` for a baseline."""
+  overrides = (config.method if method.name == config.method.name
+               else config.get("method_overrides", {}).get(method.name))
+  return method.hparams(overrides)
+
+
 def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data.DatasetInfo:
   """Every check that can fail on bad input, before any work is done."""
   info = data.get_dataset_info(config.dataset)
@@ -745,6 +771,10 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
     models.get_model(name, info.num_classes)
   for name in student_methods(config) + list(config.get("method_overrides", {}).keys()):
     get_method(name)
+  for name in student_methods(config):
+    method = get_method(name)
+    if method.check_hparams is not None:
+      method.check_hparams(method_hparams(config, method))
   pretrain = config.teacher.get("pretrain", "")
   if pretrain:
     if clip_teacher:
@@ -795,15 +825,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   main = None
   for name in student_methods(config):
     method = get_method(name)
-    hparams = method.hparams(config.method if name == config.method.name
-                             else config.get("method_overrides", {}).get(name))
+    hparams = method_hparams(config, method)
     stage = Stage(name=f"student_{name}", model_name=config.student.name, method_name=name,
                   loss=method.loss, hparams=hparams, num_epochs=config.num_epochs,
                   base_lr=config.optimizer.lr, views=method.views, heads=method.student_heads,
                   teacher=teachers.for_method(method, hparams) if method.uses_teacher else None,
                   eval_metrics=method.eval_metrics,
                   online_teacher_head=method.online_teacher_head if method.uses_teacher
-                  else None)
+                  else None, bridge=method.bridge,
+                  num_negatives=method.negatives(hparams) if method.negatives else 0)
     # The main student is exported, for the stages that read it (linear_probe).
     result = run_stage(stage, config, workdir, mesh, info,
                        export_file=STUDENT_FILE if name == config.method.name else None)

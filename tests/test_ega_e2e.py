@@ -22,6 +22,7 @@ from jaxkd import train
 from jaxkd.errors import UserError
 from jaxkd.interop import clip_weights
 from jaxkd.methods import ega
+from jaxkd.methods import get_method
 from jaxkd.methods import simclr
 from jaxkd.methods.losses import cross_entropy
 from jaxkd.models import clip
@@ -181,6 +182,41 @@ def test_resumed_student_ends_with_the_same_teacher_head(ega_run, tmp_path, caps
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_crd_comparison_trains_its_memory_and_exports_the_student_alone(ega_run, tmp_path):
+  """Method ega_crd on the pretrained teacher: the batches bring indices and negatives, the
+  memory banks and normalisation constants live in the student's state and move, the exported
+  student leaves them out, and the linear probe reads it."""
+  config, ref_workdir, _ = ega_run
+  crd_config = ega_config(config.dataset.data_dir, **{
+      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", train.BACKBONE_FILE),
+      "method.name": "ega_crd", "method.distill": "crd", "method.nce_k": 8,
+      "method.crd_feat_dim": 16, "linear_probe.num_epochs": 1})
+  workdir = str(tmp_path / "crd")
+  results = train.train_and_evaluate(crd_config, workdir)
+  assert [r["stage"] for r in results] == ["teacher", "student_ega_crd", "linear_probe"]
+  student = results[1]
+  assert 0.0 <= student["top1_last"] <= 100.0
+  states = _checkpoint_states(workdir, "student_ega_crd")
+  bridge = states[max(states)]["batch_stats"]["bridge"]
+  assert bridge["memory_s"].shape == bridge["memory_t"].shape == (32, 16)
+  assert float(bridge["z_s"]) > 0 and float(bridge["z_t"]) > 0
+  # One epoch visits every example once: every row of both banks is a moved unit vector.
+  for bank in (bridge["memory_s"], bridge["memory_t"]):
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
+  assert set(states[max(states)]["params"]["bridge"]) == {"embed_s", "embed_t"}
+  exported = checkpoint.import_variables(student["export"], jax.eval_shape(
+      lambda: train.build_network("resnet8", 10, ega.student_heads, ega.METHOD.hparams()).init(
+          jax.random.key(0), jnp.zeros((1, 8, 8, 1)))))
+  assert "bridge" not in exported["params"] and "bridge" not in exported["batch_stats"]
+
+
+def test_ega_variant_with_another_distill_is_refused(tmp_path):
+  with pytest.raises(UserError, match="method 'ega_rkd' distils with 'rkd' but method.distill "
+                                      "is 'ega'"):
+    train.train_and_evaluate(ega_config(str(tmp_path / "tfds"), **{"method.name": "ega_rkd"}),
+                             str(tmp_path / "w"))
+
+
 # ---------------------------------------------------------------------- a CLIP teacher
 
 
@@ -285,5 +321,15 @@ def test_one_recipe_per_clip_teacher_with_the_reference_schedule():
       models.get_model(student, 100)
   _, small = _recipe("clip_vit_b32", "vgg13,runlocal")
   assert small.student.name == "vgg13" and small.num_epochs == 2
+  # The comparison methods of the reference, on the same joint embeddings.
+  _, rkd = _recipe("clip_vit_b32", "rkd")
+  assert (rkd.method.name, rkd.method.distill) == ("ega_rkd", "rkd")
+  _, compare = _recipe("clip_rn101", "vgg13,compare")
+  assert compare.method.name == "ega" and compare.method.edge_weight == 0.3
+  assert compare.baselines == "ega_kd,ega_hint,ega_rkd,ega_pkt,ega_crd"
+  for name in compare.baselines.split(","):
+    assert get_method(name).hparams().distill == name[len("ega_"):]
+  with pytest.raises(ValueError, match="one distillation term per run"):
+    _recipe("clip_vit_b32", "rkd,pkt")
   with pytest.raises(ValueError, match="unknown config argument 'nope'"):
     _recipe("clip_vit_b32", "nope")

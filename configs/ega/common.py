@@ -19,6 +19,11 @@ result.json (`eval/top1` per epoch).
 
 Arguments (comma-separated, after the colon of `--config <recipe>.py:`):
   <student>  one of resnet8x4 (default), resnet32x4, vgg13, ResNet50, ShuffleV1;
+  <distill>  the term β weighs, on the same joint embeddings: ega (default), or the reference's
+             comparison methods kd (α = 1 instead), hint, rkd, pkt, crd, nce, ccl; the method
+             is then `ega_<distill>` (stage student_ega_<distill>);
+  compare    after the method, the comparison rows kd, hint, rkd, pkt and crd as baselines
+             (one student stage each, same teacher, same schedule);
   runlocal   a few steps on the first examples, for a smoke run on a CPU (still needs the
              CLIP weights).
 
@@ -31,10 +36,12 @@ import ml_collections
 
 from configs import default
 from jaxkd.methods import ega
+from jaxkd.methods import get_method
 
 STUDENTS = ("resnet8x4", "resnet32x4", "vgg13", "ResNet50", "ShuffleV1")
 LOW_LR_STUDENTS = ("ShuffleV1",)   # lr 0.01 in the reference
-ARGS = STUDENTS + ("runlocal",)
+COMPARISON = ("kd", "hint", "rkd", "pkt", "crd")   # the reference's comparison rows
+ARGS = STUDENTS + ega.DISTILL_NAMES + ("compare", "runlocal")
 
 
 def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
@@ -45,9 +52,12 @@ def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
     if token not in ARGS:
       raise ValueError(f"unknown config argument {token!r}; valid: {', '.join(ARGS)}")
   students = [t for t in tokens if t in STUDENTS]
-  if len(students) > 1:
-    raise ValueError(f"one student per run, got {', '.join(students)}")
+  distills = [t for t in tokens if t in ega.DISTILL_NAMES]
+  for kind, chosen in (("student", students), ("distillation term", distills)):
+    if len(chosen) > 1:
+      raise ValueError(f"one {kind} per run, got {', '.join(chosen)}")
   student = students[0] if students else "resnet8x4"
+  distill = distills[0] if distills else "ega"
 
   config = default.get_config()
   config.dataset.name = "cifar100"
@@ -56,9 +66,12 @@ def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
   config.teacher.checkpoint = ""        # the CLIP weights on disk: see the recipe's docstring
   config.student.name = student
 
-  config.method = ml_collections.ConfigDict(dict(ega.DEFAULTS, name="ega"))
+  name = "ega" if distill == "ega" else f"ega_{distill}"
+  config.method = ml_collections.ConfigDict(dict(get_method(name).defaults, name=name))
   config.method.edge_weight = edge_weight
-  config.baselines = ""                 # e.g. "ce" adds the student trained alone
+  # e.g. "ce" adds the student trained alone
+  config.baselines = (",".join(f"ega_{d}" for d in COMPARISON if d != distill)
+                      if "compare" in tokens else "")
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.01 if student in LOW_LR_STUDENTS else 0.05, momentum=0.9,

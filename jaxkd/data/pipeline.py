@@ -27,11 +27,16 @@ import numpy as np
 import tensorflow as tf
 
 from jaxkd import errors
+from jaxkd.data import negatives
 from jaxkd.data import sources
 from jaxkd.data import teacher_views
 from jaxkd.data import views as views_lib
 from jaxkd.data.sources import DatasetInfo
 from jaxkd.data.teacher_views import TeacherInput
+
+# Folded into an example's key for its negatives, apart from the keys of its views.
+NEGATIVES_STREAM = 1 << 20
+
 
 def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
   """Full global batches per epoch; the remainder of the train split is dropped each epoch."""
@@ -112,26 +117,56 @@ def symmetric_label_noise(labels: np.ndarray, rate: float, num_classes: int,
   return noisy
 
 
+def _is_altered(dataset_config: ml_collections.ConfigDict) -> bool:
+  return (dataset_config.get('train_fraction', 1.0) < 1.0
+          or dataset_config.get('label_noise', 0.0) != 0.0)
+
+
+def _labels(ds: tf.data.Dataset) -> np.ndarray:
+  return np.concatenate(list(
+      ds.map(lambda image, label: label).batch(1 << 16).as_numpy_iterator()))
+
+
+def _train_pool(dataset_config: ml_collections.ConfigDict) -> tf.data.Dataset:
+  """The examples the training set is chosen from (all of the split, or its first
+  num_train_examples)."""
+  split = dataset_config.get('train_split', 'train')
+  pool = dataset_config.get('num_train_examples', -1) or -1
+  return (_first_examples(dataset_config, split, pool) if pool > 0
+          else sources.load_split(dataset_config, split))
+
+
+def training_set(dataset_config: ml_collections.ConfigDict, info: DatasetInfo, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(index in the split, label) of every training example, ascending by index.
+
+  After `train_fraction` and `label_noise` (see above), which need every label of the split.
+  """
+  if not _is_altered(dataset_config):
+    split = dataset_config.get('train_split', 'train')
+    labels = _labels(_first_examples(dataset_config, split, info.num_train))
+    return np.arange(len(labels)), labels
+  noise = dataset_config.get('label_noise', 0.0)
+  if not 0.0 <= noise < 1.0:
+    raise errors.UserError(f'dataset.label_noise is {noise}; it must be in [0, 1) (0: clean)')
+  labels = _labels(_train_pool(dataset_config))
+  keep = balanced_subset(labels, info.num_train, seed)
+  return keep, symmetric_label_noise(labels[keep], noise, info.num_classes, seed)
+
+
 def _altered_examples(dataset_config: ml_collections.ConfigDict, info: DatasetInfo, seed: int,
                       process_index: int, process_count: int) -> tf.data.Dataset:
   """`_examples` of the train split after `train_fraction` and `label_noise` (see above).
 
-  Needs every label of the split first; the index of an example stays its index in the split.
+  The index of an example stays its index in the split.
   """
-  noise = dataset_config.get('label_noise', 0.0)
-  if not 0.0 <= noise < 1.0:
-    raise errors.UserError(f'dataset.label_noise is {noise}; it must be in [0, 1) (0: clean)')
-  split = dataset_config.get('train_split', 'train')
-  pool = dataset_config.get('num_train_examples', -1) or -1
-  ds = (_first_examples(dataset_config, split, pool) if pool > 0
-        else sources.load_split(dataset_config, split))
-  labels = np.concatenate(list(
-      ds.map(lambda image, label: label).batch(1 << 16).as_numpy_iterator()))
-  keep = balanced_subset(labels, info.num_train, seed)
-  labels[keep] = symmetric_label_noise(labels[keep], noise, info.num_classes, seed)
+  keep, kept_labels = training_set(dataset_config, info, seed)
+  ds = _train_pool(dataset_config)
+  labels = np.zeros(int(keep[-1]) + 1, np.int32)
+  labels[keep] = kept_labels
   kept = tf.constant(np.isin(np.arange(len(labels)), keep))
   new_labels = tf.constant(labels, tf.int32)
-  ds = ds.enumerate().filter(lambda index, example: tf.gather(kept, index))
+  ds = ds.take(len(labels)).enumerate().filter(lambda index, example: tf.gather(kept, index))
   ds = ds.map(lambda index, example: (index, (example[0], tf.gather(new_labels, index))))
   return ds.shard(process_count, process_index)
 
@@ -144,8 +179,8 @@ def _options() -> tf.data.Options:
 
 def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1,
-                  teacher_input: Optional[TeacherInput] = None) -> tf.data.Dataset:
+                  process_count: int = 1, teacher_input: Optional[TeacherInput] = None,
+                  num_negatives: int = 0) -> tf.data.Dataset:
   """The infinite training stream of this process as a tf.data.Dataset (see train_batches)."""
   sources.hide_accelerators()
   views_lib.check_views(views)
@@ -159,8 +194,7 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
     raise errors.UserError(
         f'global batch size {global_batch_size} is larger than the {info.num_train} training '
         f'examples of dataset {info.name!r}')
-  if (dataset_config.get('train_fraction', 1.0) < 1.0
-      or dataset_config.get('label_noise', 0.0) != 0.0):
+  if _is_altered(dataset_config):
     shard = _altered_examples(dataset_config, info, seed, process_index, process_count)
   else:
     shard = _examples(dataset_config, dataset_config.get('train_split', 'train'), info.num_train,
@@ -169,6 +203,11 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
   indices, (images, labels) = shard.batch(info.num_train).get_single_element()
   max_index = tf.cast(tf.shape(indices)[0] - 1, tf.int64)
   per_epoch = steps * batch  # Never more than the shard size, on every process.
+  sampler, position_in_set = None, None
+  if num_negatives > 0:
+    split_indices, set_labels = training_set(dataset_config, info, seed)
+    sampler = negatives.OtherClassSampler(set_labels, num_negatives)
+    position_in_set = tf.searchsorted(tf.constant(split_indices, tf.int64), indices)
 
   def element(position):
     epoch = position // per_epoch
@@ -176,7 +215,13 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
     shuffle_key = views_lib.example_key(seed, epoch, -1)
     j = tf.random.experimental.index_shuffle(position % per_epoch, shuffle_key, max_index)
     key = views_lib.example_key(seed, epoch, indices[j])
-    return dict(views_fn(images[j], key), label=labels[j])
+    example = dict(views_fn(images[j], key), label=labels[j])
+    if sampler is not None:
+      index = position_in_set[j]
+      example['index'] = tf.cast(index, tf.int32)
+      example['contrast_index'] = sampler(
+          index, labels[j], tf.random.experimental.stateless_fold_in(key, NEGATIVES_STREAM))
+    return example
 
   ds = tf.data.Dataset.counter(start=start_step * batch, dtype=tf.int64)
   ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
@@ -186,17 +231,20 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
 
 def train_batches(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, teacher_input: Optional[TeacherInput] = None
-                  ) -> Iterator[dict[str, np.ndarray]]:
+                  process_count: int = 1, teacher_input: Optional[TeacherInput] = None,
+                  num_negatives: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Infinite host-local training batches, starting at global step `start_step`.
 
   Yields {'image': float32 [b, H, W, C] (views 'none') or [b, V, H, W, C], 'label': int32 [b]}
   with b = global_batch_size // process_count; process i reads shard i of process_count.
-  With `teacher_input`, also 'teacher_image' [b, S, S, C_t] (views 'none' only).
+  With `teacher_input`, also 'teacher_image' [b, S, S, C_t] (views 'none' only). With
+  `num_negatives` K > 0, also 'index' int32 [b] (the example's position in the training set)
+  and 'contrast_index' int32 [b, K + 1] (see jaxkd.data.negatives).
   Batch s is the same whether the iterator started at 0 or at `start_step` <= s.
   """
   return train_dataset(dataset_config, views, global_batch_size, seed, start_step,
-                       process_index, process_count, teacher_input).as_numpy_iterator()
+                       process_index, process_count, teacher_input,
+                       num_negatives).as_numpy_iterator()
 
 
 def eval_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_batch_size: int,

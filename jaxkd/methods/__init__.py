@@ -1,4 +1,5 @@
-"""Registry of distillation methods: one module per method, each exporting `METHOD`."""
+"""Registry of distillation methods: one module per method, each exporting `METHOD` (or, for a
+method with variants registered under several names, `METHODS`: name -> Method)."""
 
 import importlib
 import importlib.util
@@ -15,6 +16,14 @@ _MODULES = {
     "hsakd": "hsakd",
     "hsakd_star": "hsakd_star",
     "ega": "ega",
+    # EGA's comparison methods on the same joint embeddings (jaxkd.methods.ega).
+    "ega_kd": "ega",
+    "ega_hint": "ega",
+    "ega_rkd": "ega",
+    "ega_pkt": "ega",
+    "ega_nce": "ega",
+    "ega_ccl": "ega",
+    "ega_crd": "ega",
     "simclr": "simclr",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
@@ -24,7 +33,8 @@ METHOD_NAMES = tuple(n for n in _MODULES
 def get_method(name: str) -> Method:
   if name not in _MODULES or importlib.util.find_spec(f"jaxkd.methods.{_MODULES[name]}") is None:
     raise unknown_name("method", name, METHOD_NAMES)
-  return importlib.import_module(f"jaxkd.methods.{_MODULES[name]}").METHOD
+  module = importlib.import_module(f"jaxkd.methods.{_MODULES[name]}")
+  return module.METHODS[name] if hasattr(module, "METHODS") else module.METHOD
 
 
 __all__ = ["Method", "METHOD_NAMES", "get_method", "distill_kl"]

@@ -28,6 +28,8 @@ HeadsFactory = Callable[[int, ml_collections.ConfigDict, Any], Any]
 # averages the scores of the real rows over the eval split and logs them as `eval/<name>`.
 EvalMetricsFn = Callable[[Outputs, jax.Array, ml_collections.ConfigDict, jax.Array],
                          dict[str, jax.Array]]
+# bridge(num_train_examples, hparams) -> nn.Module or None; see Method.bridge.
+BridgeFactory = Callable[[int, ml_collections.ConfigDict], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,17 @@ class Method:
     online_teacher_head: optional head on the frozen teacher, trained in the student stage by
       its own loss and optimiser (see OnlineTeacherHead); the teacher then needs no classifier,
       so a CLIP tower or a self-supervised backbone can teach.
+    bridge: optional factory `(num_train_examples, hparams) -> nn.Module or None` of a module
+      trained with the student that reads both sides: called in training steps as
+      `bridge(student_out, teacher_out, batch, train=True)` after the student's heads, its
+      outputs merged into the student outputs; its 'batch_stats' collection is state that the
+      step updates (CRD's embeddings and memory banks: the RepDistiller criteria with
+      parameters). Not called in evaluation.
+    negatives: optional `(hparams) -> K`; K > 0 makes every training batch also hold 'index'
+      [B] (the example's position in the training set) and 'contrast_index' [B, K + 1] (it,
+      then K training examples of other classes; CRD's 'exact' sampling).
+    check_hparams: optional `(hparams) -> None` raising a UserError on a bad value, called
+      before any work is done.
   """
   name: str
   loss: LossFn
@@ -109,6 +122,9 @@ class Method:
   teacher: Optional[TeacherPreparation] = None
   eval_metrics: Optional[EvalMetricsFn] = None
   online_teacher_head: Optional[OnlineTeacherHead] = None
+  bridge: Optional[BridgeFactory] = None
+  negatives: Optional[Callable[[ml_collections.ConfigDict], int]] = None
+  check_hparams: Optional[Callable[[ml_collections.ConfigDict], None]] = None
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None
               ) -> ml_collections.ConfigDict:

@@ -19,12 +19,17 @@ Every input of the student objective that comes from the teacher side (ft, logit
 for the student: the reference zeroes the EGA gradient that reaches `ft` before the teacher
 head's step, which is what `stop_gradient` says here.
 
+The reference's comparison methods replace the graph term by another term on the same joint
+embeddings (`hparams.distill`, see `embedding_term`); each is also registered as `ega_<name>`.
+
 Both heads read the backbone's `feats['pooled']` tap: the pooled feature of a zoo network, and
 the image embedding of a CLIP tower (jaxkd.models.clip returns it under that name too). The
 student head's logits replace the backbone's as the network's 'logits', so evaluation reports
 the student's top-1 through its head, as the reference does.
 """
 
+import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -33,6 +38,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxkd.errors import UserError, unknown_name
+from jaxkd.methods import crd
+from jaxkd.methods import embedding_losses
 from jaxkd.methods.base import Method, OnlineTeacherHead, Outputs
 from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
 from jaxkd.models import layers
@@ -106,30 +114,82 @@ def ega_objective(fs: jax.Array, logit_s: jax.Array, ft: jax.Array, logit_t: jax
   fs, ft: [B, D] student / teacher joint embeddings; logit_s, logit_t: [B, N]; labels: [B].
   The teacher side (ft, logit_t) carries no gradient. Returns (L, metrics) with every term.
   """
-  ft = jax.lax.stop_gradient(ft)
-  logit_t = jax.lax.stop_gradient(logit_t)
-  loss_node, loss_edge, _ = ega_terms(ft, fs, eps)
-  loss_ega = node_weight * loss_node + edge_weight * loss_edge
-  loss_ce = cross_entropy(logit_s, labels)
-  loss_kd = distill_kl(logit_s, logit_t, T)
-  loss = gamma * loss_ce + beta * loss_ega + alpha * loss_kd
-  return loss, {"loss": loss, "loss_ce": loss_ce, "loss_ega": loss_ega,
-                "loss_node": loss_node, "loss_edge": loss_edge, "loss_kd": loss_kd,
-                "top1": topk_correct(logit_s, labels, 1).mean()}
+  hparams = ml_collections.ConfigDict(dict(
+      distill="ega", node_weight=node_weight, edge_weight=edge_weight, gamma=gamma, beta=beta,
+      alpha=alpha, T=T, pcc_eps=eps))
+  return ega_loss({"embedding": fs, "logits": logit_s}, {"embedding": ft, "logits": logit_t},
+                  labels, hparams)
+
+
+# The comparison methods of the reference, on the same joint embeddings: the term β weighs.
+# 'kd' adds nothing there (its KD is the α term: set method.alpha); 'crd' reads the scores of
+# the ContrastMemory bridge (jaxkd.methods.crd).
+DISTILL_NAMES = ("ega", "kd", "hint", "rkd", "pkt", "nce", "ccl", "crd")
+
+
+def embedding_term(student_out: Outputs, teacher_out: Outputs, labels: jax.Array,
+                   hparams: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L_distill(fs, ft) of `hparams.distill` (one of DISTILL_NAMES) and its own metrics.
+
+  ega: w_node · L_node + w_edge · L_edge (`ega_terms`); hint, rkd, pkt, nce, ccl: the functions
+  of jaxkd.methods.embedding_losses; crd: the bridge's `loss_crd`; kd: 0.
+  """
+  fs, ft = student_out["embedding"], jax.lax.stop_gradient(teacher_out["embedding"])
+  distill = hparams.distill
+  if distill == "ega":
+    loss_node, loss_edge, _ = ega_terms(ft, fs, hparams.get("pcc_eps", PCC_EPS))
+    return (hparams.node_weight * loss_node + hparams.edge_weight * loss_edge,
+            {"loss_node": loss_node, "loss_edge": loss_edge})
+  if distill == "kd":
+    return jnp.zeros((), jnp.float32), {}
+  if distill == "hint":
+    return embedding_losses.hint_loss(fs, ft), {}
+  if distill == "rkd":
+    return embedding_losses.rkd_loss(fs, ft), {}
+  if distill == "pkt":
+    return embedding_losses.pkt_loss(fs, ft), {}
+  if distill == "nce":
+    return embedding_losses.class_nce_loss(fs, ft, labels, hparams.nce_temperature), {}
+  if distill == "ccl":
+    return embedding_losses.ccl_loss(fs, ft, labels, student_out["logits"],
+                                     teacher_out["logits"]), {}
+  if distill == "crd":
+    return student_out["loss_crd"], {}
+  raise unknown_name("method.distill", distill, DISTILL_NAMES)
 
 
 def ega_loss(student_out: Outputs, teacher_out: Outputs, labels: jax.Array,
              hparams: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The `Method` loss: `ega_objective` on the heads' outputs.
+  """The `Method` loss on the heads' outputs:
 
-  student_out: {'logits': logit_s, 'embedding': fs, ...} (StudentHead);
+  L = γ · CE(logit_s, y) + β · L_distill(fs, ft) + α · KD(logit_s, logit_t; T)
+
+  with L_distill of `hparams.distill` (`embedding_term`); for 'ega' this is `ega_objective`.
+  student_out: {'logits': logit_s, 'embedding': fs, ...} (StudentHead, and the CRD bridge);
   teacher_out: {'logits': logit_t, 'embedding': ft, ...} (TeacherHead, current parameters).
   """
-  return ega_objective(
-      student_out["embedding"], student_out["logits"], teacher_out["embedding"],
-      teacher_out["logits"], labels, node_weight=hparams.node_weight,
-      edge_weight=hparams.edge_weight, gamma=hparams.gamma, beta=hparams.beta,
-      alpha=hparams.alpha, T=hparams.T, eps=hparams.get("pcc_eps", PCC_EPS))
+  logit_s = student_out["logits"]
+  logit_t = jax.lax.stop_gradient(teacher_out["logits"])
+  loss_distill, metrics = embedding_term(student_out, teacher_out, labels, hparams)
+  loss_ce = cross_entropy(logit_s, labels)
+  loss_kd = distill_kl(logit_s, logit_t, hparams.T)
+  loss = hparams.gamma * loss_ce + hparams.beta * loss_distill + hparams.alpha * loss_kd
+  name = "loss_ega" if hparams.distill == "ega" else f"loss_{hparams.distill}"
+  metrics.update({"loss": loss, "loss_ce": loss_ce, name: loss_distill, "loss_kd": loss_kd,
+                  "top1": topk_correct(logit_s, labels, 1).mean()})
+  return loss, metrics
+
+
+def check_hparams(hparams: ml_collections.ConfigDict, variant: Optional[str] = None) -> None:
+  """An unknown `distill`, or one that contradicts the registered variant `ega_<variant>`,
+  fails before any work is done."""
+  if hparams.distill not in DISTILL_NAMES:
+    raise unknown_name("method.distill", hparams.distill, DISTILL_NAMES)
+  if variant is not None and hparams.distill != variant:
+    raise UserError(
+        f"method 'ega_{variant}' distils with {variant!r} but method.distill is "
+        f"{hparams.distill!r}; set --config.method.distill={variant} (or use method 'ega' "
+        f"with --config.method.distill={hparams.distill})")
 
 
 def teacher_head_loss(teacher_out: Outputs, student_out: Any, labels: jax.Array,
@@ -196,6 +256,7 @@ TEACHER_HEAD = OnlineTeacherHead(heads=teacher_heads, loss=teacher_head_loss,
                                  optimizer=teacher_head_optimizer)
 
 DEFAULTS = dict(
+    distill="ega",      # the term β weighs: one of DISTILL_NAMES
     node_weight=0.8,    # The reference's ViT-B/32 setting; its RN101 script uses
     edge_weight=0.24,   # 0.8 / 0.3.
     gamma=1.0,          # CE weight
@@ -207,8 +268,39 @@ DEFAULTS = dict(
     teacher_head_lr=0.01,
     teacher_head_momentum=0.9,
     teacher_head_weight_decay=5e-4,
+    nce_temperature=0.1,   # distill='nce' (the reference's NCELoss(temperature=0.1))
+    # distill='crd', RepDistiller's defaults (the EGA reference never sets them):
+    crd_feat_dim=128,      # dimension of the contrastive embedding
+    nce_k=16384,           # negatives per example
+    nce_t=0.07,            # temperature
+    nce_m=0.5,             # momentum of the memory banks
 )
+
+
+def crd_bridge(num_data: int, hparams: ml_collections.ConfigDict) -> Optional[nn.Module]:
+  """CRD's embeddings and memory banks over the `num_data` training examples (distill='crd')."""
+  if hparams.distill != "crd":
+    return None
+  return crd.ContrastMemory(num_data=num_data, embed_dim=hparams.embed_dim,
+                            feat_dim=hparams.crd_feat_dim, temperature=hparams.nce_t,
+                            momentum=hparams.nce_m)
+
+
+def crd_negatives(hparams: ml_collections.ConfigDict) -> int:
+  """Negatives per example the pipeline draws: nce_k for distill='crd', else none."""
+  return hparams.nce_k if hparams.distill == "crd" else 0
 
 METHOD = Method(name="ega", loss=ega_loss, views="none", uses_teacher=True,
                 defaults=DEFAULTS, student_heads=student_heads,
-                online_teacher_head=TEACHER_HEAD)
+                online_teacher_head=TEACHER_HEAD, bridge=crd_bridge, negatives=crd_negatives,
+                check_hparams=check_hparams)
+
+# The reference's comparison rows, one registered name each (`ega_<distill>`), so that one config
+# can list them as baselines. 'ega_kd' sets α = 1 (the reference's `--distill kd` adds only the α
+# term, which is 0 unless given).
+METHODS = {"ega": METHOD}
+for _distill in DISTILL_NAMES[1:]:
+  METHODS[f"ega_{_distill}"] = dataclasses.replace(
+      METHOD, name=f"ega_{_distill}",
+      defaults=dict(DEFAULTS, distill=_distill, **({"alpha": 1.0} if _distill == "kd" else {})),
+      check_hparams=functools.partial(check_hparams, variant=_distill))
