@@ -21,7 +21,7 @@ sys.path.insert(0, REPO)
 
 from jaxkd.data import digits  # noqa: E402  pylint: disable=g-import-not-at-top
 
-NUM_PROCESSES = 3
+NUM_PROCESSES = 2
 TIMEOUT_S = 180
 
 
