@@ -2,11 +2,11 @@
 
 A train-state checkpoint holds the state and a small JSON record (best accuracy so far, the
 teacher's path and checksum). The data position is the step itself: the input pipeline is a pure
-function of (seed, step), so restoring the step restores where the data stream was.
+function of (seed, step), so restoring the step restores where the data stream was. Every path may
+be local or a bucket URL (gs://bucket/run/teacher.msgpack).
 """
 
 import hashlib
-import os
 from typing import Any, Optional
 
 import flax.serialization
@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxkd import distributed
+from jaxkd import paths
 from jaxkd.errors import UserError
 from jaxkd.tree_check import first_mismatch
 
@@ -46,7 +47,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
 
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       digest.update(chunk)
   return digest.hexdigest()
@@ -55,10 +56,7 @@ def file_sha256(path: str) -> str:
 def export_variables(path: str, variables: Any) -> str:
   """Writes Flax variables to one msgpack file (atomically) and returns its sha256."""
   if jax.process_index() == 0:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(flax.serialization.msgpack_serialize(jax.device_get(variables)))
-    os.replace(tmp, path)
+    paths.write_atomically(path, flax.serialization.msgpack_serialize(jax.device_get(variables)))
   distributed.barrier(f"export {path}")  # The other processes read what process 0 wrote.
   return file_sha256(path)
 
@@ -68,13 +66,13 @@ def import_variables(path: str, template: Any, what: str = "teacher checkpoint")
 
   Raises a UserError naming the first missing, extra or misshapen leaf when it does not.
   """
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise UserError(f"{what} {path!r} does not exist")
-  with open(path, "rb") as f:
-    try:
-      loaded = flax.serialization.msgpack_restore(f.read())
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-      raise UserError(f"{what} {path!r} is not a jaxkd variables file ({e})") from None
+  data = epath.Path(path).read_bytes()
+  try:
+    loaded = flax.serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises several unrelated types on garbage
+    raise UserError(f"{what} {path!r} is not a jaxkd variables file ({e})") from None
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
   problem = first_mismatch(template, loaded)
   if problem is not None:

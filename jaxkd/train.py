@@ -33,11 +33,13 @@ import numpy as np
 import optax
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 
 from jaxkd import checkpoint
 from jaxkd import data
 from jaxkd import models
 from jaxkd import parallel
+from jaxkd import paths
 from jaxkd.data import teacher_views
 from jaxkd.interop import clip_weights
 from jaxkd.models import clip
@@ -377,13 +379,12 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
                  "num_epochs": stage.num_epochs, "dataset": config.dataset.name,
                  "teacher_sha256": stage.teacher.sha256 if stage.teacher else None,
                  "backbone_sha256": stage.init_backbone_sha256}
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      result = json.load(f)
+  if epath.Path(result_path).exists():
+    result = json.loads(epath.Path(result_path).read_text())
     _check_same_stage(result, description, stage_dir)
     print(f"[{stage.name}] already done ({result_path}): top-1 {_percent(result['top1_last'])}")
     return result
-  os.makedirs(stage_dir, exist_ok=True)
+  epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
 
   network = stage.network(info.num_classes, compute_dtype(config), info.num_train)
   steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
@@ -530,10 +531,8 @@ def _check_same_stage(result: dict[str, Any], description: dict[str, Any], stage
 
 def _write_result(stage_dir: str, result: dict[str, Any]) -> None:
   if jax.process_index() == 0:
-    tmp = os.path.join(stage_dir, RESULT_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(stage_dir, RESULT_FILE))
+    paths.write_atomically(os.path.join(stage_dir, RESULT_FILE),
+                           json.dumps(result, indent=2).encode())
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -550,13 +549,12 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
 def check_workdir(workdir: str) -> None:
   """Fails early, with one clear error, when the workdir cannot be written."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); "
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    probe = epath.Path(workdir) / f".write_probe_{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except paths.io_errors() as e:
+    raise UserError(f"workdir {workdir!r} is not writable ({paths.reason(e)}); "
                     "pass a --workdir you can write to") from None
 
 
@@ -609,7 +607,7 @@ class Teachers:
       self._cache[""] = teacher
       return teacher
     if config.teacher.checkpoint:
-      path = os.path.abspath(config.teacher.checkpoint)
+      path = paths.absolute(config.teacher.checkpoint)
       result = {"stage": "teacher", "model": config.teacher.name, "method": "imported",
                 "checkpoint": path}
       if config.teacher.get("pretrain", ""):

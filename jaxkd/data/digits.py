@@ -4,12 +4,15 @@
 scikit-learn wheel, so this dataset builds anywhere without a network. It is the project's
 default small dataset: real enough to learn on, small enough for tests and CPU smoke runs.
 
-Importing this module registers the builder under the tfds name `sklearn_digits`; building it is
-`tfds.builder('sklearn_digits', data_dir=...).download_and_prepare()` (`jaxkd.data.sources` does
-that on first use).
+Importing this module registers the builder under the tfds name `sklearn_digits`;
+`prepared_builder(data_dir)` builds it on first use (`jaxkd.data.sources` calls it), also when
+several processes sharing one data_dir get there at once.
 """
 
 import contextlib
+import fcntl
+import os
+from typing import IO, Iterator, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -94,3 +97,58 @@ with (tfds.core.registered.skip_registration() if _is_registered()
       # With shuffling disabled tfds stores examples sorted by key: the position in the split.
       for position, i in enumerate(indices):
         yield position, {'image': images[i], 'label': int(labels[i])}
+
+
+def prepared_builder(data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  """The `sklearn_digits` builder of `data_dir` (None: tfds' default), built there if need be.
+
+  Safe when several processes (those of one run, hosts sharing data_dir) ask at once: one builds
+  while the others wait on a lock file in data_dir, then read what it built. tfds itself writes
+  into a temporary folder renamed into place at the end, so nobody reads a half-built dataset,
+  also where no lock can be had (a bucket) and two builds race: the loser's rename fails and it
+  reads the winner's.
+  """
+  builder = tfds.builder(TFDS_NAME, data_dir=data_dir)
+  if not builder.is_prepared():
+    with _build_lock(builder.data_dir_root):
+      builder = tfds.builder(TFDS_NAME, data_dir=data_dir)
+      if not builder.is_prepared():
+        try:
+          builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        except Exception:  # pylint: disable=broad-except
+          if not builder.is_prepared():
+            raise
+  # A builder reads the dataset's metadata (split sizes) when it is made, so one made before
+  # another process finished the build would not know them: make it now.
+  return tfds.builder(TFDS_NAME, data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _build_lock(root: str) -> Iterator[None]:
+  """Holds an exclusive lock on `<root>/.sklearn_digits.lock`, where a lock can be had.
+
+  Elsewhere (a bucket, a read-only folder, NFS without a lock daemon) the build goes on unlocked.
+  """
+  lock = _open_lock_file(root)
+  if lock is None:
+    yield
+    return
+  with lock:  # Closing the file releases the lock.
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:
+      pass  # The file system has no locks.
+    yield
+
+
+def _open_lock_file(root: str) -> Optional[IO[str]]:
+  """`<root>/.sklearn_digits.lock` opened for appending; None on a bucket or where it cannot be."""
+  if '://' in os.fspath(root):
+    return None
+  try:
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f'.{TFDS_NAME}.lock')
+    return open(path, 'a')  # pylint: disable=consider-using-with
+  except OSError:
+    return None

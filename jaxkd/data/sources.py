@@ -188,16 +188,9 @@ def get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetB
   hide_accelerators()  # Before building runs the first TF op.
   if info.name == 'tinyimagenet':
     return tinyimagenet_builder(dataset_config)
-  builder = tfds.builder(info.tfds_name, data_dir=_data_dir(dataset_config))
-  if info.tfds_name == digits.TFDS_NAME and not builder.is_prepared():
-    try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception:  # pylint: disable=broad-except
-      # Another process (pod host) may have finished the same build first.
-      if not builder.is_prepared():
-        raise
-  return builder
+  if info.tfds_name == digits.TFDS_NAME:
+    return digits.prepared_builder(_data_dir(dataset_config))
+  return tfds.builder(info.tfds_name, data_dir=_data_dir(dataset_config))
 
 
 # dataset_config.normalization -> (mean, std) of the student's views; 'dataset': the dataset's.
