@@ -657,7 +657,13 @@ class Teachers:
   def for_method(self, method: Method, hparams: ml_collections.ConfigDict) -> Teacher:
     prep = method.teacher
     if prep is None:
-      return self.plain()
+      teacher = self.plain()
+      if (method.online_teacher_head is not None and teacher.input is None
+          and self.info.transform == "pad_crop"):
+        # EGA's reference feeds its teacher a view of its own, drawn independently of the
+        # student's; a zoo teacher's is the dataset's crop + flip at the dataset's size.
+        teacher = dataclasses.replace(teacher, input=teacher_views.DATASET_INPUT)
+      return teacher
     if method.name in self._cache:
       return self._cache[method.name]
     config = self.config

@@ -147,6 +147,20 @@ def test_pretrain_student_and_linear_probe_stages(ega_run):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_zoo_teacher_of_an_online_head_sees_its_own_view(ega_run):
+  """As the reference's teacher does: its crop and flip are drawn apart from the student's."""
+  config, workdir, _ = ega_run
+  mesh = train.parallel.create_mesh()
+  info = data.get_dataset_info(config.dataset)
+  teachers = train.Teachers(config, workdir, mesh, info, [])
+  teacher = teachers.for_method(ega.METHOD, ega.METHOD.hparams())
+  assert teacher.input == train.teacher_views.DATASET_INPUT
+  batch = next(data.train_batches(config.dataset, "none", 8, seed=0,
+                                  teacher_input=teacher.input))
+  assert batch["teacher_image"].shape == batch["image"].shape
+  assert not np.array_equal(batch["teacher_image"], batch["image"])
+
+
 def test_online_teacher_head_is_trained_and_checkpointed(ega_run):
   _, workdir, _ = ega_run
   states = _checkpoint_states(workdir, "student_ega")
