@@ -15,11 +15,15 @@ a resnet8 student distilled by EGA (its teacher head trained beside it), then al
 a linear probe on the EGA student's frozen features (stage `linear_probe`). A few minutes too:
 
     python -m jaxkd.main --config configs/demo.py:ega --workdir runs/demo_ega
+
+`configs/demo.py:ega,compare` adds the reference's comparison methods on the same joint
+embeddings (kd, hint, rkd, pkt, crd) as baselines, one student stage each.
 """
 
 import ml_collections
 
 from configs import default
+from configs.ega import common as ega_recipes
 from jaxkd.methods import ega
 
 
@@ -44,8 +48,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200
   tokens = [t for t in arg.split(",") if t]
   if "ega" in tokens:
-    _use_ega(config, runlocal="runlocal" in tokens)
-    arg = ",".join(t for t in tokens if t != "ega")
+    _use_ega(config, runlocal="runlocal" in tokens, compare="compare" in tokens)
+    arg = ",".join(t for t in tokens if t not in ("ega", "compare"))
+  elif "compare" in tokens:
+    raise ValueError("config argument 'compare' belongs to the EGA demo: use 'ega,compare'")
   if arg:
     default.apply_arg(config, arg)
     if "runlocal" in arg.split(","):
@@ -54,11 +60,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return config
 
 
-def _use_ega(config: ml_collections.ConfigDict, runlocal: bool) -> None:
+def _use_ega(config: ml_collections.ConfigDict, runlocal: bool, compare: bool) -> None:
   """The EGA demo (see the module docstring)."""
   config.teacher.pretrain = "simclr"
   config.method = ml_collections.ConfigDict(dict(ega.DEFAULTS, name="ega"))
-  config.baselines = "ce"
-  config.method_overrides = ml_collections.ConfigDict()
+  comparison = [f"ega_{d}" for d in ega_recipes.COMPARISON] if compare else []
+  config.baselines = ",".join(comparison + ["ce"])
+  # The digits have about 1,300 examples of other classes per example: CRD's 16,384 negatives
+  # would repeat each one twelve times.
+  config.method_overrides = ml_collections.ConfigDict(
+      dict(ega_crd=dict(nce_k=1024)) if compare else {})
   config.linear_probe.update(dataset="digits", num_epochs=1 if runlocal else 10, lr=0.1,
                              milestones=() if runlocal else (6, 8))

@@ -355,3 +355,26 @@ def test_wrong_resolution_is_a_clear_error():
   module, variables = clip_weights.load_clip(TINY)
   with pytest.raises(UserError, match="takes 32x32 images.*got 64x64"):
     module.apply(variables, jnp.zeros((1, 64, 64, 3)))
+
+
+# ---------------------------------------------------------------------------- ResNet golden
+
+RN_GOLDEN = os.path.join(DATA, "clip_rn_tiny")  # Written by data/make_clip_rn_tiny.py.
+
+
+def test_tiny_resnet_torchscript_archive_reproduces_pytorch_outputs():
+  """A tiny ModifiedResNet traced and saved by PyTorch from OpenAI's own model code, in half
+  precision where the release is, with random BatchNorm statistics."""
+  golden = np.load(os.path.join(RN_GOLDEN, "expected.npz"))
+  module, variables = clip_weights.load_clip(os.path.join(RN_GOLDEN, "RN_tiny.pt"))
+  # OpenAI's head rule (width · 32 / 64) is what the PyTorch tower was built with.
+  assert module.config == clip.ModifiedResNetConfig(image_size=64, layers=(1, 2, 1, 1), width=4,
+                                                    heads=2, output_dim=16)
+  assert variables["batch_stats"]
+  x = np.transpose(golden["pixel_values_nchw"], (0, 2, 3, 1))
+  embedding, feats = jax.jit(module.apply)(variables, x)
+  np.testing.assert_allclose(embedding, golden["image_embeds"], rtol=1e-4, atol=1e-4)
+  for tap in ("stem", "stage1", "stage2", "stage3", "stage4"):
+    np.testing.assert_allclose(feats[tap], np.transpose(golden[f"{tap}_nchw"], (0, 2, 3, 1)),
+                               rtol=1e-4, atol=1e-4, err_msg=tap)
+  np.testing.assert_array_equal(feats["pooled"], embedding)

@@ -347,3 +347,12 @@ def test_one_recipe_per_clip_teacher_with_the_reference_schedule():
     _recipe("clip_vit_b32", "rkd,pkt")
   with pytest.raises(ValueError, match="unknown config argument 'nope'"):
     _recipe("clip_vit_b32", "nope")
+
+
+def test_ega_demo_compare_lists_the_comparison_rows():
+  config = demo.get_config("ega,compare")
+  assert config.baselines == "ega_kd,ega_hint,ega_rkd,ega_pkt,ega_crd,ce"
+  assert config.method_overrides.ega_crd.nce_k == 1024
+  assert demo.get_config("ega").baselines == "ce"
+  with pytest.raises(ValueError, match="'compare' belongs to the EGA demo"):
+    demo.get_config("compare")
