@@ -122,7 +122,7 @@ def ega_objective(fs: jax.Array, logit_s: jax.Array, ft: jax.Array, logit_t: jax
 
 
 # The comparison methods of the reference, on the same joint embeddings: the term β weighs.
-# 'kd' adds nothing there (its KD is the α term: set method.alpha); 'crd' reads the scores of
+# 'kd' adds nothing there (its KD is the α term: set method.alpha); 'crd' reads the loss of
 # the ContrastMemory bridge (jaxkd.methods.crd).
 DISTILL_NAMES = ("ega", "kd", "hint", "rkd", "pkt", "nce", "ccl", "crd")
 
