@@ -79,3 +79,32 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str) -> None:
       config.dataset.num_eval_examples = 32
     else:
       raise ValueError(f"unknown config argument {token!r}; valid: runlocal (configs may add more)")
+
+
+def recipe_tokens(arg: str, valid: tuple[str, ...]) -> list[str]:
+  """The comma-separated recipe arguments of `arg`; a ValueError names one not in `valid`."""
+  tokens = [t for t in arg.split(",") if t]
+  for token in tokens:
+    if token not in valid:
+      raise ValueError(f"unknown config argument {token!r}; valid: {', '.join(valid)}")
+  return tokens
+
+
+def cifar100_recipe(teacher: str, student: str, lr: float, nesterov: bool
+                    ) -> ml_collections.ConfigDict:
+  """The schedule the SSKD, HSAKD and EGA reference codes share on CIFAR-100: 240 epochs of
+  batch 64, SGD (momentum 0.9, wd 5e-4) at `lr`, ×0.1 at epochs 150, 180 and 210; a teacher
+  trained here gets 240 epochs at lr 0.05."""
+  config = get_config()
+  config.dataset.name = "cifar100"
+  config.teacher.name = teacher
+  config.teacher.num_epochs = 240
+  config.teacher.lr = 0.05
+  config.student.name = student
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=5e-4))
+  config.schedule = ml_collections.ConfigDict(dict(
+      name="multistep", milestones=(150, 180, 210), decay=0.1, warmup_epochs=0))
+  config.num_epochs = 240
+  config.batch_size = 64
+  return config

@@ -47,10 +47,7 @@ ARGS = STUDENTS + ega.DISTILL_NAMES + ("compare", "runlocal")
 def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
                ) -> ml_collections.ConfigDict:
   """The CIFAR-100 EGA recipe for CLIP tower `teacher`, the student and `runlocal` from `arg`."""
-  tokens = [t for t in arg.split(",") if t]
-  for token in tokens:
-    if token not in ARGS:
-      raise ValueError(f"unknown config argument {token!r}; valid: {', '.join(ARGS)}")
+  tokens = default.recipe_tokens(arg, ARGS)
   students = [t for t in tokens if t in STUDENTS]
   distills = [t for t in tokens if t in ega.DISTILL_NAMES]
   for kind, chosen in (("student", students), ("distillation term", distills)):
@@ -59,12 +56,11 @@ def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
   student = students[0] if students else "resnet8x4"
   distill = distills[0] if distills else "ega"
 
-  config = default.get_config()
-  config.dataset.name = "cifar100"
+  config = default.cifar100_recipe(
+      teacher, student, lr=0.01 if student in LOW_LR_STUDENTS else 0.05, nesterov=False)
   config.dataset.normalization = "clip"
-  config.teacher.name = teacher
   config.teacher.checkpoint = ""        # the CLIP weights on disk: see the recipe's docstring
-  config.student.name = student
+  config.teacher.lr = -1.0              # a zoo teacher pretrained here: the student's lr
 
   name = "ega" if distill == "ega" else f"ega_{distill}"
   config.method = ml_collections.ConfigDict(dict(get_method(name).defaults, name=name))
@@ -73,14 +69,7 @@ def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
   config.baselines = (",".join(f"ega_{d}" for d in COMPARISON if d != distill)
                       if "compare" in tokens else "")
 
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", lr=0.01 if student in LOW_LR_STUDENTS else 0.05, momentum=0.9,
-      nesterov=False, weight_decay=5e-4))
-  config.schedule = ml_collections.ConfigDict(dict(
-      name="multistep", milestones=(150, 180, 210), decay=0.1, warmup_epochs=0))
-  config.num_epochs = 240
-  # The graph terms are not normalised by the batch: keep the reference's 64.
-  config.batch_size = 64
+  # The graph terms are not normalised by the batch: keep the reference's batch of 64.
   if "runlocal" in tokens:
     default.apply_arg(config, "runlocal")
   return config

@@ -34,12 +34,8 @@ def get_config(teacher: str, student: str, arg: str = "") -> ml_collections.Conf
 
 def base_config(teacher: str, student: str) -> ml_collections.ConfigDict:
   """The CIFAR-100 recipe before the arguments: recipes for other datasets change it first."""
-  config = default.get_config()
-  config.dataset.name = "cifar100"
-  config.teacher.name = teacher
-  config.teacher.num_epochs = 240
-  config.teacher.lr = 0.05
-  config.student.name = student
+  config = default.cifar100_recipe(
+      teacher, student, lr=0.01 if student in LOW_LR_STUDENTS else 0.05, nesterov=True)
 
   config.method = ml_collections.ConfigDict(dict(
       name="hsakd",
@@ -55,22 +51,12 @@ def base_config(teacher: str, student: str) -> ml_collections.ConfigDict:
   ))
   config.baselines = ""                        # e.g. "ce" adds the student trained alone
 
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", lr=0.01 if student in LOW_LR_STUDENTS else 0.05, momentum=0.9,
-      nesterov=True, weight_decay=5e-4))
-  config.schedule = ml_collections.ConfigDict(dict(
-      name="multistep", milestones=(150, 180, 210), decay=0.1, warmup_epochs=0))
-  config.num_epochs = 240
-  config.batch_size = 64
   return config
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
   """Applies the recipe arguments `star` and `runlocal` (see the module docstring)."""
-  tokens = [t for t in arg.split(",") if t]
-  for token in tokens:
-    if token not in ARGS:
-      raise ValueError(f"unknown config argument {token!r}; valid: {', '.join(ARGS)}")
+  tokens = default.recipe_tokens(arg, ARGS)
   if "star" in tokens:
     config.method.name = "hsakd_star"
   if "runlocal" in tokens:

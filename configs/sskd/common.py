@@ -35,12 +35,8 @@ ARGS = ("runlocal",)
 
 def get_config(teacher: str, student: str, arg: str = "") -> ml_collections.ConfigDict:
   """The CIFAR-100 SSKD recipe for `teacher` -> `student` (zoo names), `arg` applied."""
-  config = default.get_config()
-  config.dataset.name = "cifar100"
-  config.teacher.name = teacher
-  config.teacher.num_epochs = 240
-  config.teacher.lr = 0.05
-  config.student.name = student
+  config = default.cifar100_recipe(
+      teacher, student, lr=0.01 if student in LOW_LR_STUDENTS else 0.05, nesterov=False)
 
   config.method = ml_collections.ConfigDict(dict(
       name="sskd",
@@ -52,13 +48,6 @@ def get_config(teacher: str, student: str, arg: str = "") -> ml_collections.Conf
   ))
   config.baselines = ""                 # e.g. "ce,kd" adds the student alone and with KD
 
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", lr=0.01 if student in LOW_LR_STUDENTS else 0.05, momentum=0.9,
-      nesterov=False, weight_decay=5e-4))
-  config.schedule = ml_collections.ConfigDict(dict(
-      name="multistep", milestones=(150, 180, 210), decay=0.1, warmup_epochs=0))
-  config.num_epochs = 240
-  config.batch_size = 64
   # The SS accuracy ranks each view among the originals of its eval batch: 64 as the reference.
   config.eval_batch_size = 64
   return apply_arg(config, arg)
@@ -66,10 +55,7 @@ def get_config(teacher: str, student: str, arg: str = "") -> ml_collections.Conf
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
   """Applies the recipe argument `runlocal` (see the module docstring)."""
-  tokens = [t for t in arg.split(",") if t]
-  for token in tokens:
-    if token not in ARGS:
-      raise ValueError(f"unknown config argument {token!r}; valid: {', '.join(ARGS)}")
+  tokens = default.recipe_tokens(arg, ARGS)
   if "runlocal" in tokens:
     default.apply_arg(config, "runlocal")
     config.method.teacher_epochs = 1
