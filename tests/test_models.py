@@ -20,7 +20,7 @@ import pytest
 
 from jaxkd.errors import UserError
 from jaxkd.interop.torch_layout import flax_module_path, strip_prefix, torch_to_flax
-from jaxkd.models import MODEL_NAMES, get_model
+from jaxkd.models import MODEL_NAMES, get_model, layers
 from jaxkd.tree_check import first_mismatch
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -262,6 +262,57 @@ def test_bfloat16_compute_keeps_float32_variables():
   (logits, feats), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
   assert logits.dtype == jnp.bfloat16 and feats["stage3"].dtype == jnp.bfloat16
   assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(updates))
+
+
+def _plain_batch_norm(x, scale, bias, epsilon=1e-5):
+  """The textbook training-mode BatchNorm over rows, differentiated by autodiff."""
+  mean = jnp.mean(x, axis=0)
+  var = jnp.mean(jnp.square(x - mean), axis=0)
+  return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias, mean, var
+
+
+def test_batch_norm_rows_values_and_gradients_match_autodiff():
+  rng = np.random.RandomState(0)
+  # A large mean checks the two-pass variance; weights make every cotangent non-trivial.
+  x = jnp.asarray(rng.randn(200, 6) * 3 + 20, jnp.float32)
+  scale, bias = jnp.asarray(rng.rand(6) + 0.5, jnp.float32), jnp.asarray(rng.randn(6), jnp.float32)
+  w_y, w_m, w_v = (jnp.asarray(rng.randn(*s), jnp.float32) for s in [(200, 6), (6,), (6,)])
+
+  def loss(fn):
+    def f(x, scale, bias):
+      y, mean, var = fn(x, scale, bias, 1e-5)
+      return jnp.sum(jnp.sin(y) * w_y) + jnp.sum(mean * w_m) + jnp.sum(var * w_v)
+    return f
+
+  for a, b in zip(layers.batch_norm_rows(x, scale, bias, 1e-5), _plain_batch_norm(x, scale, bias)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  got = jax.jit(jax.grad(loss(layers.batch_norm_rows), argnums=(0, 1, 2)))(x, scale, bias)
+  want = jax.grad(loss(_plain_batch_norm), argnums=(0, 1, 2))(x, scale, bias)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,padding,groups", [(1, ((1, 1), (1, 1)), 1), (2, "SAME", 1),
+                                                   (2, ((1, 1), (1, 1)), 2)])
+def test_conv_with_stored_input_matches_lax(stride, padding, groups):
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(4, 9, 9, 4), jnp.float32)
+  kernel = jnp.asarray(rng.randn(3, 3, 4 // groups, 6), jnp.float32)
+  dims = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+  def loss(conv_fn):
+    def f(x, kernel):
+      # BatchNorm-like producer and a ReLU in front of the conv, as in the models.
+      y = conv_fn(jax.nn.relu(x * 1.5 - 0.2), kernel, (stride, stride), padding,
+                  dimension_numbers=dims, feature_group_count=groups)
+      return jnp.sum(jnp.cos(y))
+    return f
+
+  got = jax.jit(jax.value_and_grad(loss(layers.conv_general_dilated), argnums=(0, 1)))(x, kernel)
+  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), argnums=(0, 1))(x, kernel)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""

@@ -5,10 +5,12 @@ PyTorch checkpoints reproduce their reference outputs. Layout is NHWC, kernels H
 Every module takes `dtype`, the compute dtype; parameters and BN statistics always stay float32.
 """
 
+import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -60,7 +62,7 @@ class BatchNorm(nn.Module):
 
   (n = elements reduced per channel), i.e. PyTorch momentum 0.1 == `momentum=0.9` here, and the
   running variance stores the *unbiased* batch variance as PyTorch does (stock Flax stores the
-  biased one). Statistics reduce over every axis but the last with plain `jnp.mean`, so under
+  biased one). Statistics are column sums over all positions (`batch_norm_rows`), so under
   `jax.jit` with the batch sharded over devices they are global-batch statistics.
   Statistics and normalisation run in float32 whatever `dtype` is; the output is cast to `dtype`.
   Variables: params `scale`, `bias`; batch_stats `mean`, `var` (all shape (C,)).
@@ -75,7 +77,6 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
     features = x.shape[-1]
-    reduce_axes = tuple(range(x.ndim - 1))
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), PARAM_DTYPE))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), PARAM_DTYPE))
     scale = self.param("scale", self.scale_init, (features,), PARAM_DTYPE)
@@ -83,22 +84,81 @@ class BatchNorm(nn.Module):
 
     x32 = jnp.asarray(x, jnp.float32)
     if use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      mean = jnp.mean(x32, axis=reduce_axes)
-      # Two-pass variance: E[x^2]-E[x]^2 loses digits when activations have a large mean.
-      var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
-      if not self.is_initializing():
-        n = 1
-        for a in reduce_axes:
-          n *= x.shape[a]
-        unbiased = var * (n / max(n - 1, 1))
-        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+      mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return jnp.asarray((x32 - ra_mean.value) * mul + bias, self.dtype)
 
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale
-    y = (x32 - mean) * mul + bias
-    return jnp.asarray(y, self.dtype)
+    rows = x32.reshape(-1, features)
+    y, mean, var = batch_norm_rows(rows, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      n = rows.shape[0]
+      unbiased = var * (n / max(n - 1, 1))
+      ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+    return jnp.asarray(y.reshape(x.shape), self.dtype)
+
+
+def column_sums(z: jax.Array) -> jax.Array:
+  """s_c = Σ_i z[i, c] of a float32 (n, C) matrix.
+
+  On CPU as the matrix-vector product 1ᵀZ: XLA:CPU lowers a sum over a long leading axis to
+  strided reduce-windows that read memory 3-5x slower than Eigen's GEMV does (measured in
+  experiments/README.md). Other backends keep their own reduction.
+  """
+  def on_cpu(z):
+    return jnp.dot(jnp.ones((1, z.shape[0]), z.dtype), z, precision=lax.Precision.HIGHEST)[0]
+
+  return lax.platform_dependent(z, cpu=on_cpu, default=lambda z: jnp.sum(z, axis=0))
+
+
+def _batch_norm_rows_forward(x, scale, bias, epsilon):
+  n = x.shape[0]
+  mean = column_sums(x) / n
+  centred = x - mean
+  # Two-pass variance: E[x^2]-E[x]^2 loses digits when activations have a large mean.
+  var = column_sums(centred * centred) / n
+  inv_std = lax.rsqrt(var + epsilon)
+  return centred * (inv_std * scale) + bias, mean, var, inv_std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_rows(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                    epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm of the rows of x (n, C): (y, mean, var), var biased.
+
+    mean = Σ_i x_i / n,   var = Σ_i (x_i - mean)² / n,   y = (x - mean) r scale + bias,
+    r = (var + ε)^(-1/2).
+
+  The gradient is written out, with d = x - mean and g = ∂L/∂y,
+
+    ∂bias = Σ g,   ∂scale = r Σ g d,
+    ∂x = scale r (g - ∂bias / n - d r² Σ g d / n) + ∂mean / n + 2 ∂var d / n,
+
+  so that its two reductions are `column_sums` as well (autodiff of the forward leaves them
+  as reductions over the leading axes).
+  """
+  y, mean, var, _ = _batch_norm_rows_forward(x, scale, bias, epsilon)
+  return y, mean, var
+
+
+def _batch_norm_rows_fwd(x, scale, bias, epsilon):
+  y, mean, var, inv_std = _batch_norm_rows_forward(x, scale, bias, epsilon)
+  return (y, mean, var), (x, mean, inv_std, scale)
+
+
+def _batch_norm_rows_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inv_std, scale = residuals
+  g, g_mean, g_var = cotangents
+  n = x.shape[0]
+  centred = x - mean
+  g_bias = column_sums(g)
+  sum_g_centred = column_sums(g * centred)
+  g_x = (scale * inv_std) * (g - g_bias / n - centred * (inv_std * inv_std * sum_g_centred / n))
+  g_x = g_x + g_mean / n + (2.0 / n) * g_var * centred
+  return g_x, inv_std * sum_g_centred, g_bias
+
+
+batch_norm_rows.defvjp(_batch_norm_rows_fwd, _batch_norm_rows_bwd)
 
 
 # --- Convolutions and linear layers -------------------------------------------------------------
@@ -113,6 +173,54 @@ def torch_padding(pad: Union[int, Sequence[int]], ndim: int = 2) -> tuple[tuple[
   return tuple((int(p), int(p)) for p in pads)
 
 
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: Union[str, Sequence[tuple[int, int]]],
+                         **options: Any) -> jax.Array:
+  """`lax.conv_general_dilated`, whose kernel gradient on CPU reads the stored input.
+
+  Same values and gradients on every backend; `nn.Conv(conv_general_dilated=...)` calls it.
+  In the backward pass XLA:CPU recomputes a convolution's input from its producers (BatchNorm,
+  ReLU) inside the transpose that lays it out for the kernel-gradient convolution. That fused
+  loop reads memory with a stride of H·W·C floats and runs 4-7x slower than transposing the
+  stored input (experiments/README.md). A conditional is opaque to XLA's fusion, so on CPU the
+  stored input passes through one on its way to the kernel gradient.
+  """
+  if not isinstance(padding, str):
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  config = (tuple(window_strides), padding) + tuple(sorted(options.items()))
+  return _conv_stored_input(lhs, rhs, config)
+
+
+def _conv(lhs, rhs, config):
+  window_strides, padding, *options = config
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **dict(options))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_stored_input(lhs, rhs, config):
+  return _conv(lhs, rhs, config)
+
+
+def _conv_stored_input_fwd(lhs, rhs, config):
+  return _conv(lhs, rhs, config), (lhs, rhs)
+
+
+def _opaque_copy(x, kernel):
+  # Two branches that differ before simplification, so XLA keeps the conditional; the predicate
+  # depends on data so it is not folded. Both return x.
+  return lax.cond(jnp.isnan(kernel.reshape(-1)[0]), lambda x: x + 0, lambda x: x * 1, x)
+
+
+def _conv_stored_input_bwd(config, residuals, g):
+  lhs, rhs = residuals
+  lhs = lax.platform_dependent(lhs, rhs, cpu=_opaque_copy, default=lambda x, kernel: x)
+  _, vjp = jax.vjp(lambda x, kernel: _conv(x, kernel, config), lhs, rhs)
+  return vjp(g)
+
+
+_conv_stored_input.defvjp(_conv_stored_input_fwd, _conv_stored_input_bwd)
+
+
 def conv(features: int, kernel_size: int, stride: int = 1, padding: int = 0, *,
          groups: int = 1, use_bias: bool = False, dtype: Dtype = jnp.float32,
          kernel_init: Initializer = kaiming_normal_fan_out,
@@ -125,7 +233,7 @@ def conv(features: int, kernel_size: int, stride: int = 1, padding: int = 0, *,
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=torch_padding(padding), feature_group_count=groups, use_bias=use_bias,
                  dtype=dtype, param_dtype=PARAM_DTYPE, kernel_init=kernel_init,
-                 bias_init=bias_init, name=name)
+                 bias_init=bias_init, name=name, conv_general_dilated=conv_general_dilated)
 
 
 def conv3x3(features: int, stride: int = 1, **kwargs: Any) -> nn.Conv:
