@@ -12,12 +12,19 @@ Images/s counts original images (the batch), as the reference does: one SSKD ste
 trains on their 4 views (256 rows) and counts 64. The step is the trainer's own `train_step`
 (teacher forward in inference mode, student forward and backward, SGD update), jitted with the
 state donated, on random CIFAR-shaped inputs; the input pipeline is not part of it.
-`--breakdown` also times the teacher forward alone, and the rest of the step by difference.
+`--breakdown` also times the teacher forward alone, and the rest of the step by difference;
+`--profile=DIR` traces two steps into DIR (TensorBoard/Perfetto) and prints the wall time per
+step of each kind of XLA op (fusions of one kind summed; on CPU, convolutions are not timed per
+op and make up most of the rest of the step).
 """
 
+import collections
+import glob
+import gzip
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -47,6 +54,8 @@ _TEACHER_DTYPE = flags.DEFINE_enum(
     "Teacher compute dtype (the trainer runs the teacher in float32).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the teacher forward alone.")
+_PROFILE = flags.DEFINE_string(
+    "profile", "", "Directory for a trace of two steps per record; prints the time per op kind.")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS for this run.")
 _XLA_DEFAULTS = flags.DEFINE_bool(
     "xla_defaults", False, "Compile the step with XLA's default options instead of the "
@@ -103,8 +112,30 @@ def matmul_peak(dtype, size=4096, repeats=5) -> tuple[float, float]:
   return flops / min(wall), flops / min(cpu)
 
 
+def op_times_per_step(trace_dir, num_steps) -> dict[str, float]:
+  """ms per step of each kind of XLA op in a `jax.profiler` trace with a Perfetto file.
+
+  Op names lose their numeric suffix ("transpose_copy_fusion.23" -> "transpose_copy_fusion"), so
+  fusions of one kind add up; runtime and Python events are left out.
+  """
+  files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
+  if not files:
+    return {}
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  totals = collections.Counter()
+  for event in events:
+    name = event.get("name", "")
+    if event.get("ph") != "X" or name.startswith(("$", "ThunkExecutor", "PjitFunction",
+                                                  "CommonPjRt", "ParseArguments")):
+      continue
+    totals[re.sub(r"\.\d+$", "", name)] += event.get("dur", 0) / 1e3 / num_steps
+  return dict(totals.most_common())
+
+
 def bench_one(method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
-              teacher_dtype, steps, breakdown, xla_defaults=False):
+              teacher_dtype, steps, breakdown, xla_defaults=False, profile_dir=""):
   """Compiles and times one distillation step; returns its record."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -173,6 +204,13 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
       "flops_per_step": flops, "flops_per_s": flops / step_s, "flops_per_cpu_s": flops / cpu_s,
       "loss": loss, "peak_host_memory_mb": peak_host_memory_mb(),
   }
+  if profile_dir:
+    trace_dir = os.path.join(profile_dir, f"{method_name}_{teacher_name}_{student_name}")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(2):
+        state, metrics = run(state)
+        jax.block_until_ready((state, metrics))
+    record["op_ms_per_step"] = op_times_per_step(trace_dir, 2)
   if breakdown:
     forward = jax.jit(lambda v, x: teacher.apply(v, train.flatten_views(x), train=False),
                       compiler_options=None if xla_defaults else parallel.step_compiler_options())
@@ -190,8 +228,12 @@ def main(argv):
   pairs, methods, batch = _PAIRS.value, _METHODS.value, _BATCH.value
   if _SHAPES.value == "issue":
     pairs, methods, batch = ISSUE_PAIRS, "sskd", 64
-  if _XLA_FLAGS.value:
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_FLAGS.value}".strip()
+  extra_flags = _XLA_FLAGS.value
+  if _PROFILE.value:
+    # Per-op events on CPU; other backends ignore the flag.
+    extra_flags += " --xla_cpu_enable_xprof_traceme=true"
+  if extra_flags.strip():
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra_flags}".strip()
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main
@@ -220,8 +262,7 @@ def main(argv):
       teacher_name, student_name = pair.split(":")
       record = bench_one(method_name, teacher_name, student_name, batch, _IMAGE.value,
                          _CLASSES.value, dtype, teacher_dtype, _STEPS.value,
-                         _BREAKDOWN.value,
-                         _XLA_DEFAULTS.value)
+                         _BREAKDOWN.value, _XLA_DEFAULTS.value, _PROFILE.value)
       record["fraction_of_matmul_peak"] = record["flops_per_s"] / peak
       # Per CPU-second: what the step makes of the cores it gets, even on a shared machine.
       record["cpu_fraction_of_matmul_peak"] = record["flops_per_cpu_s"] / peak_per_cpu_s
@@ -256,6 +297,10 @@ def _row(r):
   if "teacher_forward_s" in r:
     text += (f"\n    teacher forward {r['teacher_forward_s']:.3f} s "
              f"({r['teacher_forward_flops'] / 1e9:.0f} GFLOP), rest {r['student_s']:.3f} s")
+  if "op_ms_per_step" in r:
+    ops = list(r["op_ms_per_step"].items())
+    text += f"\n    traced ops {sum(ms for _, ms in ops):.0f} ms/step: " + ", ".join(
+        f"{name} {ms:.0f}" for name, ms in ops[:10])
   return text
 
 
