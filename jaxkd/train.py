@@ -779,6 +779,8 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
     method = get_method(name)
     if method.check_hparams is not None:
       method.check_hparams(method_hparams(config, method))
+    if method.check_pair is not None and not clip_teacher:
+      method.check_pair(teacher_name, config.student.name, info.num_classes)
   pretrain = config.teacher.get("pretrain", "")
   if pretrain:
     if clip_teacher:

@@ -238,6 +238,14 @@ def test_bad_config_values_give_one_clear_error(tmp_path, key, value, message):
     train.train_and_evaluate(smoke_config(**{key: value}), str(tmp_path / "w"))
 
 
+def test_hsakd_pair_with_unequal_classifier_counts_fails_before_any_work(tmp_path):
+  # vgg8 has 4 HSAKD classifiers, resnet8 has 3: caught before the teacher stage trains.
+  config = smoke_config(**{"method.name": "hsakd", "teacher.name": "vgg8"})
+  with pytest.raises(UserError, match="student has 3 and the teacher 4.*tapped stages"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not list(tmp_path.rglob("checkpoints")) and not list(tmp_path.rglob("result.json"))
+
+
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")

@@ -112,6 +112,8 @@ class Method:
       then K training examples of other classes; CRD's 'exact' sampling).
     check_hparams: optional `(hparams) -> None` raising a UserError on a bad value, called
       before any work is done.
+    check_pair: optional `(teacher_model, student_model, num_classes) -> None` raising a
+      UserError when the method cannot pair these zoo models, called before any work is done.
   """
   name: str
   loss: LossFn
@@ -125,6 +127,7 @@ class Method:
   bridge: Optional[BridgeFactory] = None
   negatives: Optional[Callable[[ml_collections.ConfigDict], int]] = None
   check_hparams: Optional[Callable[[ml_collections.ConfigDict], None]] = None
+  check_pair: Optional[Callable[[str, str, int], None]] = None
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None
               ) -> ml_collections.ConfigDict:

@@ -105,13 +105,7 @@ def hsakd_loss(student_logits: jax.Array, student_aux_logits: jax.Array,
   Returns (L_S, terms) with terms 'loss_cls', 'loss_div_aux' [L], 'loss_div_final',
   'loss_div' (= Σ loss_div_aux + loss_div_final, the reference's `train_loss_div`) and 'loss'.
   """
-  if student_aux_logits.shape[0] != teacher_aux_logits.shape[0]:
-    raise UserError(
-        f"HSAKD pairs classifier l of the student with classifier l of the teacher, but the "
-        f"student has {student_aux_logits.shape[0]} and the teacher "
-        f"{teacher_aux_logits.shape[0]}; pick a teacher/student pair with the same number of "
-        "tapped stages (3: ResNet, WRN, ShuffleNet; 4: VGG, MobileNetV2, ResNet50, ImageNet "
-        "ResNets)")
+  check_classifier_counts(teacher_aux_logits.shape[0], student_aux_logits.shape[0])
   loss_cls = cross_entropy(originals(student_logits), labels)
   loss_div_aux = jax.vmap(lambda s, t: distill_kl(s, t, temperature))(
       student_aux_logits, teacher_aux_logits)
@@ -120,6 +114,23 @@ def hsakd_loss(student_logits: jax.Array, student_aux_logits: jax.Array,
   loss = loss_cls + loss_div
   return loss, {"loss": loss, "loss_cls": loss_cls, "loss_div_aux": loss_div_aux,
                 "loss_div_final": loss_div_final, "loss_div": loss_div}
+
+
+def check_classifier_counts(teacher_count: int, student_count: int) -> None:
+  """HSAKD pairs classifier l of the student with classifier l of the teacher: equal counts."""
+  if student_count != teacher_count:
+    raise UserError(
+        f"HSAKD pairs classifier l of the student with classifier l of the teacher, but the "
+        f"student has {student_count} and the teacher {teacher_count}; pick a teacher/student "
+        "pair with the same number of tapped stages (3: ResNet, WRN, ShuffleNet; 4: VGG, "
+        "MobileNetV2, ResNet50, ImageNet ResNets)")
+
+
+def check_pair(teacher_model: str, student_model: str, num_classes: int) -> None:
+  """Both models have HSAKD classifiers, as many on each side."""
+  teacher_taps = aux.for_model(teacher_model, num_classes).taps
+  student_taps = aux.for_model(student_model, num_classes).taps
+  check_classifier_counts(len(teacher_taps), len(student_taps))
 
 
 def hsakd_teacher_loss(logits: jax.Array, aux_logits: jax.Array, labels: jax.Array
@@ -283,7 +294,7 @@ def make_method(name: str, joint_teacher: bool) -> Method:
           heads=student_heads if joint_teacher else frozen_teacher_heads, loss=teacher_loss,
           views=VIEWS, frozen_backbone=not joint_teacher, num_epochs=f"{prefix}_epochs",
           lr=f"{prefix}_lr", milestones=f"{prefix}_milestones", select=select_teacher),
-      eval_metrics=eval_metrics)
+      eval_metrics=eval_metrics, check_pair=check_pair)
 
 
 METHOD = make_method("hsakd", joint_teacher=False)
