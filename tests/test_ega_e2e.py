@@ -3,7 +3,6 @@ teacher head (its own loss and optimiser, checkpointed and resumed exactly), a C
 its own view of each image, the recipes, and the clear errors."""
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+import helpers
 
 from configs import demo
 from jaxkd import checkpoint
@@ -83,13 +84,7 @@ def ega_config(data_dir, **overrides):
   config.num_epochs = 1
   config.dataset.update(data_dir=data_dir, num_train_examples=32, num_eval_examples=16)
   config.update(batch_size=8, eval_batch_size=16, checkpoint_every_steps=2, keep_checkpoints=2)
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return config
+  return helpers.set_fields(config, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -303,10 +298,8 @@ STUDENTS = ("resnet8x4", "resnet32x4", "vgg13", "ResNet50", "ShuffleV1")
 
 
 def _recipe(teacher, arg=""):
-  path = os.path.join(REPO, "configs", "ega", f"{teacher}.py")
-  spec = importlib.util.spec_from_file_location(f"ega_recipe_{teacher}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = helpers.load_module(os.path.join(REPO, "configs", "ega", f"{teacher}.py"),
+                               f"ega_recipe_{teacher}")
   return module, module.get_config(arg)
 
 

@@ -4,7 +4,6 @@ parameter counts of reference/HSAKD.md, the method's wiring and the recipes.
 """
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -12,6 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+import helpers
 
 from jaxkd.errors import UserError
 from jaxkd.interop.torch_layout import strip_prefix, torch_to_flax
@@ -312,10 +313,7 @@ RECIPES = {
 
 
 def _recipe(stem):
-  spec = importlib.util.spec_from_file_location(f"hsakd_recipe_{stem}", CONFIGS / f"{stem}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_module(CONFIGS / f"{stem}.py", f"hsakd_recipe_{stem}")
 
 
 def test_one_recipe_per_pair():

@@ -4,7 +4,6 @@ shrunk to tiny networks and one step per stage.
 """
 
 import glob
-import importlib.util
 import os
 
 import flax
@@ -14,6 +13,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import helpers
+
 from jaxkd import checkpoint
 from jaxkd import train
 
@@ -22,10 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(arg):
   """configs/hsakd/resnet56-resnet20.py with `arg`, shrunk: resnet8 pair, one epoch per stage."""
-  path = os.path.join(REPO, "configs", "hsakd", "resnet56-resnet20.py")
-  spec = importlib.util.spec_from_file_location("hsakd_recipe_e2e", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = helpers.load_module(os.path.join(REPO, "configs", "hsakd", "resnet56-resnet20.py"),
+                               "hsakd_recipe_e2e")
   config = module.get_config(arg)
   config.teacher.name = config.student.name = "resnet8"
   # One step of 8 images (32 rotated rows) per stage. Also keeps the (asynchronous) checkpoint

@@ -2,7 +2,6 @@
 
 import functools
 import glob
-import importlib.util
 import os
 
 import jax
@@ -10,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import helpers
 
 from jaxkd import checkpoint
 from jaxkd import models
@@ -28,10 +29,8 @@ PAIRS = {  # teacher-student: SSKD's number in the SSKD README table
 
 def _load(name, arg=""):
   """The recipe module and its config, loaded from its path as `--config` does."""
-  path = os.path.join(REPO, "configs", "sskd", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"sskd_recipe_{name.replace('-', '_')}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = helpers.load_module(os.path.join(REPO, "configs", "sskd", f"{name}.py"),
+                               f"sskd_recipe_{name.replace('-', '_')}")
   return module, module.get_config(arg)
 
 

@@ -14,6 +14,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import helpers
+
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import parallel
@@ -135,13 +137,7 @@ def smoke_config(**overrides):
   end-to-end tests of their own)."""
   config = demo.get_config("runlocal")
   config.baselines = "ce"
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return config
+  return helpers.set_fields(config, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ against the reference state_dict entry counts and key patterns, so reference che
 """
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import helpers
 
 from jaxkd.import_teacher import _torch_view, template
 from jaxkd.interop.torch_layout import torch_to_flax
@@ -297,11 +298,7 @@ def test_initialisers_follow_the_reference():
 
 @pytest.fixture(scope="module")
 def zoo_table():
-  spec = importlib.util.spec_from_file_location(
-      "zoo_table", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "zoo_table.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_module(helpers.REPO / "experiments" / "zoo_table.py", "zoo_table")
 
 
 @pytest.mark.parametrize("name,macs,depthwise", [
