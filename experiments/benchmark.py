@@ -142,7 +142,7 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from jaxkd import parallel, train  # pylint: disable=g-import-not-at-top
+  from jaxkd import loop, parallel, steps  # pylint: disable=g-import-not-at-top
   from jaxkd.methods import get_method  # pylint: disable=g-import-not-at-top
   from jaxkd.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from jaxkd.state import TrainState  # pylint: disable=g-import-not-at-top
@@ -153,12 +153,12 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
   mesh = parallel.create_mesh()
   shape = (image_size, image_size, 3)
   teacher_heads = method.teacher.heads if method.teacher else None
-  teacher = train.build_network(teacher_name, num_classes, teacher_heads, hparams,
+  teacher = loop.build_network(teacher_name, num_classes, teacher_heads, hparams,
                                 dtype=teacher_dtype)
-  student = train.build_network(student_name, num_classes, method.student_heads, hparams,
+  student = loop.build_network(student_name, num_classes, method.student_heads, hparams,
                                 dtype=dtype)
-  teacher_variables = train.init_variables(teacher, shape, 1, mesh)
-  variables = train.init_variables(student, shape, 0, mesh)
+  teacher_variables = loop.init_variables(teacher, shape, 1, mesh)
+  variables = loop.init_variables(student, shape, 0, mesh)
   config = default.get_config()
   schedule = lambda step: config.optimizer.lr  # pylint: disable=unnecessary-lambda-assignment
   tx = make_optimizer(config, schedule)
@@ -172,8 +172,8 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
       "label": rng.integers(0, num_classes, size=batch).astype(np.int32)}, mesh)
 
   step = jax.jit(functools.partial(
-      train.train_step, network=student, teacher_network=teacher, loss=method.loss,
-      hparams=hparams, tx=tx, schedule=schedule), donate_argnums=(0,),
+      steps.train_step, network=student, teacher_network=teacher, loss=method.loss,
+      hparams=hparams, tx=tx, schedule=schedule, steps_per_epoch=1), donate_argnums=(0,),
       compiler_options=None if xla_defaults else parallel.step_compiler_options())
   start = time.perf_counter()
   compiled = step.lower(state, teacher_variables, batch_arrays).compile()
@@ -212,7 +212,7 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
         jax.block_until_ready((state, metrics))
     record["op_ms_per_step"] = op_times_per_step(trace_dir, 2)
   if breakdown:
-    forward = jax.jit(lambda v, x: teacher.apply(v, train.flatten_views(x), train=False),
+    forward = jax.jit(lambda v, x: teacher.apply(v, steps.flatten_views(x), train=False),
                       compiler_options=None if xla_defaults else parallel.step_compiler_options())
     fwd = forward.lower(teacher_variables, batch_arrays["image"]).compile()
     jax.block_until_ready(fwd(teacher_variables, batch_arrays["image"]))

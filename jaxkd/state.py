@@ -37,16 +37,20 @@ class Network(nn.Module):
   when only a method's heads are trained on a finished teacher.
   A method's `bridge` (variables under 'bridge') runs after the heads when the training step
   passes the teacher's outputs and the batch, and at initialisation to create its variables.
+  With `preact` the backbone's stage taps are taken before their last ReLU.
   """
   backbone: nn.Module
   heads: Optional[nn.Module] = None
   frozen_backbone: bool = False
   bridge: Optional[nn.Module] = None
+  preact: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, teacher_out: Optional[Any] = None,
                batch: Optional[Any] = None) -> dict[str, Any]:
-    logits, feats = self.backbone(x, train=train and not self.frozen_backbone)
+    # Only asked for when needed: a CLIP tower has no pre-activation taps.
+    preact = {"preact": True} if self.preact else {}
+    logits, feats = self.backbone(x, train=train and not self.frozen_backbone, **preact)
     if self.frozen_backbone:
       logits, feats = jax.lax.stop_gradient((logits, feats))
     out = {"logits": logits, "feats": feats}

@@ -19,7 +19,12 @@ from configs import demo
 from jaxkd import checkpoint
 from jaxkd import data
 from jaxkd import models
+from jaxkd import loop
+from jaxkd import parallel
+from jaxkd import stages
+from jaxkd import steps
 from jaxkd import train
+from jaxkd.data import teacher_views
 from jaxkd.errors import UserError
 from jaxkd.interop import clip_weights
 from jaxkd.methods import ega
@@ -40,7 +45,7 @@ def test_teacher_head_step_uses_pre_update_params_and_learns_from_ce_only():
   """out = head_θ(teacher_out) at the current θ, without gradient; θ takes one SGD step of
   torch's rule on CE(logit_t, y) alone."""
   hparams = ega.METHOD.hparams(ml_collections.ConfigDict(dict(embed_dim=6)))
-  head = train.TeacherHeadStep(module=ega.teacher_heads(5, hparams), loss=ega.teacher_head_loss,
+  head = steps.TeacherHeadStep(module=ega.teacher_heads(5, hparams), loss=ega.teacher_head_loss,
                                tx=ega.teacher_head_optimizer(hparams))
   rng = np.random.default_rng(0)
   teacher_out = {"logits": jnp.zeros((4, 7)),
@@ -49,7 +54,7 @@ def test_teacher_head_step_uses_pre_update_params_and_learns_from_ce_only():
   params = head.module.init(jax.random.key(0), teacher_out)["params"]
   state = {"params": params, "opt_state": head.tx.init(params)}
 
-  step = jax.jit(lambda st: train.teacher_head_step(head, st, teacher_out, labels, hparams))
+  step = jax.jit(lambda st: steps.teacher_head_step(head, st, teacher_out, labels, hparams))
   out, new_state, metrics = step(state)
   before = jax.jit(head.module.apply)({"params": params}, teacher_out)
   np.testing.assert_allclose(out["embedding"], before["embedding"], rtol=1e-6)
@@ -63,7 +68,7 @@ def test_teacher_head_step_uses_pre_update_params_and_learns_from_ce_only():
   for a, b in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   # Nothing of what the student reads flows back into θ.
-  student_side = lambda p: jnp.sum(train.teacher_head_step(
+  student_side = lambda p: jnp.sum(steps.teacher_head_step(
       head, {"params": p, "opt_state": state["opt_state"]}, teacher_out, labels,
       hparams)[0]["embedding"] ** 2)
   assert all(np.all(g == 0) for g in jax.tree.leaves(jax.jit(jax.grad(student_side))(params)))
@@ -111,9 +116,9 @@ def test_pretrain_student_and_linear_probe_stages(ega_run):
   table = train.results_table(results, workdir)
   assert table.splitlines()[2].split()[3:] == ["-", "-", "-"]
   # The teacher EGA reads is the pretrained backbone, without the projection head.
-  backbone_file = os.path.join(workdir, "pretrain", train.BACKBONE_FILE)
+  backbone_file = os.path.join(workdir, "pretrain", loop.BACKBONE_FILE)
   assert student["teacher_sha256"] == checkpoint.file_sha256(backbone_file)
-  pretrained = train.build_network("resnet8", 10, simclr.projection_heads,
+  pretrained = loop.build_network("resnet8", 10, simclr.projection_heads,
                                    simclr.METHOD.hparams())
   exported = checkpoint.import_variables(pretrain["export"], jax.eval_shape(
       pretrained.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
@@ -145,11 +150,11 @@ def test_pretrain_student_and_linear_probe_stages(ega_run):
 def test_a_zoo_teacher_of_an_online_head_sees_its_own_view(ega_run):
   """As the reference's teacher does: its crop and flip are drawn apart from the student's."""
   config, workdir, _ = ega_run
-  mesh = train.parallel.create_mesh()
+  mesh = parallel.create_mesh()
   info = data.get_dataset_info(config.dataset)
-  teachers = train.Teachers(config, workdir, mesh, info, [])
+  teachers = stages.Teachers(config, workdir, mesh, info, [])
   teacher = teachers.for_method(ega.METHOD, ega.METHOD.hparams())
-  assert teacher.input == train.teacher_views.DATASET_INPUT
+  assert teacher.input == teacher_views.DATASET_INPUT
   batch = next(data.train_batches(config.dataset, "none", 8, seed=0,
                                   teacher_input=teacher.input))
   assert batch["teacher_image"].shape == batch["image"].shape
@@ -175,7 +180,7 @@ def test_resumed_student_ends_with_the_same_teacher_head(ega_run, tmp_path, caps
   student and online teacher head alike. The pretrained teacher is imported from its file."""
   config, ref_workdir, _ = ega_run
   resumed = ega_config(config.dataset.data_dir, **{
-      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", train.BACKBONE_FILE),
+      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", loop.BACKBONE_FILE),
       "linear_probe.dataset": ""})
   workdir = str(tmp_path / "resumed")
   shutil.copytree(os.path.join(ref_workdir, "student_ega", "checkpoints", "2"),
@@ -197,7 +202,7 @@ def test_crd_comparison_trains_its_memory_and_exports_the_student_alone(ega_run,
   student leaves them out, and the linear probe reads it."""
   config, ref_workdir, _ = ega_run
   crd_config = ega_config(config.dataset.data_dir, **{
-      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", train.BACKBONE_FILE),
+      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", loop.BACKBONE_FILE),
       "method.name": "ega_crd", "method.distill": "crd", "method.nce_k": 8,
       "method.crd_feat_dim": 16, "linear_probe.num_epochs": 1})
   workdir = str(tmp_path / "crd")
@@ -214,7 +219,7 @@ def test_crd_comparison_trains_its_memory_and_exports_the_student_alone(ega_run,
     np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
   assert set(states[max(states)]["params"]["bridge"]) == {"embed_s", "embed_t"}
   exported = checkpoint.import_variables(student["export"], jax.eval_shape(
-      lambda: train.build_network("resnet8", 10, ega.student_heads, ega.METHOD.hparams()).init(
+      lambda: loop.build_network("resnet8", 10, ega.student_heads, ega.METHOD.hparams()).init(
           jax.random.key(0), jnp.zeros((1, 8, 8, 1)))))
   assert "bridge" not in exported["params"] and "bridge" not in exported["batch_stats"]
 

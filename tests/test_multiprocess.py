@@ -24,7 +24,8 @@ from configs import demo  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxkd import checkpoint  # noqa: E402
 from jaxkd import distributed  # noqa: E402
 from jaxkd import parallel  # noqa: E402
-from jaxkd import train  # noqa: E402
+from jaxkd import loop
+from jaxkd import steps
 from jaxkd.errors import UserError  # noqa: E402
 from jaxkd.methods import ega, get_method, sskd  # noqa: E402
 from jaxkd.optim import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -55,7 +56,7 @@ def sskd_steps(mesh, batches, checkpoint_dir=None):
   method = get_method("sskd")
   hparams = method.hparams()
   # Teacher and student share the architecture here, so one compiled init serves both.
-  network = train.build_network("resnet8", 10, sskd.ss_module, hparams)
+  network = loop.build_network("resnet8", 10, sskd.ss_module, hparams)
   schedule = learning_rate_schedule(config, 0.1, 1, NUM_STEPS)
   tx = make_optimizer(config, schedule)
   init = jax.jit(lambda seed: network.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1))),
@@ -67,8 +68,8 @@ def sskd_steps(mesh, batches, checkpoint_dir=None):
                          variables["params"]))
   state = parallel.replicate(state, mesh)
   step = jax.jit(functools.partial(
-      train.train_step, network=network, teacher_network=network, loss=method.loss,
-      hparams=hparams, tx=tx, schedule=schedule), donate_argnums=(0,))
+      steps.train_step, network=network, teacher_network=network, loss=method.loss,
+      hparams=hparams, tx=tx, schedule=schedule, steps_per_epoch=1), donate_argnums=(0,))
   index, count = jax.process_index(), jax.process_count()
   losses = []
   for batch in batches:

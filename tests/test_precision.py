@@ -10,7 +10,8 @@ import pytest
 
 from configs import demo
 from jaxkd import parallel
-from jaxkd import train
+from jaxkd import loop
+from jaxkd import steps
 from jaxkd.methods import get_method
 from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.state import TrainState
@@ -32,7 +33,7 @@ def _batches(views):
 def _init(method_name):
   """Float32 (student, teacher) variables of resnet8 with the method's student heads."""
   method = get_method(method_name)
-  network = train.build_network("resnet8", 10, method.student_heads, method.hparams())
+  network = loop.build_network("resnet8", 10, method.student_heads, method.hparams())
   init = jax.jit(lambda seed: network.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1))))
   return init(0), init(1)
 
@@ -46,14 +47,14 @@ def _run(method_name, dtype):
   # Teacher and student share architecture and heads here (KD: none; SSKD: the SS module).
   # Variables always come from the float32 network, so both precisions start identical.
   variables, teacher_variables = _init(method_name)
-  student = train.build_network("resnet8", 10, method.student_heads, hparams, dtype=dtype)
+  student = loop.build_network("resnet8", 10, method.student_heads, hparams, dtype=dtype)
   schedule = learning_rate_schedule(config, 0.1, 1, NUM_STEPS)
   tx = make_optimizer(config, schedule)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
   step = jax.jit(functools.partial(
-      train.train_step, network=student, teacher_network=student, loss=method.loss,
-      hparams=hparams, tx=tx, schedule=schedule))
+      steps.train_step, network=student, teacher_network=student, loss=method.loss,
+      hparams=hparams, tx=tx, schedule=schedule, steps_per_epoch=1))
   history = []
   for batch in _batches(method.views):
     state, metrics = step(state, teacher_variables, parallel.to_global(batch, mesh))

@@ -14,6 +14,7 @@ import helpers
 
 from jaxkd import checkpoint
 from jaxkd import models
+from jaxkd import loop
 from jaxkd import train
 from jaxkd.data import sources
 from jaxkd.methods import sskd
@@ -84,7 +85,7 @@ def _mock_cifar100(dataset_config, split):
 
 def _random_teacher(name):
   """Variables of zoo network `name` drawn with numpy (a jitted init costs seconds of compile)."""
-  network = train.build_network(name, 100)
+  network = loop.build_network(name, 100)
   shapes = jax.eval_shape(functools.partial(network.init, train=False), jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))
   rng = np.random.RandomState(0)

@@ -19,6 +19,9 @@ import helpers
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import parallel
+from jaxkd import data
+from jaxkd import loop
+from jaxkd import steps
 from jaxkd import train
 from jaxkd.errors import UserError
 from jaxkd.methods import get_method
@@ -98,19 +101,20 @@ def test_multistep_schedule_and_sgd_match_torch_rules():
 
 def _three_steps(mesh, batches):
   config = demo.get_config()
-  network = train.build_network("resnet8", 10)
-  teacher_net = train.build_network("resnet8", 10)
+  network = loop.build_network("resnet8", 10)
+  teacher_net = loop.build_network("resnet8", 10)
   method = get_method("kd")
   schedule = learning_rate_schedule(config, 0.1, 1, 3)
   tx = make_optimizer(config, schedule)
-  variables = train.init_variables(network, (8, 8, 1), 0, mesh)
-  teacher_vars = train.init_variables(teacher_net, (8, 8, 1), 1, mesh)
+  variables = loop.init_variables(network, (8, 8, 1), 0, mesh)
+  teacher_vars = loop.init_variables(teacher_net, (8, 8, 1), 1, mesh)
   state = parallel.replicate(TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
   step = jax.jit(functools.partial(
-      train.train_step, network=network, teacher_network=teacher_net, loss=method.loss,
-      hparams=method.hparams(), tx=tx, schedule=schedule), donate_argnums=(0,))
+      steps.train_step, network=network, teacher_network=teacher_net, loss=method.loss,
+      hparams=method.hparams(), tx=tx, schedule=schedule, steps_per_epoch=1),
+      donate_argnums=(0,))
   for b in batches:
     state, _ = step(state, teacher_vars, parallel.to_global(b, mesh))
   return jax.device_get(state)
@@ -325,9 +329,9 @@ def test_teacher_preparation_stage(demo_run, tmp_path, monkeypatch, frozen):
   assert [r["stage"] for r in out] == (["teacher", "teacher_toy", "student_toy"] if frozen
                                        else ["teacher_toy", "student_toy"])
   prepared = checkpoint.import_variables(
-      out[-2]["export"], train.load_teacher(
-          train.build_network("resnet20", 10, toy.teacher.heads, toy.hparams()),
-          out[-2]["export"], train.data.get_dataset_info(cfg.dataset),
+      out[-2]["export"], loop.load_teacher(
+          loop.build_network("resnet20", 10, toy.teacher.heads, toy.hparams()),
+          out[-2]["export"], data.get_dataset_info(cfg.dataset),
           parallel.create_mesh()).variables)
   assert set(prepared["params"]) == {"backbone", "heads"}
   plain = checkpoint.import_variables(results[0]["export"], {

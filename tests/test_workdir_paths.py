@@ -21,6 +21,7 @@ from etils.epath import backend, gpath, register
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import paths
+from jaxkd import loop
 from jaxkd import train
 from jaxkd.errors import UserError
 from jaxkd.methods import get_method
@@ -68,13 +69,13 @@ def test_variables_file_round_trip_on_a_url(ram_bucket):
   assert not os.listdir(cwd)
 
 
-def _stage(num_epochs: int = 1) -> train.Stage:
+def _stage(num_epochs: int = 1) -> loop.Stage:
   ce = get_method("ce")
-  return train.Stage(name="teacher", model_name="resnet8", method_name="ce", loss=ce.loss,
+  return loop.Stage(name="teacher", model_name="resnet8", method_name="ce", loss=ce.loss,
                      hparams=ce.hparams(), num_epochs=num_epochs, base_lr=0.1)
 
 
-def _finished_result(stage: train.Stage, dataset: str) -> dict:
+def _finished_result(stage: loop.Stage, dataset: str) -> dict:
   """What run_stage records for a finished `stage` (its description and some scores)."""
   return {"model": stage.model_name, "method": stage.method_name,
           "num_epochs": stage.num_epochs, "dataset": dataset, "teacher_sha256": None,
@@ -91,12 +92,12 @@ def test_stage_result_round_trip_on_a_url(ram_bucket):
   stage = _stage()
   result = _finished_result(stage, config.dataset.name)
   tf.io.gfile.makedirs(f"{workdir}/teacher")
-  train._write_result(f"{workdir}/teacher", result)
+  loop._write_result(f"{workdir}/teacher", result)
   assert tf.io.gfile.listdir(f"{workdir}/teacher") == ["result.json"]
   # A finished stage is read back instead of trained again (no mesh or data needed).
-  assert train.run_stage(stage, config, workdir, mesh=None, info=None) == result
+  assert loop.run_stage(stage, config, workdir, mesh=None, info=None) == result
   with pytest.raises(UserError, match="already holds a finished stage with num_epochs=1"):
-    train.run_stage(_stage(num_epochs=2), config, workdir, mesh=None, info=None)
+    loop.run_stage(_stage(num_epochs=2), config, workdir, mesh=None, info=None)
   assert not os.listdir(cwd)
 
 
@@ -124,7 +125,7 @@ def test_local_paths_are_resolved_and_written_as_before(tmp_path, monkeypatch):
   mngr.close()
   train.check_workdir("run")
   result = _finished_result(_stage(), "digits")
-  train._write_result(os.path.join("run", "teacher"), result)
+  loop._write_result(os.path.join("run", "teacher"), result)
   with open(os.path.join(cwd, "run", "teacher", "result.json")) as f:
     assert f.read() == json.dumps(result, indent=2)
   assert sorted(os.listdir(os.path.join(cwd, "run", "teacher"))) == ["checkpoints", "result.json"]

@@ -29,12 +29,29 @@ _MODULES = {
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)
 
+# RepDistiller's `--distill` names of the same methods.
+ALIASES = {
+    "hint": "fitnet",
+    "attention": "at",
+    "similarity": "sp",
+    "correlation": "cc",
+    "abound": "ab",
+    "factor": "ft",
+}
+
+
+def canonical_name(name: str) -> str:
+  """jaxkd's name of a method given by jaxkd's or RepDistiller's name (others unchanged)."""
+  return ALIASES.get(name, name)
+
 
 def get_method(name: str) -> Method:
+  """The registered method `name` (jaxkd's or RepDistiller's name)."""
+  name = canonical_name(name)
   if name not in _MODULES or importlib.util.find_spec(f"jaxkd.methods.{_MODULES[name]}") is None:
     raise unknown_name("method", name, METHOD_NAMES)
   module = importlib.import_module(f"jaxkd.methods.{_MODULES[name]}")
   return module.METHODS[name] if hasattr(module, "METHODS") else module.METHOD
 
 
-__all__ = ["Method", "METHOD_NAMES", "get_method", "distill_kl"]
+__all__ = ["Method", "METHOD_NAMES", "ALIASES", "canonical_name", "get_method", "distill_kl"]

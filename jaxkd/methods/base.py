@@ -46,7 +46,8 @@ class TeacherPreparation:
       and heads are trained jointly from scratch and replace the plain teacher stage (HSAKD's
       "Teacher*").
     num_epochs, lr, milestones: hparams field names holding this stage's schedule (multistep,
-      decay 0.1), so that recipes and command lines can change them.
+      decay 0.1), so that recipes and command lines can change them; an lr of −1 means
+      `optimizer.lr`; milestones None: a constant learning rate.
     select: optional `(eval scores, hparams) -> score or None`; when it gives a score, the
       teacher handed to the student is the one of the evaluation with the highest score (e.g.
       HSAKD keeps the best auxiliary joint-label accuracy), else the last one.
@@ -57,8 +58,31 @@ class TeacherPreparation:
   frozen_backbone: bool = True
   num_epochs: str = "teacher_epochs"
   lr: str = "teacher_lr"
-  milestones: str = "teacher_milestones"
+  milestones: Optional[str] = "teacher_milestones"
   select: Optional[Callable[[Mapping[str, float], ml_collections.ConfigDict], Optional[float]]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentPreparation:
+  """How a method prepares its student before distillation (stage `student_<method>_init`,
+  RepDistiller's `init` stage of AB and FSP).
+
+  The student's feature layers — every parameter its taps depend on; the classifier keeps its
+  initial values — and the method's `bridge` (e.g. AB's connector) are trained on `loss`
+  against the frozen teacher, at a constant learning rate; the student stage then starts from
+  the prepared student (the bridge is dropped).
+
+  Attributes:
+    loss: `loss(student_out, teacher_out, labels, hparams)`.
+    bridge: optional factory `(num_train_examples, hparams) -> nn.Module` of modules trained in
+      this stage only, called as Method.bridge is.
+    num_epochs, lr: hparams field names holding this stage's epochs and learning rate (an lr
+      of −1 means `optimizer.lr`, the student's).
+  """
+  loss: LossFn
+  bridge: Optional[BridgeFactory] = None
+  num_epochs: str = "init_epochs"
+  lr: str = "init_lr"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +138,13 @@ class Method:
       before any work is done.
     check_pair: optional `(teacher_model, student_model, num_classes) -> None` raising a
       UserError when the method cannot pair these zoo models, called before any work is done.
+    pair_defaults: optional `(teacher_model, student_model) -> {field: value}`: defaults that
+      depend on the pair (DKD's β per pair in its reference configs); `config.method` still
+      overrides them.
+    student_preparation: optional training of the student before distillation (see
+      StudentPreparation).
+    preact: the taps of both networks are taken before the last ReLU of each stage, in every
+      stage of the method (RepDistiller's `preact=True`, used by AB).
   """
   name: str
   loss: LossFn
@@ -128,11 +159,17 @@ class Method:
   negatives: Optional[Callable[[ml_collections.ConfigDict], int]] = None
   check_hparams: Optional[Callable[[ml_collections.ConfigDict], None]] = None
   check_pair: Optional[Callable[[str, str, int], None]] = None
+  pair_defaults: Optional[Callable[[str, str], Mapping[str, Any]]] = None
+  student_preparation: Optional[StudentPreparation] = None
+  preact: bool = False
 
-  def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None
-              ) -> ml_collections.ConfigDict:
-    """The method's defaults updated with the fields of `overrides` (except `name`)."""
+  def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None,
+              pair: Optional[tuple[str, str]] = None) -> ml_collections.ConfigDict:
+    """The method's defaults, then its defaults for the (teacher, student) `pair`, updated with
+    the fields of `overrides` (except `name`)."""
     merged = ml_collections.ConfigDict(dict(self.defaults))
+    if pair is not None and self.pair_defaults is not None:
+      merged.update(dict(self.pair_defaults(*pair)))
     if overrides is not None:
       for key, value in overrides.items():
         if key != "name":

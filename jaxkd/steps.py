@@ -1,0 +1,119 @@
+"""The pure, jitted step functions of a stage: one training step, one evaluation step.
+
+Each is a function of arrays and static configuration only (networks, losses, optimiser), so
+`jax.jit` compiles it once per stage and runs it data-parallel over the mesh: the batch is
+sharded on the data axis, the state replicated, and every in-batch term of a loss sees the
+global batch.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxkd.methods.base import EvalMetricsFn, LossFn
+from jaxkd.methods.losses import topk_correct
+from jaxkd.state import Network, TrainState
+
+
+def flatten_views(images: jax.Array) -> jax.Array:
+  """[B, V, H, W, C] -> [B·V, H, W, C] with row V·i + k = image i, view k; [B, H, W, C] as is."""
+  return images.reshape((-1,) + images.shape[-3:]) if images.ndim == 5 else images
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherHeadStep:
+  """A method's online teacher head as one stage uses it: the module, its loss, its optimiser."""
+  module: Any
+  loss: LossFn
+  tx: optax.GradientTransformation
+
+
+def teacher_head_step(head: TeacherHeadStep, head_state: dict[str, Any], teacher_out: Any,
+                      labels: jax.Array, hparams: ml_collections.ConfigDict
+                      ) -> tuple[Any, dict[str, Any], dict[str, jax.Array]]:
+  """The head's outputs at its current parameters θ, and one step of its own optimiser:
+
+  out = teacher_out ∪ head_θ(teacher_out);  θ ← θ + update(∇_θ L_head(out, y))
+
+  Returns (out, the head's next {'params', 'opt_state'}, its metrics). `out` is computed with
+  the pre-update θ and carries no gradient: the student reads it as a constant, and nothing of
+  the student's loss reaches θ.
+  """
+  def loss_fn(params):
+    out = dict(teacher_out)
+    out.update(head.module.apply({"params": params}, teacher_out, train=True))
+    value, metrics = head.loss(out, None, labels, hparams)
+    return value, (out, metrics)
+
+  params, opt_state = head_state["params"], head_state["opt_state"]
+  grads, (out, metrics) = jax.grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = head.tx.update(grads, opt_state, params)
+  next_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+  return jax.lax.stop_gradient(out), next_state, metrics
+
+
+def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array], *,
+               network: Network, teacher_network: Optional[Network], loss: LossFn,
+               hparams: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, steps_per_epoch: int,
+               teacher_head: Optional[TeacherHeadStep] = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step of the student on a global batch; the teacher runs in inference mode.
+
+  The loss also reads `student_out['epoch']`, the 1-based epoch of the step (for weights that
+  follow the schedule, such as DKD's warm-up).
+
+  The teacher reads `batch['teacher_image']` when the pipeline gives it its own view, else the
+  student's images. With `teacher_head`, the head on the frozen teacher gives the teacher
+  outputs and takes its own step (see teacher_head_step), in the same step as the student.
+  """
+  images = flatten_views(batch["image"])
+  teacher_out = None
+  head_state, head_metrics = state.teacher_head, {}
+  if teacher_network is not None:
+    teacher_images = flatten_views(batch.get("teacher_image", batch["image"]))
+    teacher_out = jax.lax.stop_gradient(
+        teacher_network.apply(teacher_variables, teacher_images, train=False))
+    if teacher_head is not None:
+      teacher_out, head_state, head_metrics = teacher_head_step(
+          teacher_head, state.teacher_head, teacher_out, batch["label"], hparams)
+
+  def loss_fn(params):
+    out, updates = network.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                 train=True, teacher_out=teacher_out, batch=batch,
+                                 mutable=["batch_stats"])
+    out = dict(out, epoch=state.step // steps_per_epoch + 1)
+    value, metrics = loss(out, teacher_out, batch["label"], hparams)
+    return value, (metrics, updates["batch_stats"])
+
+  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, **head_metrics, lr=schedule(state.step))
+  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                    opt_state=opt_state, teacher_head=head_state), metrics
+
+
+def eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Network
+              ) -> dict[str, jax.Array]:
+  """Counts of top-1 / top-5 hits over the real (mask = 1) rows of an eval batch."""
+  logits = network.apply(variables, batch["image"], train=False)["logits"]
+  mask = batch["mask"]
+  k5 = min(5, logits.shape[-1])
+  return {"top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+          "top5": jnp.sum(topk_correct(logits, batch["label"], k5) * mask),
+          "count": jnp.sum(mask)}
+
+
+def method_eval_step(variables: Any, batch: dict[str, jax.Array], *, network: Network,
+                     metrics_fn: EvalMetricsFn, hparams: ml_collections.ConfigDict
+                     ) -> dict[str, jax.Array]:
+  """Sums of a method's per-image eval metrics over the real rows, on the method's views."""
+  out = network.apply(variables, flatten_views(batch["image"]), train=False)
+  scores = metrics_fn(out, batch["label"], hparams, batch["mask"])
+  sums = {name: jnp.sum(value * batch["mask"]) for name, value in scores.items()}
+  return dict(sums, count=jnp.sum(batch["mask"]))
