@@ -1,10 +1,18 @@
-"""Helpers the test modules share: loading a file as `--config` does, dotted config overrides."""
+"""Helpers the test modules share: loading a file as `--config` does, dotted config overrides,
+mock CIFAR-100 and random zoo variables."""
 
+import functools
 import importlib.util
 import pathlib
 from typing import Any, Mapping, Union
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from jaxkd import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,3 +35,33 @@ def set_fields(config: ml_collections.ConfigDict,
       target = target[part]
     target[last] = value
   return config
+
+
+def mock_cifar100(dataset_config, split):
+  """Random CIFAR-100-shaped examples (uint8 32x32x3, labels < 100), fixed per split.
+
+  Stands in for `sources.load_split`: tfds.testing.mock_data swaps the file system for every
+  `as_dataset` call, which would race orbax's background checkpoint writes.
+  """
+  assert dataset_config.name == "cifar100"
+  rng = np.random.RandomState(0 if split == "train" else 1)
+  images = rng.randint(0, 256, size=(32, 32, 32, 3)).astype(np.uint8)
+  labels = rng.randint(0, 100, size=32).astype(np.int32)
+  return tf.data.Dataset.from_tensor_slices((images, labels))
+
+
+def random_variables(name: str, num_classes: int = 100) -> Any:
+  """Variables of zoo network `name` drawn with numpy (a jitted init costs seconds of compile)."""
+  network = loop.build_network(name, num_classes)
+  shapes = jax.eval_shape(functools.partial(network.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.RandomState(0)
+
+  def draw(path, leaf):
+    if path[-1].key == "var":
+      return np.ones(leaf.shape, leaf.dtype)
+    if path[-1].key == "mean":
+      return np.zeros(leaf.shape, leaf.dtype)
+    return (0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)

@@ -1,11 +1,8 @@
 """The SSKD recipes: one per pair of the SSKD README table, one run end to end on mock CIFAR-100."""
 
-import functools
 import glob
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,7 +11,6 @@ import helpers
 
 from jaxkd import checkpoint
 from jaxkd import models
-from jaxkd import loop
 from jaxkd import train
 from jaxkd.data import sources
 from jaxkd.methods import sskd
@@ -70,36 +66,6 @@ def test_locked_recipe_takes_command_line_hyper_parameters():
     _load("wrn_40_2-wrn_16_2", "tiny")
 
 
-def _mock_cifar100(dataset_config, split):
-  """Random CIFAR-100-shaped examples (uint8 32x32x3, labels < 100), fixed per split.
-
-  Stands in for `sources.load_split`: tfds.testing.mock_data swaps the file system for every
-  `as_dataset` call, which would race orbax's background checkpoint writes.
-  """
-  assert dataset_config.name == "cifar100"
-  rng = np.random.RandomState(0 if split == "train" else 1)
-  images = rng.randint(0, 256, size=(32, 32, 32, 3)).astype(np.uint8)
-  labels = rng.randint(0, 100, size=32).astype(np.int32)
-  return tf.data.Dataset.from_tensor_slices((images, labels))
-
-
-def _random_teacher(name):
-  """Variables of zoo network `name` drawn with numpy (a jitted init costs seconds of compile)."""
-  network = loop.build_network(name, 100)
-  shapes = jax.eval_shape(functools.partial(network.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, 32, 32, 3)))
-  rng = np.random.RandomState(0)
-
-  def draw(path, leaf):
-    if path[-1].key == "var":
-      return np.ones(leaf.shape, leaf.dtype)
-    if path[-1].key == "mean":
-      return np.zeros(leaf.shape, leaf.dtype)
-    return (0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @pytest.fixture(scope="module")
 def sskd_run(tmp_path_factory):
   """configs/sskd/resnet32x4-resnet8x4.py:runlocal on mock CIFAR-100: both SSKD stages.
@@ -111,10 +77,10 @@ def sskd_run(tmp_path_factory):
   config.dataset.update(num_train_examples=16, num_eval_examples=8)
   config.update(batch_size=8, eval_batch_size=8, num_epochs=1)
   config.teacher.checkpoint = str(tmp_path_factory.mktemp("teacher") / "resnet32x4.msgpack")
-  checkpoint.export_variables(config.teacher.checkpoint, _random_teacher("resnet32x4"))
+  checkpoint.export_variables(config.teacher.checkpoint, helpers.random_variables("resnet32x4"))
   workdir = str(tmp_path_factory.mktemp("sskd"))
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sources, "load_split", _mock_cifar100)
+    patch.setattr(sources, "load_split", helpers.mock_cifar100)
     results = train.train_and_evaluate(config, workdir)
   return config, workdir, results
 

@@ -25,6 +25,22 @@ _MODULES = {
     "ega_ccl": "ega",
     "ega_crd": "ega",
     "simclr": "simclr",
+    # The baselines of the CRD, SSKD and HSAKD tables (RepDistiller; DKD from mdistiller).
+    "fitnet": "fitnet",
+    "at": "at",
+    "sp": "sp",
+    "cc": "cc",
+    "vid": "vid",
+    "rkd": "rkd",
+    "pkt": "pkt",
+    "ab": "ab",
+    "ft": "ft",
+    "fsp": "fsp",
+    "nst": "nst",
+    "kdsvd": "kdsvd",
+    "crd": "crd",
+    "crd_kd": "crd",
+    "dkd": "dkd",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)

@@ -1,7 +1,9 @@
 """CRD's contrastive objective with a memory bank (Tian, Krishnan and Isola, ICLR 2020).
 
-As the RepDistiller code computes it (the EGA reference applies it to the joint embeddings).
-Both sides are embedded into a unit sphere of `feat_dim` = 128 dimensions,
+As the RepDistiller code computes it: on the pooled features fs [B, s_dim], ft [B, t_dim] of the
+two networks for the CRD baseline (the widths may differ), on the joint embeddings for the EGA
+reference's comparison. Both sides are embedded into a unit sphere of `feat_dim` = 128
+dimensions,
 
   v_s = ℓ2(Linear(fs)),  v_t = ℓ2(Linear(ft)),
 
@@ -14,19 +16,23 @@ For the K + 1 indices J_i = (i, K training examples of other classes) the pipeli
 with Z_s, Z_t fixed at the first step to N · mean(exp(...) of that batch). After the scores,
 the banks move: M_s[i] ← ℓ2(m · M_s[i] + (1 − m) v_s,i) (same for the teacher), m = 0.5.
 The loss is the NCE of `contrast_loss` on each side, summed. Both embeddings are trained with
-the student (the teacher's embedding Linear too); the joint embedding ft itself is a constant.
+the student (the teacher's embedding Linear too); the teacher feature ft itself is a constant.
 
 The banks and the two constants live in the 'batch_stats' collection: like BatchNorm's running
 statistics they are state that a training-mode forward pass updates without a gradient, so they
 are checkpointed, replicated over devices and restored with the student.
 """
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from jaxkd.methods.base import Method
+from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective
 from jaxkd.models import layers
 
 CONTRAST_EPS = 1e-7
@@ -56,17 +62,29 @@ class ContrastMemory(nn.Module):
   """CRD's embeddings and memory banks, as a bridge between the student and the teacher.
 
   Called as `bridge(student_out, teacher_out, batch, train=...)` on the student's and the
-  teacher's outputs (their `key` entries: the joint embeddings fs, ft) and the batch's
-  'index' [B] and 'contrast_index' [B, K + 1]; returns {'crd_student': o^s, 'crd_teacher': o^t,
-  'loss_crd': `crd_loss`} (see the module docstring) and, in training, moves the banks. With `teacher_out` None (at
-  initialisation) it only creates its variables.
+  teacher's outputs and the batch's 'index' [B] and 'contrast_index' [B, K + 1] (column 0 the
+  index itself); returns {'crd_student': o^s, 'crd_teacher': o^t, 'loss_crd': `crd_loss`}
+  (see the module docstring) and, in training, moves the banks and fixes Z on the first call.
+
+  The features read are `out[key]` of both sides (EGA: the joint embeddings fs, ft, of width
+  `embed_dim`), or, when `tap` is set, `out['feats'][tap]` (the CRD baseline: the pooled
+  vector, RepDistiller's feat[-1]); the two widths may differ. At initialisation it only
+  creates its variables and returns {}: with `teacher_out` None both embeddings take inputs of
+  width `embed_dim`; with a real `teacher_out` and `batch` None they take the widths of the
+  two sides' features.
   """
   num_data: int
-  embed_dim: int
+  embed_dim: Optional[int] = None
   feat_dim: int = 128
   temperature: float = 0.07
   momentum: float = 0.5
   key: str = "embedding"
+  tap: Optional[str] = None
+
+  def features(self, out: Any) -> jax.Array:
+    """The feature this bridge embeds: out['feats'][tap] when `tap` is set, else out[key]."""
+    x = out["feats"][self.tap] if self.tap is not None else out[self.key]
+    return x.astype(jnp.float32)
 
   @nn.compact
   def __call__(self, student_out: Any, teacher_out: Optional[Any], batch: Optional[Any],
@@ -83,12 +101,19 @@ class ContrastMemory(nn.Module):
     z_s = self.variable("batch_stats", "z_s", lambda: jnp.array(-1.0, jnp.float32))
     z_t = self.variable("batch_stats", "z_t", lambda: jnp.array(-1.0, jnp.float32))
     if teacher_out is None:
+      if self.embed_dim is None:
+        raise ValueError("ContrastMemory needs `embed_dim` to be initialised without a teacher")
       zeros = jnp.zeros((1, self.embed_dim), jnp.float32)
       embed_s(zeros), embed_t(zeros)
       return {}
+    f_s = self.features(student_out)
+    f_t = jax.lax.stop_gradient(self.features(teacher_out))
+    if batch is None:
+      embed_s(f_s), embed_t(f_t)
+      return {}
 
-    v_s = unit_rows(embed_s(student_out[self.key].astype(jnp.float32)))
-    v_t = unit_rows(embed_t(teacher_out[self.key].astype(jnp.float32)))
+    v_s = unit_rows(embed_s(f_s))
+    v_t = unit_rows(embed_t(f_t))
     contrast = batch["contrast_index"]
     # The banks are constants of this step: scores read them before they move.
     bank_s, bank_t = jax.lax.stop_gradient((memory_s.value, memory_t.value))
@@ -113,3 +138,21 @@ class ContrastMemory(nn.Module):
 def crd_loss(student_scores: jax.Array, teacher_scores: jax.Array, num_data: int) -> jax.Array:
   """L_CRD = contrast_loss(o^s) + contrast_loss(o^t)."""
   return contrast_loss(student_scores, num_data) + contrast_loss(teacher_scores, num_data)
+
+
+# The CRD baseline on the zoo's pooled features (RepDistiller's `crd`: `-r 1 -a 0 -b 0.8`;
+# CRD+KD adds KD with `-a 1`), in CRD's, SSKD's and HSAKD's tables.
+DEFAULTS = dict(WEIGHTS, feat_weight=0.8, feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5)
+
+
+def baseline_bridge(num_data: int, hparams: ml_collections.ConfigDict) -> nn.Module:
+  """Embeddings and memory banks of the `num_data` training examples on the pooled taps."""
+  return ContrastMemory(num_data=num_data, feat_dim=hparams.feat_dim, temperature=hparams.nce_t,
+                        momentum=hparams.nce_m, tap="pooled")
+
+
+METHOD = Method(name="crd", loss=distillation_objective("crd", bridge_term("loss_crd")),
+                defaults=DEFAULTS, bridge=baseline_bridge, negatives=lambda h: h.nce_k)
+METHODS = {"crd": METHOD,
+           "crd_kd": dataclasses.replace(METHOD, name="crd_kd",
+                                         defaults=dict(DEFAULTS, kd_weight=1.0))}
