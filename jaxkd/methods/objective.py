@@ -8,11 +8,14 @@ where L_method is the method's own term on the feature taps (or computed by its 
 DistillKL_T is Hinton's KD term of jaxkd.methods.losses.distill_kl.
 """
 
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
+from jaxkd import models
+from jaxkd.errors import UserError
 from jaxkd.methods.base import LossFn, Outputs
 from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
 
@@ -30,6 +33,42 @@ def taps(out: Outputs) -> list[jax.Array]:
   return list(out["feats"].values())
 
 
+def tap_channels(model_name: str, num_classes: int) -> list[int]:
+  """The channel count of each tap of zoo model `model_name` (nothing is computed)."""
+  model = models.get_model(model_name, num_classes)
+  (_, feats), _ = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  return [f.shape[-1] for f in feats.values()]
+
+
+def unequal_channels(method: str, s_channels: Sequence[int], t_channels: Sequence[int]
+                     ) -> Optional[str]:
+  """None when every student tap has the channels of its teacher tap, else why not."""
+  s_channels, t_channels = list(s_channels), list(t_channels)
+  if len(s_channels) != len(t_channels):
+    return (f"{method} pairs the taps one to one, but the student has {len(s_channels)} and "
+            f"the teacher {len(t_channels)}")
+  for i, (c_s, c_t) in enumerate(zip(s_channels, t_channels)):
+    if c_s != c_t:
+      return (f"{method} needs equal student and teacher channels at every tap it reads, but "
+              f"tap {i} has {c_s} student and {c_t} teacher channels (student {s_channels}, "
+              f"teacher {t_channels})")
+  return None
+
+
+def equal_channels(method: str, select: Callable[[list[int]], list[int]]
+                   ) -> Callable[[str, str, int], None]:
+  """A Method.check_pair refusing pairs whose selected taps (`select` of the tap list, e.g.
+  f[1:-1]) differ in channels, as RepDistiller's code fails on them."""
+  def check_pair(teacher: str, student: str, num_classes: int) -> None:
+    problem = unequal_channels(method, select(tap_channels(student, num_classes)),
+                               select(tap_channels(teacher, num_classes)))
+    if problem is not None:
+      raise UserError(f"teacher {teacher} -> student {student}: {problem}; choose a pair with "
+                      f"matching widths (RepDistiller lists {method} as N/A for such pairs)")
+  return check_pair
+
+
 def bridge_term(key: str) -> TermFn:
   """A method term its bridge has already computed into the student outputs (`key`)."""
   def term(student_out, teacher_out, hparams):
@@ -38,8 +77,10 @@ def bridge_term(key: str) -> TermFn:
   return term
 
 
-def distillation_objective(name: str, term: TermFn) -> LossFn:
-  """The baseline's student loss: ce_weight·CE + kd_weight·KD + feat_weight·term (see above).
+def distillation_objective(name: str, term: Optional[TermFn]) -> LossFn:
+  """The baseline's student loss: ce_weight·CE + kd_weight·KD + feat_weight·term (see above);
+  without a term (a method whose own term only trains a preparation stage, AB and FSP),
+  ce_weight·CE + kd_weight·KD.
 
   Metrics: loss, loss_ce, loss_kd (where kd_weight ≠ 0), loss_<name> (unweighted) and what
   the term adds, top1.
@@ -47,10 +88,13 @@ def distillation_objective(name: str, term: TermFn) -> LossFn:
   def loss(student_out, teacher_out, labels, hparams):
     logits = student_out["logits"]
     loss_ce = cross_entropy(logits, labels)
-    value, metrics = term(student_out, teacher_out, hparams)
-    total = hparams.ce_weight * loss_ce + hparams.feat_weight * value
-    metrics = dict(metrics, loss_ce=loss_ce, top1=topk_correct(logits, labels, 1).mean())
-    metrics[f"loss_{name}"] = value
+    metrics = dict(loss_ce=loss_ce, top1=topk_correct(logits, labels, 1).mean())
+    total = hparams.ce_weight * loss_ce
+    if term is not None:
+      value, extra = term(student_out, teacher_out, hparams)
+      total = total + hparams.feat_weight * value
+      metrics.update(extra)
+      metrics[f"loss_{name}"] = value
     if hparams.kd_weight:
       metrics["loss_kd"] = distill_kl(logits, teacher_out["logits"], hparams.T)
       total = total + hparams.kd_weight * metrics["loss_kd"]
