@@ -68,6 +68,8 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
       method.check_hparams(method_hparams(config, method))
     if method.check_pair is not None and not clip_teacher:
       method.check_pair(teacher_name, config.student.name, info.num_classes)
+    if method.check_mesh is not None:
+      method.check_mesh(mesh)
   pretrain = config.teacher.get("pretrain", "")
   if pretrain:
     if clip_teacher:

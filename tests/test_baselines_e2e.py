@@ -29,16 +29,16 @@ from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.state import TrainState
 
 # RepDistiller's names where it has one: the run must accept them.
+# (KDSVD runs on one device: see test_kdsvd_runs_on_one_cpu_device.)
 BASELINES = ("hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "abound",
-             "factor", "fsp", "nst", "kdsvd", "crd", "crd_kd", "dkd")
+             "factor", "fsp", "nst", "crd", "crd_kd", "dkd")
 STAGES = ["teacher", "student_fitnet", "student_at", "student_sp", "student_cc", "student_vid",
           "student_rkd", "student_pkt", "student_ab_init", "student_ab", "teacher_ft",
-          "student_ft", "student_fsp_init", "student_fsp", "student_nst", "student_kdsvd",
-          "student_crd", "student_crd_kd", "student_dkd"]
+          "student_ft", "student_fsp_init", "student_fsp", "student_nst", "student_crd", "student_crd_kd", "student_dkd"]
 # Per method: the unweighted term its student stage logs.
 TERMS = {"fitnet": "loss_fitnet", "at": "loss_at", "sp": "loss_sp", "cc": "loss_cc",
          "vid": "loss_vid", "rkd": "loss_rkd", "pkt": "loss_pkt", "ft": "loss_ft",
-         "nst": "loss_nst", "kdsvd": "loss_kdsvd", "crd": "loss_crd", "crd_kd": "loss_crd",
+         "nst": "loss_nst", "crd": "loss_crd", "crd_kd": "loss_crd",
          "dkd": "loss_dkd"}
 
 
@@ -180,6 +180,23 @@ def test_pairs_with_unequal_widths_are_refused_before_any_work(tmp_path, name):
   with pytest.raises(UserError, match="wrn_40_2.*wrn_40_1"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert os.listdir(tmp_path / "run") == []
+
+
+def test_kdsvd_runs_on_one_cpu_device_and_is_refused_on_four(tmp_path):
+  config = _config(tmp_path)
+  config.method = ml_collections.ConfigDict(dict(name="kdsvd"))
+  config.baselines = ""
+  with pytest.raises(UserError, match="kdsvd cannot run on 4 CPU devices"):
+    train.train_and_evaluate(config, str(tmp_path / "four"))
+  assert os.listdir(tmp_path / "four") == []
+  create_mesh = parallel.create_mesh
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sources, "load_split", helpers.mock_cifar100)
+    patch.setattr(parallel, "create_mesh", lambda: create_mesh(jax.devices()[:1]))
+    results = train.train_and_evaluate(config, str(tmp_path / "one"))
+  assert [r["stage"] for r in results] == ["teacher", "student_kdsvd"]
+  logged = _logged_metrics(str(tmp_path / "one" / "student_kdsvd"))
+  assert np.isfinite(logged["loss_kdsvd"]) and logged["loss_kdsvd"] > 0
 
 
 # ------------------------------------------------------------------- devices 1 vs 4

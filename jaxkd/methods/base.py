@@ -138,6 +138,8 @@ class Method:
       before any work is done.
     check_pair: optional `(teacher_model, student_model, num_classes) -> None` raising a
       UserError when the method cannot pair these zoo models, called before any work is done.
+    check_mesh: optional `(mesh) -> None` raising a UserError when the method cannot run on
+      the run's devices, called before any work is done.
     pair_defaults: optional `(teacher_model, student_model) -> {field: value}`: defaults that
       depend on the pair (DKD's β per pair in its reference configs); `config.method` still
       overrides them.
@@ -159,6 +161,7 @@ class Method:
   negatives: Optional[Callable[[ml_collections.ConfigDict], int]] = None
   check_hparams: Optional[Callable[[ml_collections.ConfigDict], None]] = None
   check_pair: Optional[Callable[[str, str, int], None]] = None
+  check_mesh: Optional[Callable[[Any], None]] = None
   pair_defaults: Optional[Callable[[str, str], Mapping[str, Any]]] = None
   student_preparation: Optional[StudentPreparation] = None
   preact: bool = False

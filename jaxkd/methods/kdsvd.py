@@ -44,10 +44,11 @@ Reproduces the reference's numbers (tests/data/golden_baselines.npz, prefix `kds
 teacher signs are matched to the reference's.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+from jaxkd.errors import UserError
 from jaxkd.methods.base import Method
 from jaxkd.methods.objective import WEIGHTS, distillation_objective, equal_channels, taps
 
@@ -228,7 +229,19 @@ def kdsvd_term(student_out, teacher_out, hparams):
   return total, {f"loss_kdsvd_{i}": value for i, value in enumerate(group)}
 
 
+def check_mesh(mesh: Any) -> None:
+  """Refuses several CPU devices: XLA:CPU runs their batched LAPACK SVDs at once, and the
+  step then never returns (seen with simulated devices); one CPU device runs it."""
+  devices = list(mesh.devices.flat)
+  if len(devices) > 1 and devices[0].platform == "cpu":
+    raise UserError(
+        f"method kdsvd cannot run on {len(devices)} CPU devices (their concurrent SVDs hang "
+        "XLA:CPU); run it on one CPU device (XLA_FLAGS=--xla_force_host_platform_device_count=1)"
+        " or on GPUs/TPUs")
+
+
 # RepDistiller's scripts give KDSVD no weight; 1.0 is mdistiller's (KDSVD.LOSS.FEAT_WEIGHT).
 METHOD = Method(name="kdsvd", loss=distillation_objective("kdsvd", kdsvd_term),
                 defaults=dict(WEIGHTS, feat_weight=1.0, k=1),
-                check_pair=equal_channels("KDSVD", lambda channels: channels[1:-1]))
+                check_pair=equal_channels("KDSVD", lambda channels: channels[1:-1]),
+                check_mesh=check_mesh)
