@@ -34,7 +34,8 @@ BASELINES = ("hint", "attention", "similarity", "correlation", "vid", "rkd", "pk
              "factor", "fsp", "nst", "crd", "crd_kd", "dkd")
 STAGES = ["teacher", "student_fitnet", "student_at", "student_sp", "student_cc", "student_vid",
           "student_rkd", "student_pkt", "student_ab_init", "student_ab", "teacher_ft",
-          "student_ft", "student_fsp_init", "student_fsp", "student_nst", "student_crd", "student_crd_kd", "student_dkd"]
+          "student_ft", "student_fsp_init", "student_fsp", "student_nst", "student_crd",
+          "student_crd_kd", "student_dkd"]
 # Per method: the unweighted term its student stage logs.
 TERMS = {"fitnet": "loss_fitnet", "at": "loss_at", "sp": "loss_sp", "cc": "loss_cc",
          "vid": "loss_vid", "rkd": "loss_rkd", "pkt": "loss_pkt", "ft": "loss_ft",

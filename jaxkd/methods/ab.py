@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxkd.methods.connectors import ConvReg
 from jaxkd.methods.base import Method, StudentPreparation
 from jaxkd.methods.objective import (WEIGHTS, bridge_term, distillation_objective,
-                                    preparation_objective, taps)
+                                    paired_taps, preparation_objective)
 
 MARGIN = 1.0
 
@@ -92,10 +92,8 @@ class ABBridge(nn.Module):
   def __call__(self, student_out: Any, teacher_out: Optional[Any], batch: Optional[Any] = None,
                train: bool = False) -> dict[str, jax.Array]:
     del batch
-    if teacher_out is None:
-      raise ValueError("ABBridge needs the teacher's outputs (their shapes size the connectors)")
-    g_s = taps(student_out)[1:-1]
-    g_t = jax.lax.stop_gradient(taps(teacher_out)[1:-1])
+    taps_s, taps_t = paired_taps(student_out, teacher_out, "ABBridge")
+    g_s, g_t = taps_s[1:-1], taps_t[1:-1]
     connected = Connector(name="connector")(g_s, [t.shape for t in g_t], train)
     losses = ab_loss_group(connected, g_t, self.margin)
     out = {f"loss_ab_{i}": loss for i, loss in enumerate(losses)}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxkd.models import layers
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, taps
+from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, paired_taps
 
 FEAT_DIM = 128
 
@@ -52,10 +52,8 @@ class CorrelationBridge(nn.Module):
   def __call__(self, student_out: Any, teacher_out: Optional[Any], batch: Optional[Any] = None,
                train: bool = False) -> dict[str, jax.Array]:
     del batch, train
-    if teacher_out is None:
-      raise ValueError("CorrelationBridge needs the teacher's outputs (they size embed_t)")
-    f_s = taps(student_out)[-1]
-    f_t = jax.lax.stop_gradient(taps(teacher_out)[-1])
+    taps_s, taps_t = paired_taps(student_out, teacher_out, "CorrelationBridge")
+    f_s, f_t = taps_s[-1], taps_t[-1]
     f_s = f_s.reshape(f_s.shape[0], -1).astype(jnp.float32)
     f_t = f_t.reshape(f_t.shape[0], -1).astype(jnp.float32)
     e_s = layers.Linear(self.feat_dim, name="embed_s")(f_s)

@@ -21,7 +21,7 @@ import jax
 from jaxkd.methods.connectors import ConvReg
 from jaxkd.methods.embedding_losses import hint_loss
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, taps
+from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, paired_taps
 
 HINT_LAYER = 2
 
@@ -40,10 +40,8 @@ class HintBridge(nn.Module):
   def __call__(self, student_out: Any, teacher_out: Optional[Any], batch: Optional[Any] = None,
                train: bool = False) -> dict[str, jax.Array]:
     del batch
-    if teacher_out is None:
-      raise ValueError("HintBridge needs the teacher's outputs (their shapes size the regressor)")
-    f_s = taps(student_out)[self.hint_layer]
-    f_t = jax.lax.stop_gradient(taps(teacher_out)[self.hint_layer])
+    taps_s, taps_t = paired_taps(student_out, teacher_out, "HintBridge")
+    f_s, f_t = taps_s[self.hint_layer], taps_t[self.hint_layer]
     regressed = ConvReg(name="regress_s")(f_s, f_t.shape, train)
     return {"loss_fitnet": hint_loss(regressed, f_t)}
 

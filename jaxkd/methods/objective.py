@@ -33,6 +33,15 @@ def taps(out: Outputs) -> list[jax.Array]:
   return list(out["feats"].values())
 
 
+def paired_taps(student_out: Outputs, teacher_out: Optional[Outputs], bridge: str
+                ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """(student taps, teacher taps as constants) for a bridge; the teacher's outputs are needed
+  also at initialisation, where their shapes size the bridge's modules."""
+  if teacher_out is None:
+    raise ValueError(f"{bridge} needs the teacher's outputs (their shapes size its modules)")
+  return taps(student_out), jax.lax.stop_gradient(taps(teacher_out))
+
+
 def tap_channels(model_name: str, num_classes: int) -> list[int]:
   """The channel count of each tap of zoo model `model_name` (nothing is computed)."""
   model = models.get_model(model_name, num_classes)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxkd.methods.connectors import pool_to_smaller
 from jaxkd.models import layers
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, taps
+from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, paired_taps
 
 INIT_PRED_VAR = 5.0
 EPS = 1e-5
@@ -99,10 +99,8 @@ class VIDBridge(nn.Module):
   def __call__(self, student_out: Any, teacher_out: Optional[Any], batch: Optional[Any] = None,
                train: bool = False) -> dict[str, jax.Array]:
     del batch, train
-    if teacher_out is None:
-      raise ValueError("VIDBridge needs the teacher's outputs (they size the regressors)")
-    g_s = taps(student_out)[1:-1]
-    g_t = taps(teacher_out)[1:-1]
+    taps_s, taps_t = paired_taps(student_out, teacher_out, "VIDBridge")
+    g_s, g_t = taps_s[1:-1], taps_t[1:-1]
     if len(g_s) != len(g_t):
       raise ValueError(f"{len(g_s)} student stage taps but {len(g_t)} teacher stage taps")
     out = {}
