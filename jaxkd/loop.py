@@ -25,6 +25,7 @@ from etils import epath
 
 from jaxkd import checkpoint
 from jaxkd import data
+from jaxkd import metrics_log
 from jaxkd import models
 from jaxkd import parallel
 from jaxkd import paths
@@ -429,6 +430,9 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
   total_steps, steps_per_epoch = compiled.total_steps, compiled.steps_per_epoch
   writer = metric_writers.create_default_writer(
       stage_dir, just_logging=jax.process_index() > 0, asynchronous=False)
+  if jax.process_index() == 0:
+    writer = metric_writers.MultiWriter(
+        [writer, metrics_log.JsonLinesWriter(stage_dir, resume_step=start_step)])
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   progress = Progress(stage.name, total_steps, steps_per_epoch, config.batch_size, start_step)

@@ -18,8 +18,8 @@ import helpers
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import data
-from jaxkd import models
 from jaxkd import loop
+from jaxkd import models
 from jaxkd import parallel
 from jaxkd import stages
 from jaxkd import steps

@@ -23,9 +23,9 @@ sys.path.insert(0, REPO)
 from configs import demo  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxkd import checkpoint  # noqa: E402
 from jaxkd import distributed  # noqa: E402
+from jaxkd import loop  # noqa: E402
 from jaxkd import parallel  # noqa: E402
-from jaxkd import loop
-from jaxkd import steps
+from jaxkd import steps  # noqa: E402
 from jaxkd.errors import UserError  # noqa: E402
 from jaxkd.methods import ega, get_method, sskd  # noqa: E402
 from jaxkd.optim import learning_rate_schedule, make_optimizer  # noqa: E402

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxkd import parallel
 from jaxkd import loop
+from jaxkd import parallel
 from jaxkd import steps
 from jaxkd.methods import get_method
 from jaxkd.optim import learning_rate_schedule, make_optimizer

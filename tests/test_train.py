@@ -18,9 +18,10 @@ import helpers
 
 from configs import demo
 from jaxkd import checkpoint
-from jaxkd import parallel
 from jaxkd import data
 from jaxkd import loop
+from jaxkd import metrics_log
+from jaxkd import parallel
 from jaxkd import steps
 from jaxkd import train
 from jaxkd.errors import UserError
@@ -164,6 +165,11 @@ def test_demo_trains_teacher_then_kd_and_ce_students(demo_run, capsys):
   assert os.path.isfile(os.path.join(workdir, "teacher", "teacher.msgpack"))
   # TensorBoard event files from clu's writer.
   assert any(f.startswith("events.out") for f in os.listdir(os.path.join(workdir, "student_kd")))
+  # The same scalars as JSON lines, for reports that read plain files.
+  records = metrics_log.read(os.path.join(workdir, "student_kd"))
+  assert [r["step"] for r in records if "eval/top1" in r] == [r["steps"] for r in results[1:2]]
+  assert records[-1]["eval/top1"] == pytest.approx(results[1]["top1_last"])
+  assert any("train/loss_kd" in r for r in records)
   # The student's checkpoint records the teacher but does not contain it.
   kd = results[1]
   assert kd["teacher_sha256"] == checkpoint.file_sha256(results[0]["export"])
@@ -222,6 +228,12 @@ def test_killed_run_resumes_to_the_same_params(demo_run, tmp_path):
   assert got_step == want_step
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The metrics file holds each logged step once, as the uninterrupted run's does.
+  def logged(stage_dir):
+    return [(r["step"], sorted(k for k in r if k != "step"))
+            for r in metrics_log.read(stage_dir) if "train/loss" in r or "eval/top1" in r]
+  assert logged(os.path.join(workdir, "student_kd")) == logged(
+      os.path.join(ref_workdir, "student_kd"))
 
 
 # --------------------------------------------------------------------------- bad input

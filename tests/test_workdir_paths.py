@@ -20,8 +20,8 @@ from etils.epath import backend, gpath, register
 
 from configs import demo
 from jaxkd import checkpoint
-from jaxkd import paths
 from jaxkd import loop
+from jaxkd import paths
 from jaxkd import train
 from jaxkd.errors import UserError
 from jaxkd.methods import get_method
