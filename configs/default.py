@@ -4,9 +4,16 @@ SGD momentum 0.9, weight decay 5e-4, batch 64, 240 epochs, lr 0.05 ×0.1 at epoc
 KD with T = 4, CE weight 0.1, KD weight 0.9. Recipes import this and override a few fields.
 
     python -m jaxkd.main --config configs/default.py --workdir runs/cifar100_kd
+
+`configs/default.py:<method>` (e.g. `:fitnet`, `:crd`, `:dkd`) distils with that method instead,
+every hyper-parameter of it in `config.method` at its default, so that each one can be set on the
+command line (`--config.method.feat_weight=50`).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from jaxkd import methods
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -34,8 +41,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   ))
   config.student = ml_collections.ConfigDict(dict(name="resnet8x4"))
 
-  # The distillation method and its hyper-parameters (defaults come from the method).
-  config.method = ml_collections.ConfigDict(dict(name="kd", T=4.0, ce_weight=0.1, kd_weight=0.9))
+  # The distillation method and its hyper-parameters. None = the method's own default (KD:
+  # T 4, ce_weight 0.1, kd_weight 0.9; the baselines: RepDistiller's `-r -a -b`, see the README),
+  # so that --config.method.name=<another method> starts from that method's defaults.
+  # `configs/default.py:<method>` lists every hyper-parameter of <method> here instead.
+  config.method = ml_collections.ConfigDict(dict(
+      name="kd", T=placeholder(float), ce_weight=placeholder(float),
+      kd_weight=placeholder(float), feat_weight=placeholder(float)))
   # Comma-separated methods also trained on the student for the closing table ('ce' = alone).
   config.baselines = ""
   # Hyper-parameters of baseline methods that differ from their defaults: {method: {field: v}}.
@@ -68,7 +80,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 def apply_arg(config: ml_collections.ConfigDict, arg: str) -> None:
   """Shared config arguments; `runlocal` shrinks any recipe to a CPU smoke run (minutes)."""
   for token in filter(None, arg.split(",")):
-    if token == "runlocal":
+    if token in methods.METHOD_NAMES or token in methods.ALIASES:
+      config.method = method_fields(token, config.teacher.name, config.student.name)
+    elif token == "runlocal":
       config.num_epochs = 2
       config.teacher.num_epochs = 2
       config.batch_size = 8
@@ -78,7 +92,8 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str) -> None:
       config.dataset.num_train_examples = 64    # the first 64 / 32 examples of the splits
       config.dataset.num_eval_examples = 32
     else:
-      raise ValueError(f"unknown config argument {token!r}; valid: runlocal (configs may add more)")
+      raise ValueError(f"unknown config argument {token!r}; valid: runlocal, a method name "
+                       "(configs may add more)")
 
 
 def recipe_tokens(arg: str, valid: tuple[str, ...]) -> list[str]:
@@ -108,3 +123,15 @@ def cifar100_recipe(teacher: str, student: str, lr: float, nesterov: bool
   config.num_epochs = 240
   config.batch_size = 64
   return config
+
+
+def method_fields(name: str, teacher: str, student: str) -> ml_collections.ConfigDict:
+  """`config.method` holding every hyper-parameter of method `name` at its default; the ones
+  whose default depends on the teacher/student pair (e.g. DKD's β) are None placeholders, so
+  the run's own pair decides them unless they are set."""
+  method = methods.get_method(name)
+  per_pair = method.pair_defaults(teacher, student) if method.pair_defaults else {}
+  fields = {key: placeholder(type(value)) if key in per_pair else value
+            for key, value in method.defaults.items()}
+  return ml_collections.ConfigDict(dict(fields, name=method.name))
+

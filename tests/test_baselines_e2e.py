@@ -262,3 +262,23 @@ def test_the_trainer_names_no_method():
     source = (helpers.REPO / "jaxkd" / f"{module}.py").read_text()
     assert not branch.findall(source), (module, branch.findall(source))
   assert branch.findall('if method.name == "sskd":') and branch.findall('get_method("fitnet")')
+
+
+def test_method_name_on_the_default_config_starts_from_that_methods_defaults():
+  """configs/default.py leaves the objective's weights to the method: naming another method
+  on the command line does not carry KD's 0.1/0.9 into it."""
+  config = default.get_config()
+  config.lock()
+  config.method.name = "fitnet"
+  assert dict(stages.method_hparams(config, get_method("fitnet"))) == dict(
+      get_method("fitnet").defaults)
+  config.method.name, config.method.T = "kd", 2.0
+  hparams = stages.method_hparams(config, get_method("kd"))
+  assert (hparams.T, hparams.ce_weight, hparams.kd_weight) == (2.0, 0.1, 0.9)
+  # configs/default.py:<method> lists the method's fields; per-pair ones stay the pair's.
+  config = default.get_config("dkd")
+  assert set(config.method) == set(get_method("dkd").defaults) | {"name"}
+  config.teacher.name, config.student.name = "resnet56", "resnet20"
+  assert stages.method_hparams(config, get_method("dkd")).beta == 2.0
+  config.method.beta = 3.0
+  assert stages.method_hparams(config, get_method("dkd")).beta == 3.0

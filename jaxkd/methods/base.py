@@ -169,12 +169,13 @@ class Method:
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None,
               pair: Optional[tuple[str, str]] = None) -> ml_collections.ConfigDict:
     """The method's defaults, then its defaults for the (teacher, student) `pair`, updated with
-    the fields of `overrides` (except `name`)."""
+    the fields of `overrides` (except `name`, and fields left None: a config's placeholders for
+    "the method's default")."""
     merged = ml_collections.ConfigDict(dict(self.defaults))
     if pair is not None and self.pair_defaults is not None:
       merged.update(dict(self.pair_defaults(*pair)))
     if overrides is not None:
       for key, value in overrides.items():
-        if key != "name":
+        if key != "name" and value is not None:
           merged[key] = value
     return merged
