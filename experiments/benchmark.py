@@ -142,7 +142,7 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from jaxkd import loop, parallel, steps  # pylint: disable=g-import-not-at-top
+  from jaxkd import loop, parallel, steps as step_fns  # pylint: disable=g-import-not-at-top
   from jaxkd.methods import get_method  # pylint: disable=g-import-not-at-top
   from jaxkd.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from jaxkd.state import TrainState  # pylint: disable=g-import-not-at-top
@@ -172,7 +172,7 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
       "label": rng.integers(0, num_classes, size=batch).astype(np.int32)}, mesh)
 
   step = jax.jit(functools.partial(
-      steps.train_step, network=student, teacher_network=teacher, loss=method.loss,
+      step_fns.train_step, network=student, teacher_network=teacher, loss=method.loss,
       hparams=hparams, tx=tx, schedule=schedule, steps_per_epoch=1), donate_argnums=(0,),
       compiler_options=None if xla_defaults else parallel.step_compiler_options())
   start = time.perf_counter()
@@ -212,7 +212,7 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
         jax.block_until_ready((state, metrics))
     record["op_ms_per_step"] = op_times_per_step(trace_dir, 2)
   if breakdown:
-    forward = jax.jit(lambda v, x: teacher.apply(v, steps.flatten_views(x), train=False),
+    forward = jax.jit(lambda v, x: teacher.apply(v, step_fns.flatten_views(x), train=False),
                       compiler_options=None if xla_defaults else parallel.step_compiler_options())
     fwd = forward.lower(teacher_variables, batch_arrays["image"]).compile()
     jax.block_until_ready(fwd(teacher_variables, batch_arrays["image"]))
