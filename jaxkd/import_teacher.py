@@ -133,7 +133,7 @@ def describe_misfit(expected: Any, got: Any) -> Optional[str]:
   return None
 
 
-def _apply_aliases(arch: str, state_dict: dict[str, Any]) -> dict[str, Any]:
+def apply_aliases(arch: str, state_dict: dict[str, Any]) -> dict[str, Any]:
   for theirs, ours in _KEY_ALIASES.get(arch, ()):
     if any(k.startswith(theirs) and not k.startswith(ours) for k in state_dict) and \
         not any(k.startswith(ours) for k in state_dict):
@@ -160,7 +160,7 @@ def convert(path: str, arch: str, num_classes: int, key: str = "",
   checkpoint = torch_checkpoint.load(path)
   state_dict = torch_checkpoint.find_state_dict(checkpoint, key, path)
   state_dict, removed = torch_checkpoint.strip_wrappers(state_dict, prefix)
-  state_dict = _apply_aliases(arch, state_dict)
+  state_dict = apply_aliases(arch, state_dict)
   # Keep float parameters float32 whatever the checkpoint stored (fp16/bf16/fp64 files).
   state_dict = {k: (np.asarray(v, np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating)
                     or str(np.asarray(v).dtype) == "bfloat16" else v)

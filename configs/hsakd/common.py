@@ -45,9 +45,10 @@ def base_config(teacher: str, student: str) -> ml_collections.ConfigDict:
       # "Teacher*": backbone + classifiers from scratch (method hsakd_star).
       joint_teacher_epochs=240, joint_teacher_lr=0.05,
       joint_teacher_milestones=(150, 180, 210),
-      # 'best': the teacher epoch with the highest aux joint-label accuracy (reference `_best`);
-      # 'last': the last epoch (what the reference CIFAR student scripts load).
-      teacher_checkpoint="best",
+      # The prepared teacher the student gets: 'last', the last epoch, is what the reference's
+      # CIFAR student scripts load (`<arch>.pth.tar`, rewritten every epoch); 'best' is the
+      # epoch with the highest aux joint-label accuracy (`_best`, what its ImageNet scripts load).
+      teacher_checkpoint="last",
   ))
   config.baselines = ""                        # e.g. "ce" adds the student trained alone
 

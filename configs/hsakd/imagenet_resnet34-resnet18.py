@@ -32,6 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.method.joint_teacher_epochs = 100
   config.method.joint_teacher_lr = 0.1
   config.method.joint_teacher_milestones = (30, 60, 90)
+  config.method.teacher_checkpoint = "best"   # the reference's ImageNet student scripts load _best
   config.optimizer.lr = 0.1
   config.optimizer.nesterov = False
   config.optimizer.weight_decay = 1e-4
