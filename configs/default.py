@@ -38,6 +38,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       num_epochs=240,
       lr=-1.0,                  # -1: optimizer.lr
       pretrain="",              # '' = cross-entropy; 'simclr' = self-supervised (stage pretrain)
+      keep="last",              # the trained teacher handed on: its last epoch, or the 'best'
+                                # test top-1 of its evaluations (SSKD's teacher.py/student.py)
   ))
   config.student = ml_collections.ConfigDict(dict(name="resnet8x4"))
 

@@ -37,6 +37,12 @@ def teacher_lr(config: ml_collections.ConfigDict) -> float:
   return lr if lr > 0 else config.optimizer.lr
 
 
+def best_top1(scores: dict[str, float], hparams: ml_collections.ConfigDict) -> float:
+  """The score by which `teacher.keep='best'` picks the teacher handed on: its test top-1."""
+  del hparams
+  return scores["top1"]
+
+
 def preparation_lr(config: ml_collections.ConfigDict, lr: float) -> float:
   """A preparation stage's learning rate: `lr`, or the student's `optimizer.lr` where it is −1."""
   return float(lr) if lr > 0 else config.optimizer.lr
@@ -94,7 +100,8 @@ class Teachers:
       ce = get_method("ce")
       stage = Stage(name="teacher", model_name=config.teacher.name, method_name=ce.name,
                     loss=ce.loss, hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
-                    base_lr=teacher_lr(config))
+                    base_lr=teacher_lr(config),
+                    select=best_top1 if config.teacher.get("keep", "last") == "best" else None)
       result = run_stage(stage, config, self.workdir, self.mesh, self.info,
                          export_file=TEACHER_FILE)
       path = result["export"]

@@ -70,6 +70,10 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
       method.check_pair(teacher_name, config.student.name, info.num_classes)
     if method.check_mesh is not None:
       method.check_mesh(mesh)
+  keep = config.teacher.get("keep", "last")
+  if keep not in ("last", "best"):
+    raise UserError(f"teacher.keep={keep!r} is not one of 'last', 'best' (the teacher epoch "
+                    "handed to the students)")
   pretrain = config.teacher.get("pretrain", "")
   if pretrain:
     if clip_teacher:

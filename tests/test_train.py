@@ -353,3 +353,21 @@ def test_teacher_preparation_stage(demo_run, tmp_path, monkeypatch, frozen):
   # Frozen: the imported teacher backbone is untouched; joint: it is trained from scratch.
   assert all(same) if frozen else not any(same)
   assert out[-1]["eval_last"]["twice_top1"] == pytest.approx(2 * out[-1]["top1_last"], rel=1e-5)
+
+
+def test_teacher_keep_best_hands_on_the_best_evaluation(tmp_path):
+  """teacher.keep='best' (SSKD's student loads the teacher's best.pth): the teacher stage keeps
+  the evaluation with the best test top-1 and hands that file on; a bad value is refused."""
+  config = smoke_config(**{"teacher.keep": "best", "eval_every_epochs": 1, "baselines": ""})
+  config.dataset.data_dir = str(tmp_path / "tfds")
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  teacher = results[0]
+  assert teacher["export"].endswith("best_teacher.msgpack")
+  best = max(teacher["top1_best"], 0.0)
+  record = [r for r in metrics_log.read(str(tmp_path / "run" / "teacher")) if "eval/top1" in r]
+  assert len(record) == 2 and teacher["selected_score"] == pytest.approx(best)
+  assert teacher["selected_step"] == max(record, key=lambda r: r["eval/top1"])["step"]
+  assert results[1]["teacher_sha256"] == teacher["export_sha256"]
+  config.teacher.keep = "first"
+  with pytest.raises(UserError, match="teacher.keep='first'"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))

@@ -7,7 +7,9 @@ Reference (winycg/HSAKD, reference/HSAKD.md (c), (f)), CIFAR-100:
   KL temperature T = 3.
 The reference imports CRD/SSKD-released teachers (convert one with `python -m
 jaxkd.import_teacher`); here stage `teacher` trains one with cross-entropy (RepDistiller schedule,
-lr 0.05) unless `--config.teacher.checkpoint` names a file.
+lr 0.05, but with the recipe's Nesterov momentum, which the CRD/SSKD teachers were trained
+without) unless `--config.teacher.checkpoint` names a file: import the released teacher to
+follow the reference exactly.
 Metrics: `eval/top1` is the student's final head on unrotated test images, the number of the
 paper's tables; `eval/aux{l}_joint_acc` / `eval/aux{l}_class_acc` monitor the classifiers.
 

@@ -47,6 +47,8 @@ def get_config(teacher: str, student: str, arg: str = "") -> ml_collections.Conf
       teacher_epochs=60, teacher_lr=0.05, teacher_milestones=(30, 45),
   ))
   config.baselines = ""                 # e.g. "ce,kd" adds the student alone and with KD
+  # The reference's student loads the teacher's best.pth: its best test epoch.
+  config.teacher.keep = "best"
 
   # The SS accuracy ranks each view among the originals of its eval batch: 64 as the reference.
   config.eval_batch_size = 64
