@@ -26,9 +26,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, base_lr: float,
   warmup = int(sched.get("warmup_epochs", 0) * steps_per_epoch)
   if sched.name == "multistep":
     milestones = sched.milestones if milestones is None else milestones
-    boundaries = {int(m * steps_per_epoch): sched.decay for m in milestones
-                  if m * steps_per_epoch < total}
-    main = optax.piecewise_constant_schedule(base_lr, boundaries)
+    boundaries = sorted({int(m * steps_per_epoch) for m in milestones
+                         if m * steps_per_epoch < total})
+    # Each level is computed in float64 and rounded once, as the reference's Python floats are
+    # (optax's piecewise_constant_schedule multiplies in float32: 1 ulp off after a decay).
+    main = optax.join_schedules(
+        [optax.constant_schedule(base_lr * sched.decay ** k) for k in range(len(boundaries) + 1)],
+        boundaries)
   elif sched.name == "cosine":
     main = optax.cosine_decay_schedule(base_lr, max(total - warmup, 1))
   elif sched.name == "constant":
