@@ -1,0 +1,299 @@
+"""The report of `experiments/reproduce.py` runs: jaxkd's numbers next to the paper's.
+
+    python experiments/report.py runs/tables          # writes runs/tables/report.md and plots/
+
+Reads `<dir>/<table>/<pair>/seed<k>/<stage>/result.json` (top1_best, top1_last) and
+`metrics.jsonl` (eval/top1 per evaluation) — plain files, no TensorBoard — of every table
+directory under `<dir>`, and writes `<dir>/report.md`: per pair, a table with each row's paper
+number and its statistic, jaxkd's mean ± std over seeds of the best-epoch and of the last-epoch
+top-1, the number of seeds, and jaxkd − paper for both; and two PNG plots per pair
+(`<dir>/plots/<table>/<pair>_seeds.png`: every seed's top-1 against the paper's marker;
+`<pair>_curves.png`: eval top-1 during training, averaged over seeds). Rows jaxkd does not
+build, refuses on a pair, has not run or is still running are shown as such; partial results
+are fine (it can run while the runs do).
+"""
+
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from etils import epath  # noqa: E402
+
+from experiments import tables  # noqa: E402
+from jaxkd import metrics_log  # noqa: E402
+from jaxkd.loop import RESULT_FILE  # noqa: E402
+
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+
+
+@dataclasses.dataclass
+class Cell:
+  """jaxkd's results of one row on one pair: per finished seed, and the seeds still running."""
+  seeds: list[int] = dataclasses.field(default_factory=list)
+  best: list[float] = dataclasses.field(default_factory=list)
+  last: list[float] = dataclasses.field(default_factory=list)
+  running: list[int] = dataclasses.field(default_factory=list)
+  curves: dict[int, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)
+
+
+def mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+  """Mean and sample standard deviation (n − 1); std None below two values."""
+  if not values:
+    return None, None
+  mean = sum(values) / len(values)
+  if len(values) < 2:
+    return mean, None
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def seed_dirs(pair_dir: epath.Path) -> list[tuple[int, epath.Path]]:
+  found = []
+  for path in pair_dir.iterdir():
+    match = re.fullmatch(r"seed(\d+)", path.name)
+    if match and path.is_dir():
+      found.append((int(match.group(1)), path))
+  return sorted(found)
+
+
+def read_cell(pair_dir: epath.Path, stage: str) -> Cell:
+  cell = Cell()
+  for seed, path in seed_dirs(pair_dir):
+    stage_dir = path / stage
+    if not stage_dir.exists():
+      continue
+    curve = [(r["step"], r["eval/top1"]) for r in metrics_log.read(str(stage_dir))
+             if "eval/top1" in r]
+    if curve:
+      cell.curves[seed] = curve
+    result_path = stage_dir / RESULT_FILE
+    if not result_path.exists():
+      cell.running.append(seed)
+      continue
+    result = json.loads(result_path.read_text())
+    if result.get("top1_last") is None:
+      continue
+    cell.seeds.append(seed)
+    cell.best.append(float(result["top1_best"]))
+    cell.last.append(float(result["top1_last"]))
+  return cell
+
+
+def _num(value: Optional[float], std: Optional[float] = None) -> str:
+  if value is None:
+    return "—"
+  return f"{value:.2f}" if std is None else f"{value:.2f} ± {std:.2f}"
+
+
+def _diff(ours: Optional[float], paper: Optional[float]) -> str:
+  return "—" if ours is None or paper is None else f"{ours - paper:+.2f}"
+
+
+def pair_table(table: tables.Table, pair: str, cells: dict[str, Cell],
+               refusals: dict[str, str]) -> list[str]:
+  """The markdown table of one pair."""
+  lines = ["| row | jaxkd method | paper | paper statistic | jaxkd best epoch | "
+           "jaxkd last epoch | seeds | last − paper | best − paper |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for row in table.rows:
+    text = table.paper.get(pair, {}).get(row.id)
+    paper_mean, paper_std = tables.parse_number(text)
+    paper = _num(paper_mean, paper_std)
+    statistic = tables.paper_statistic(table, row, text)
+    method = f"`{row.method}`" if row.method else ("—" if row.built else "not built")
+    if row.stage:
+      method += f" (stage `{row.stage}`)"
+    cell = cells.get(row.id)
+    if not row.built:
+      status = ["not built in jaxkd", "", "0", "", ""]
+    elif row.method in refusals:
+      status = [f"refused by jaxkd: {refusals[row.method]}", "", "0", "", ""]
+    elif not cell.seeds:
+      what = (f"in progress (seed {', '.join(map(str, cell.running))})" if cell.running
+              else "not run")
+      status = [what, "", "0", "", ""]
+    else:
+      best_mean, best_std = mean_std(cell.best)
+      last_mean, last_std = mean_std(cell.last)
+      seeds = str(len(cell.seeds))
+      if cell.running:
+        seeds += f" (+{len(cell.running)} running)"
+      status = [_num(best_mean, best_std), _num(last_mean, last_std), seeds,
+                _diff(last_mean, paper_mean), _diff(best_mean, paper_mean)]
+    lines.append("| " + " | ".join([row.name, method, paper, statistic] + status) + " |")
+  return lines
+
+
+def _save(figure: Any, path: epath.Path) -> None:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
+
+
+def plot_seeds(table: tables.Table, pair: str, cells: dict[str, Cell], path: epath.Path) -> None:
+  """Every seed's best- and last-epoch top-1 per row, and the paper's number (± its std)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in table.rows
+          if (r.id in cells and cells[r.id].seeds) or table.paper.get(pair, {}).get(r.id)]
+  figure, axes = plt.subplots(figsize=(max(4.0, 0.75 * len(rows) + 2), 4))
+  labels = set()
+
+  def label(name: str) -> Optional[str]:
+    if name in labels:
+      return None
+    labels.add(name)
+    return name
+
+  for x, row in enumerate(rows):
+    cell = cells.get(row.id)
+    if cell and cell.seeds:
+      axes.scatter([x - 0.12] * len(cell.best), cell.best, marker="o", color="tab:blue",
+                   s=22, label=label("jaxkd seed, best epoch"), zorder=3)
+      axes.scatter([x + 0.12] * len(cell.last), cell.last, marker="^", color="tab:orange",
+                   s=22, label=label("jaxkd seed, last epoch"), zorder=3)
+    mean, std = tables.parse_number(table.paper.get(pair, {}).get(row.id))
+    if mean is not None:
+      axes.errorbar([x], [mean], yerr=[std] if std else None, fmt="_", color="black",
+                    markersize=18, markeredgewidth=2, capsize=4,
+                    label=label("paper (± its std)"), zorder=2)
+  axes.set_xticks(range(len(rows)))
+  axes.set_xticklabels([r.name for r in rows], rotation=45, ha="right")
+  axes.set_xlim(-0.6, max(len(rows), 1) - 0.4)
+  axes.set_ylabel("top-1 (%)")
+  axes.set_title(f"{table.name}: {pair}", fontsize=10)
+  axes.grid(axis="y", alpha=0.3)
+  if labels:
+    axes.legend(fontsize=7, loc="best")
+  else:
+    axes.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=axes.transAxes)
+  _save(figure, path)
+  plt.close(figure)
+
+
+def average_curve(curves: dict[int, list[tuple[int, float]]]) -> list[tuple[int, float]]:
+  """eval/top1 per step, averaged over the seeds that reached the step."""
+  by_step: dict[int, list[float]] = {}
+  for curve in curves.values():
+    for step, value in curve:
+      by_step.setdefault(step, []).append(value)
+  return [(step, sum(v) / len(v)) for step, v in sorted(by_step.items())]
+
+
+def plot_curves(table: tables.Table, pair: str, cells: dict[str, Cell], path: epath.Path) -> None:
+  """eval/top1 against the training step, per row, averaged over seeds."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure, axes = plt.subplots(figsize=(7, 4))
+  drawn = 0
+  for row in table.rows:
+    cell = cells.get(row.id)
+    if not cell or not cell.curves:
+      continue
+    curve = average_curve(cell.curves)
+    axes.plot([s for s, _ in curve], [v for _, v in curve], marker="." if len(curve) < 30 else "",
+              label=f"{row.name} ({len(cell.curves)} seed{'s' if len(cell.curves) > 1 else ''})")
+    drawn += 1
+  axes.set_xlabel("training step of the stage")
+  axes.set_ylabel("eval top-1 (%), mean over seeds")
+  axes.set_title(f"{table.name}: {pair}", fontsize=10)
+  axes.grid(alpha=0.3)
+  if drawn:
+    axes.legend(fontsize=7, loc="lower right")
+  else:
+    axes.text(0.5, 0.5, "no evaluations yet", ha="center", va="center",
+              transform=axes.transAxes)
+  _save(figure, path)
+  plt.close(figure)
+
+
+def table_section(table: tables.Table, table_dir: epath.Path, root: epath.Path) -> list[str]:
+  lines = [f"## {table.title} (`{table.name}`)", ""]
+  if table.paper:
+    lines.append(f"Paper numbers: {table.source}. {table.notes}".rstrip())
+  else:
+    lines.append("No paper numbers: this table is jaxkd's own.")
+  lines.append("")
+  pairs = [p for p in table.pairs if (table_dir / p).exists()]
+  if not pairs:
+    lines += ["No pair has been run yet.", ""]
+  for pair in pairs:
+    pair_dir = table_dir / pair
+    seeds = [s for s, _ in seed_dirs(pair_dir)]
+    teacher, student = tables.split_pair(pair)
+    lines += [f"### {teacher} → {student}", "",
+              f"Seeds found: {', '.join(map(str, seeds)) or 'none'} (`{pair_dir}`).", ""]
+    cells = {row.id: read_cell(pair_dir, row.stage_name) for row in table.rows if row.built}
+    refusals = tables.refused(table, pair, table.run_methods(table.rows))
+    lines += pair_table(table, pair, cells, refusals)
+    plots = epath.Path(PLOTS_DIR) / table.name
+    seeds_png, curves_png = plots / f"{pair}_seeds.png", plots / f"{pair}_curves.png"
+    plot_seeds(table, pair, cells, root / seeds_png)
+    plot_curves(table, pair, cells, root / curves_png)
+    lines += ["", f"![{pair}: top-1 per seed against the paper]({seeds_png})",
+              f"![{pair}: eval top-1 during training]({curves_png})", ""]
+  return lines
+
+
+def write_report(workdir: str) -> str:
+  """Writes `<workdir>/report.md` (and its plots) from whatever results exist; returns its path."""
+  root = epath.Path(workdir)
+  now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  lines = [
+      "# jaxkd re-runs of published tables", "",
+      f"Written {now} by `experiments/report.py` from `{workdir}` (each stage's `result.json` "
+      "and `metrics.jsonl`).", "",
+      "- **jaxkd best epoch**: `top1_best`, the highest held-out top-1 over the stage's "
+      "evaluations (every `eval_every_epochs` epochs and the last step) — chosen on the test "
+      "set, as SSKD's and HSAKD's reference code does. **jaxkd last epoch**: `top1_last`, the "
+      "top-1 of the final model.",
+      "- Both are the mean ± sample standard deviation (n − 1) over the finished seeds; one "
+      "seed has no std. **seeds**: how many finished (and how many are still running).",
+      "- **last − paper**, **best − paper**: jaxkd's mean minus the paper's number (its mean "
+      "where it is mean ± std). Teachers and plain students are trained here, not the papers': "
+      "compare a row with the paper's column of its own table only.",
+      "- **Teacher** is stage `teacher` (cross-entropy), **Teacher\\*** HSAKD*'s jointly trained "
+      "teacher (stage `teacher_hsakd_star`), **Student** method `ce` (the student alone).",
+      ""]
+  found = False
+  for name in tables.TABLE_NAMES:
+    table_dir = root / name
+    if table_dir.exists():
+      found = True
+      lines += table_section(tables.get_table(name), table_dir, root)
+  if not found:
+    lines += [f"No table directory ({', '.join(tables.TABLE_NAMES)}) under `{workdir}` yet.", ""]
+  path = root / REPORT_FILE
+  root.mkdir(parents=True, exist_ok=True)
+  path.write_text("\n".join(lines))
+  return str(path)
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) != 1 or argv[0].startswith("-"):
+    print("usage: python experiments/report.py DIR   (the --workdir of experiments/reproduce.py)",
+          file=sys.stderr)
+    return 2
+  if not epath.Path(argv[0]).exists():
+    print(f"error: {argv[0]!r} does not exist; pass the --workdir of experiments/reproduce.py",
+          file=sys.stderr)
+    return 2
+  print(write_report(argv[0]))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

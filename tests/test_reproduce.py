@@ -1,0 +1,212 @@
+"""experiments/reproduce.py and experiments/report.py: a shrunk digits table end to end (one
+teacher per seed shared by the rows, resume), the report's numbers against the result files, the
+array-job commands, the errors, and every table file (loads as a config, its rows are methods
+jaxkd registers, a row alone gets the same config as in the shared run)."""
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+
+import pytest
+
+import helpers
+
+from experiments import report
+from experiments import reproduce
+from experiments import tables
+from jaxkd import methods
+from jaxkd import stages
+
+ROWS = ("kd", "ce")
+SEEDS = (0, 1)
+PAIR = "resnet20-resnet8"
+# configs/default.py:runlocal (64 training examples, batch 8), one epoch per stage.
+SHRINK = ["--runlocal", "--config.num_epochs=1", "--config.teacher.num_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("repro")
+  argv = ["--table", "digits", "--seeds", str(len(SEEDS)), "--workdir", str(workdir),
+          "--rows", ",".join(ROWS)] + SHRINK
+  assert reproduce.main(argv) == 0
+  return workdir, argv
+
+
+def _results(workdir, stage):
+  out = {}
+  for seed in SEEDS:
+    path = workdir / "digits" / PAIR / f"seed{seed}" / stage / "result.json"
+    out[seed] = json.loads(path.read_text())
+  return out
+
+
+def test_one_teacher_per_seed_shared_by_the_rows(digits_run):
+  workdir, _ = digits_run
+  pair_dir = workdir / "digits" / PAIR
+  assert sorted(p.name for p in pair_dir.iterdir()) == ["seed0", "seed1"]
+  teachers = _results(workdir, "teacher")
+  for seed in SEEDS:
+    seed_dir = pair_dir / f"seed{seed}"
+    assert sorted(p.name for p in seed_dir.iterdir() if p.is_dir()) == [
+        "student_ce", "student_kd", "teacher"]
+    # The teacher stage trained once: one record per logged step, one evaluation.
+    records = [json.loads(line) for line in
+               (seed_dir / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "eval/top1" in r]) == 1
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == sorted(set(steps))
+    # The KD student read that very teacher.
+    exported = (seed_dir / "teacher" / "teacher.msgpack").read_bytes()
+    kd = json.loads((seed_dir / "student_kd" / "result.json").read_text())
+    assert kd["teacher_sha256"] == hashlib.sha256(exported).hexdigest()
+  # config.seed reached the runs: the seeds' teachers differ.
+  assert teachers[0]["export_sha256"] != teachers[1]["export_sha256"]
+
+
+def _fmt(values):
+  mean = sum(values) / len(values)
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  return f"{mean:.2f} ± {std:.2f}"
+
+
+def test_report_numbers_come_from_the_result_files(digits_run):
+  workdir, _ = digits_run
+  text = (workdir / "report.md").read_text()
+  lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
+           if line.startswith("| ") and not line.startswith("| row")}
+  for name, stage in (("Teacher", "teacher"), ("KD", "student_kd"), ("Student", "student_ce")):
+    results = _results(workdir, stage)
+    cells = [c.strip() for c in lines[name].strip("|").split("|")]
+    best = _fmt([results[s]["top1_best"] for s in SEEDS])
+    last = _fmt([results[s]["top1_last"] for s in SEEDS])
+    assert cells[4:7] == [best, last, "2"], cells
+    assert cells[2] == "—" and cells[7:] == ["—", "—"]       # the digits have no paper
+  for name in ("FitNet", "AT", "CRD", "DKD"):
+    assert "not run" in lines[name]
+  for kind in ("seeds", "curves"):
+    png = workdir / "plots" / "digits" / f"{PAIR}_{kind}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"(plots/digits/{PAIR}_{kind}.png)" in text
+
+
+def test_rerun_skips_finished_runs(digits_run, capsys):
+  workdir, argv = digits_run
+  before = (workdir / "digits" / PAIR / "seed0" / "teacher" / "result.json").stat().st_mtime_ns
+  capsys.readouterr()
+  assert reproduce.main(argv) == 0
+  out = capsys.readouterr().out
+  assert out.count("done already") == len(SEEDS)
+  assert "[teacher]" not in out and "[student_" not in out
+  after = (workdir / "digits" / PAIR / "seed0" / "teacher" / "result.json").stat().st_mtime_ns
+  assert before == after
+
+
+def test_report_shows_rows_not_built_and_in_progress(digits_run):
+  workdir, _ = digits_run
+  table = tables.get_table("digits")
+  extended = dataclasses.replace(table, rows=table.rows + (tables.Row("ReviewKD", None),))
+  pair_dir = workdir / "digits" / PAIR
+  cells = {r.id: report.read_cell(pair_dir, r.stage_name) for r in extended.rows if r.built}
+  (pair_dir / "seed0" / "student_at").mkdir()          # started, no result.json yet
+  try:
+    cells["at"] = report.read_cell(pair_dir, "student_at")
+    lines = report.pair_table(extended, PAIR, cells, {"dkd": "why not"})
+  finally:
+    (pair_dir / "seed0" / "student_at").rmdir()
+  by_row = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+  assert "not built" in by_row["ReviewKD"]
+  assert "in progress (seed 0)" in by_row["AT"]
+  assert "refused by jaxkd: why not" in by_row["DKD"]
+  assert "not run" in by_row["FitNet"]
+
+
+def test_print_commands_teacher_group_first(tmp_path, capsys):
+  workdir = "gs://bucket/tables"
+  assert reproduce.main(["--table", "digits", "--seeds", "3", "--workdir", workdir,
+                         "--rows", "ce,kd,at", "--print-commands",
+                         "--config.dataset.data_dir=/data"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  commands = [line for line in lines if not line.startswith("#")]
+  assert len(commands) == 3 * 3                        # one per (pair, seed, row)
+  first = lines.index(next(line for line in lines if line.startswith("# Group 2")))
+  assert lines[1].startswith("# Group 1") and "MUST FINISH" in lines[1]
+  group1 = [line for line in lines[2:first]]
+  assert len(group1) == 3 and all(",kd " in line for line in group1)
+  for seed, line in enumerate(group1):
+    assert f"--workdir {workdir}/digits/{PAIR}/seed{seed} --config.seed={seed}" in line
+  group2 = [line for line in lines[first + 1:] if not line.startswith("#")]
+  rows = sorted(re.search(r",(\w+) ", line).group(1) for line in group2)
+  assert rows == ["at"] * 3 + ["ce"] * 3
+  for line in commands:
+    assert line.startswith("python -m jaxkd.main --config experiments/tables/digits.py:")
+    assert line.endswith(" --config.dataset.data_dir=/data")
+  assert lines[-1] == f"# When all are done: python experiments/report.py {workdir}"
+  assert not (tmp_path / "digits").exists()
+
+
+def test_print_commands_leaves_out_refused_rows(capsys):
+  assert reproduce.main(["--table", "crd_cifar100", "--workdir", "/nowhere", "--print-commands",
+                         "--pairs", "wrn_40_2-wrn_40_1,wrn_40_2-wrn_16_2",
+                         "--rows", "fsp,crd_kd"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  commands = [line for line in lines if not line.startswith("#")]
+  assert [c.split()[4].split(":")[1] for c in commands] == [
+      "wrn_40_2-wrn_16_2,fsp", "wrn_40_2-wrn_40_1,crd_kd", "wrn_40_2-wrn_16_2,crd_kd"]
+  assert any(line.startswith("# Not run, refused by jaxkd: fsp on wrn_40_2-wrn_40_1")
+             for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--table", "nope"], "error: unknown table 'nope'; valid tables: digits, sskd_cifar100, "
+                          "hsakd_cifar100, crd_cifar100"),
+    (["--table", "digits", "--rows", "kd,nope"],
+     "error: unknown row 'nope' of table digits; valid rows: teacher, kd, fitnet, at, crd, dkd, "
+     "ce"),
+    (["--table", "sskd_cifar100", "--pairs", "a-b"], "error: unknown pair 'a-b' of table "
+                                                     "sskd_cifar100; valid pairs: wrn_40_2-"),
+])
+def test_errors_name_the_valid_values(tmp_path, capsys, argv, message):
+  assert reproduce.main(argv + ["--workdir", str(tmp_path / "w")]) == 2
+  captured = capsys.readouterr()
+  assert captured.err.startswith(message) and captured.err.count("\n") == 1
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("name", tables.TABLE_NAMES)
+def test_table_files(name):
+  table = tables.get_table(name)
+  module = helpers.load_module(helpers.REPO / "experiments" / "tables" / f"{name}.py",
+                               f"table_{name}")            # as --config loads it
+  assert module.TABLE.name == name and [r.id for r in module.TABLE.rows] == [
+      r.id for r in table.rows]
+  ids = [row.id for row in table.rows]
+  assert len(set(ids)) == len(ids)
+  for row in table.rows:
+    assert row.method is None or row.method in methods.METHOD_NAMES, row
+    assert row.built or row.method is None
+  for pair, cells in table.paper.items():
+    assert pair in table.pairs
+    for row_id, text in cells.items():
+      assert row_id in ids
+      mean, std = tables.parse_number(text)
+      assert 0 < mean < 100 and (std is None or 0 <= std < 5)
+  assert (len(table.paper) == len(table.pairs)) == bool(table.paper)
+  # One row alone (a --print-commands line) gets the hyper-parameters and config it has in the
+  # shared run of all rows.
+  pair = table.pairs[0]
+  every = [m for m in table.run_methods(table.rows)
+           if m not in tables.refused(table, pair, table.run_methods(table.rows))]
+  shared = tables.run_config(table, pair, every, seed=0)
+  assert module.get_config(pair).to_dict() == shared.to_dict()
+  for method in every:
+    alone = module.get_config(f"{pair},{method}")
+    assert alone.method.name == method and alone.baselines == ""
+    spec = methods.get_method(method)
+    assert (stages.method_hparams(alone, spec).to_dict()
+            == stages.method_hparams(shared, spec).to_dict()), method
+    for field in ("dataset", "teacher", "student", "optimizer", "schedule", "num_epochs",
+                  "batch_size"):
+      assert alone[field] == shared[field], field
