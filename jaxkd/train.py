@@ -35,7 +35,8 @@ from jaxkd import paths
 from jaxkd.errors import UserError
 from jaxkd.interop import clip_weights
 from jaxkd.loop import RESULT_FILE, STUDENT_FILE, _percent, run_stage
-from jaxkd.methods import canonical_name, get_method
+from jaxkd.methods import Method, canonical_name, get_method
+from jaxkd.methods import objective
 from jaxkd.models import clip
 from jaxkd.stages import (Teachers, linear_probe_config, linear_probe_enabled, method_hparams,
                           run_linear_probe, student_methods, student_stage)
@@ -70,6 +71,21 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
       method.check_pair(teacher_name, config.student.name, info.num_classes)
     if method.check_mesh is not None:
       method.check_mesh(mesh)
+    if method.taps is not None:
+      hparams = method_hparams(config, method)
+      for role, model in (("student", config.student.name), ("teacher", teacher_name)):
+        if role == "student" or not clip_teacher:
+          check_taps(method, hparams, role, model, info)
+      select = getattr(method.taps, "paired_select", None)
+      if select is not None and not clip_teacher:
+        counts = [len(select(list(dict(objective.tap_shapes(
+            m, info.num_classes, tuple(info.image_shape))).values()), hparams))
+                  for m in (config.student.name, teacher_name)]
+        if counts[0] != counts[1]:
+          raise UserError(
+              f"method {method.name!r} pairs the stage maps one to one, but student "
+              f"{config.student.name!r} gives {counts[0]} and teacher {teacher_name!r} "
+              f"{counts[1]}; choose a pair with as many stages")
   keep = config.teacher.get("keep", "last")
   if keep not in ("last", "best"):
     raise UserError(f"teacher.keep={keep!r} is not one of 'last', 'best' (the teacher epoch "
@@ -112,6 +128,17 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     raise UserError("log_every_steps and checkpoint_every_steps must be positive")
   return info
+
+
+def check_taps(method: Method, hparams: ml_collections.ConfigDict, role: str, model: str,
+               info: data.DatasetInfo) -> None:
+  """Refuses a network that does not give the taps `method` reads, naming what is missing."""
+  taps = objective.tap_shapes(model, info.num_classes, tuple(info.image_shape))
+  missing = method.taps([shape for _, shape in taps], hparams)
+  if missing is not None:
+    given = ", ".join(f"{tap} {list(shape[1:])}" for tap, shape in taps)
+    raise UserError(f"method {method.name!r} reads {missing}, but {role} {model!r} gives only "
+                    f"{given}; return them from its feats (see jaxkd.models.register)")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:

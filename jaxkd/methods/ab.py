@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxkd.methods.connectors import ConvReg
 from jaxkd.methods.base import Method, StudentPreparation
-from jaxkd.methods.objective import (WEIGHTS, bridge_term, distillation_objective,
+from jaxkd.methods.objective import (STAGE_MAPS, WEIGHTS, bridge_term, distillation_objective,
                                     paired_taps, preparation_objective)
 
 MARGIN = 1.0
@@ -105,7 +105,7 @@ class ABBridge(nn.Module):
 # for init_epochs (stage student_ab_init, lr −1: the student's), then distils with CE alone
 # (RepDistiller: `-r 1 -a 0`, loss_kd = 0).
 METHOD = Method(
-    name="ab", loss=distillation_objective("ab", None), preact=True,
+    name="ab", loss=distillation_objective("ab", None), preact=True, taps=STAGE_MAPS,
     defaults=dict(WEIGHTS, margin=MARGIN, init_epochs=30, init_lr=-1.0),
     student_preparation=StudentPreparation(
         loss=preparation_objective("ab", bridge_term("loss_ab")),

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxkd.methods.base import Method
 from jaxkd.methods.connectors import pool_to_smaller
-from jaxkd.methods.objective import WEIGHTS, distillation_objective, taps
+from jaxkd.methods.objective import STAGE_MAPS, WEIGHTS, distillation_objective, taps
 
 NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
 
@@ -80,4 +80,5 @@ def at_term(student_out, teacher_out, hparams):
 
 
 METHOD = Method(name="at", loss=distillation_objective("at", at_term),
-                defaults=dict(WEIGHTS, feat_weight=1000.0, p=2.0))
+                defaults=dict(WEIGHTS, feat_weight=1000.0, p=2.0),
+                taps=STAGE_MAPS)

@@ -12,7 +12,7 @@ Every metric a loss returns is a scalar mean over the step and is logged as `tra
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -138,6 +138,9 @@ class Method:
       before any work is done.
     check_pair: optional `(teacher_model, student_model, num_classes) -> None` raising a
       UserError when the method cannot pair these zoo models, called before any work is done.
+    taps: optional `(tap shapes, hparams) -> None or what is missing`: the taps the method
+      reads, checked on both networks before any work (a registered network may give fewer
+      than the zoo's); the shapes are the network's feats in order, for one image.
     check_mesh: optional `(mesh) -> None` raising a UserError when the method cannot run on
       the run's devices, called before any work is done.
     pair_defaults: optional `(teacher_model, student_model) -> {field: value}`: defaults that
@@ -161,6 +164,8 @@ class Method:
   negatives: Optional[Callable[[ml_collections.ConfigDict], int]] = None
   check_hparams: Optional[Callable[[ml_collections.ConfigDict], None]] = None
   check_pair: Optional[Callable[[str, str, int], None]] = None
+  taps: Optional[Callable[[Sequence[tuple[int, ...]], ml_collections.ConfigDict],
+                          Optional[str]]] = None
   check_mesh: Optional[Callable[[Any], None]] = None
   pair_defaults: Optional[Callable[[str, str], Mapping[str, Any]]] = None
   student_preparation: Optional[StudentPreparation] = None

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective
+from jaxkd.methods.objective import (WEIGHTS, bridge_term, distillation_objective,
+                                    needs_pooled)
 from jaxkd.models import layers
 
 CONTRAST_EPS = 1e-7
@@ -152,7 +153,8 @@ def baseline_bridge(num_data: int, hparams: ml_collections.ConfigDict) -> nn.Mod
 
 
 METHOD = Method(name="crd", loss=distillation_objective("crd", bridge_term("loss_crd")),
-                defaults=DEFAULTS, bridge=baseline_bridge, negatives=lambda h: h.nce_k)
+                defaults=DEFAULTS, bridge=baseline_bridge, negatives=lambda h: h.nce_k,
+                taps=needs_pooled)
 METHODS = {"crd": METHOD,
            "crd_kd": dataclasses.replace(METHOD, name="crd_kd",
                                          defaults=dict(DEFAULTS, kd_weight=1.0))}

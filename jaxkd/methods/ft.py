@@ -37,7 +37,8 @@ from jaxkd.methods.connectors import ConvTranspose, pool_to_smaller, torch_conv2
 from jaxkd.methods.embedding_losses import hint_loss
 from jaxkd.models import layers
 from jaxkd.methods.base import Method, TeacherPreparation
-from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, taps
+from jaxkd.methods.objective import (LAST_MAP, WEIGHTS, bridge_term, distillation_objective,
+                                    taps)
 
 P1 = 2
 P2 = 1
@@ -166,7 +167,7 @@ LOW_INIT_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44
                         "wrn_40_1", "wrn_40_2")
 
 METHOD = Method(
-    name="ft", loss=distillation_objective("ft", bridge_term("loss_ft")),
+    name="ft", loss=distillation_objective("ft", bridge_term("loss_ft")), taps=LAST_MAP,
     defaults=dict(WEIGHTS, feat_weight=200.0, p1=P1, p2=P2, k=K, init_epochs=30, init_lr=-1.0),
     pair_defaults=lambda teacher, student: (
         {"init_lr": 0.01} if student in LOW_INIT_LR_STUDENTS else {}),

@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 from jaxkd.errors import UserError
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import WEIGHTS, distillation_objective, equal_channels, taps
+from jaxkd.methods.objective import (STAGE_MAPS, WEIGHTS, distillation_objective, equal_channels,
+                                    taps)
 
 
 NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
@@ -244,4 +245,4 @@ def check_mesh(mesh: Any) -> None:
 METHOD = Method(name="kdsvd", loss=distillation_objective("kdsvd", kdsvd_term),
                 defaults=dict(WEIGHTS, feat_weight=1.0, k=1),
                 check_pair=equal_channels("KDSVD", lambda channels: channels[1:-1]),
-                check_mesh=check_mesh)
+                check_mesh=check_mesh, taps=STAGE_MAPS)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxkd.methods.connectors import pool_to_smaller
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import WEIGHTS, distillation_objective, taps
+from jaxkd.methods.objective import STAGE_MAPS, WEIGHTS, distillation_objective, taps
 
 NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
 
@@ -76,4 +76,5 @@ def nst_term(student_out, teacher_out, hparams):
 
 
 METHOD = Method(name="nst", loss=distillation_objective("nst", nst_term),
-                defaults=dict(WEIGHTS, feat_weight=50.0))
+                defaults=dict(WEIGHTS, feat_weight=50.0),
+                taps=STAGE_MAPS)

@@ -8,6 +8,7 @@ where L_method is the method's own term on the feature taps (or computed by its 
 DistillKL_T is Hinton's KD term of jaxkd.methods.losses.distill_kl.
 """
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -42,12 +43,47 @@ def paired_taps(student_out: Outputs, teacher_out: Optional[Outputs], bridge: st
   return taps(student_out), jax.lax.stop_gradient(taps(teacher_out))
 
 
-def tap_channels(model_name: str, num_classes: int) -> list[int]:
-  """The channel count of each tap of zoo model `model_name` (nothing is computed)."""
+@functools.lru_cache(maxsize=None)
+def tap_shapes(model_name: str, num_classes: int, image_shape: tuple[int, ...] = (32, 32, 3)
+               ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+  """(name, shape) of each tap of network `model_name` for one image (nothing is computed)."""
   model = models.get_model(model_name, num_classes)
   (_, feats), _ = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  return [f.shape[-1] for f in feats.values()]
+      jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)), train=False))
+  return tuple((name, tuple(f.shape)) for name, f in feats.items())
+
+
+def tap_channels(model_name: str, num_classes: int) -> list[int]:
+  """The channel count of each tap of network `model_name`."""
+  return [shape[-1] for _, shape in tap_shapes(model_name, num_classes)]
+
+
+TapsCheck = Callable[[Sequence[tuple[int, ...]], ml_collections.ConfigDict], Optional[str]]
+
+
+def needs_maps(what: str, select: Callable[[list, ml_collections.ConfigDict], list],
+               at_least: int = 1, paired: bool = False) -> TapsCheck:
+  """A Method.taps check: `select(taps, hparams)` must be ≥ `at_least` spatial maps; with
+  `paired`, as many for the student as for the teacher (`check.paired_select`), since the
+  method pairs them one to one."""
+  def check(shapes, hparams):
+    chosen = select(list(shapes), hparams)
+    if len(chosen) < at_least or any(len(shape) != 4 for shape in chosen):
+      return f"{what} as spatial maps [N, H, W, C]"
+    return None
+  check.paired_select = select if paired else None
+  return check
+
+
+def needs_pooled(shapes: Sequence[tuple[int, ...]], hparams: ml_collections.ConfigDict
+                 ) -> Optional[str]:
+  """A Method.taps check: the last tap is the pooled vector [N, C]."""
+  del hparams
+  return None if shapes and len(shapes[-1]) == 2 else "the pooled vector [N, C] as the last tap"
+
+
+STAGE_MAPS = needs_maps("the stage maps taps[1:-1]", lambda taps, h: taps[1:-1], paired=True)
+LAST_MAP = needs_maps("the last stage map taps[-2]", lambda taps, h: taps[-2:-1])
 
 
 def unequal_channels(method: str, s_channels: Sequence[int], t_channels: Sequence[int]

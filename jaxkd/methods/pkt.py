@@ -7,7 +7,7 @@ feat[-1]), jaxkd.methods.embedding_losses.pkt_loss; weights as RepDistiller's CI
 
 from jaxkd.methods.base import Method
 from jaxkd.methods.embedding_losses import pkt_loss
-from jaxkd.methods.objective import WEIGHTS, distillation_objective, taps
+from jaxkd.methods.objective import WEIGHTS, distillation_objective, needs_pooled, taps
 
 
 def pkt_term(student_out, teacher_out, hparams):
@@ -16,4 +16,5 @@ def pkt_term(student_out, teacher_out, hparams):
 
 
 METHOD = Method(name="pkt", loss=distillation_objective("pkt", pkt_term),
-                defaults=dict(WEIGHTS, feat_weight=30000.0))
+                defaults=dict(WEIGHTS, feat_weight=30000.0),
+                taps=needs_pooled)

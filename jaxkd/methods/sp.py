@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import WEIGHTS, distillation_objective, taps
+from jaxkd.methods.objective import LAST_MAP, WEIGHTS, distillation_objective, taps
 
 NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
 
@@ -55,4 +55,5 @@ def sp_term(student_out, teacher_out, hparams):
 
 
 METHOD = Method(name="sp", loss=distillation_objective("sp", sp_term),
-                defaults=dict(WEIGHTS, feat_weight=3000.0))
+                defaults=dict(WEIGHTS, feat_weight=3000.0),
+                taps=LAST_MAP)

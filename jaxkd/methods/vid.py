@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jaxkd.methods.connectors import pool_to_smaller
 from jaxkd.models import layers
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, paired_taps
+from jaxkd.methods.objective import (STAGE_MAPS, WEIGHTS, bridge_term, distillation_objective,
+                                    paired_taps)
 
 INIT_PRED_VAR = 5.0
 EPS = 1e-5
@@ -113,4 +114,5 @@ class VIDBridge(nn.Module):
 METHOD = Method(name="vid", loss=distillation_objective("vid", bridge_term("loss_vid")),
                 defaults=dict(WEIGHTS, feat_weight=1.0, init_pred_var=INIT_PRED_VAR, eps=EPS),
                 bridge=lambda num_data, hparams: VIDBridge(init_pred_var=hparams.init_pred_var,
-                                                           eps=hparams.eps))
+                                                           eps=hparams.eps),
+                taps=STAGE_MAPS)

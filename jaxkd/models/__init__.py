@@ -53,16 +53,38 @@ def _collect(families) -> dict[str, Callable[..., nn.Module]]:
 
 _REGISTRY = _collect(_FAMILIES)
 
+# The zoo's own names (registered networks come after them in the registry).
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def register(name: str, build: Callable[..., nn.Module]) -> None:
+  """Adds a network of your own under `name`, for every config and method (teacher or student).
+
+  `build(num_classes, dtype=jnp.float32)` returns a Flax Linen module called as
+  `module(x, train=False, preact=False)` on NHWC images x [N, H, W, C] that returns
+  `(logits [N, num_classes], feats)`: `feats` a `collections.OrderedDict` of named taps in forward
+  order, as the zoo gives them — first the stem's output, then the stage maps [N, h, w, c], last
+  'pooled' [N, c], the classifier's input (an OrderedDict: jit sorts a plain dict's keys).
+  `train` switches BatchNorm to batch statistics (kept in the 'batch_stats' collection); with
+  `preact` the stage maps are taken before their last ReLU (only AB asks for it; a network
+  without ReLUs may ignore it). Methods read 'pooled' (CRD, CC, RKD, PKT, SSKD, EGA, …) or the
+  stage maps (AT, NST, VID, AB, KDSVD, FitNet's `hint_layer`, SP's and FT's last map, FSP from
+  the stem on); a run whose method needs a tap the network does not give is refused before any
+  work, naming what is missing.
+  """
+  if name in _REGISTRY:
+    raise errors.UserError(f"model name {name!r} is taken; register yours under another name")
+  _REGISTRY[name] = build
+
+
 def get_model(name: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
-  """The zoo network `name` with a `num_classes`-way head, computing in `dtype` (params float32).
+  """The network `name` (the zoo's or a registered one) with a `num_classes`-way head,
+  computing in `dtype` (params float32).
 
   Raises `jaxkd.errors.UserError` listing the valid names when `name` is unknown.
   """
   try:
     build = _REGISTRY[name]
   except KeyError:
-    raise errors.unknown_name("model", name, MODEL_NAMES) from None
+    raise errors.unknown_name("model", name, tuple(_REGISTRY)) from None
   return build(num_classes, dtype=dtype)
