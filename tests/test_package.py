@@ -1,0 +1,33 @@
+"""jaxkd as an installable package: the wheel pyproject.toml builds holds every module of jaxkd
+and the dependency list, and `import jaxkd` works from it outside the checkout."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import helpers
+
+
+def test_the_wheel_holds_jaxkd_and_imports_outside_the_checkout(tmp_path):
+  wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w",
+                  str(wheel_dir), str(helpers.REPO)], check=True, timeout=600)
+  (wheel,) = wheel_dir.glob("jaxkd-*.whl")
+  with zipfile.ZipFile(wheel) as archive:
+    names = set(archive.namelist())
+    metadata = next(archive.read(n).decode() for n in names if n.endswith("METADATA"))
+  modules = {str(p.relative_to(helpers.REPO)) for p in (helpers.REPO / "jaxkd").rglob("*.py")}
+  assert modules <= names, sorted(modules - names)
+  assert not any(n.startswith(("tests/", "configs/", "experiments/")) for n in names)
+  for requirement in ("jax>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "tensorflow-datasets"):
+    assert f"Requires-Dist: {requirement}" in metadata
+  subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target",
+                  str(target), str(wheel)], check=True, timeout=600)
+  done = subprocess.run(
+      [sys.executable, "-c", "import jaxkd.methods, jaxkd.models; print(jaxkd.__file__); "
+       "print(len(jaxkd.methods.METHOD_NAMES))"],
+      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(target)), capture_output=True,
+      text=True, timeout=300, check=True)
+  path, count = done.stdout.split()[-2:]
+  assert path.startswith(str(target)) and int(count) >= 28
