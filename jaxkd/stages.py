@@ -24,7 +24,7 @@ from jaxkd.interop import clip_weights
 from jaxkd.loop import (BACKBONE_FILE, NO_CLASSIFIER_NOTE, STUDENT_FILE, TEACHER_FILE, Stage,
                         Teacher, backbone_only, build_network, compute_dtype, evaluate,
                         load_teacher, run_stage)
-from jaxkd.methods import Method, canonical_name, get_method
+from jaxkd.methods import Method, canonical_name, cross_entropy_method, get_method
 from jaxkd.models import clip
 from jaxkd.models import layers
 from jaxkd.state import Network
@@ -49,8 +49,8 @@ def preparation_lr(config: ml_collections.ConfigDict, lr: float) -> float:
 
 
 def student_methods(config: ml_collections.ConfigDict) -> list[str]:
-  """config.method.name first, then the comma-separated `config.baselines`, without repeats;
-  RepDistiller's names (`hint`, `attention`, …) become jaxkd's (`fitnet`, `at`, …)."""
+  """config.method.name first, then the comma-separated `config.baselines`, without repeats,
+  each under its canonical name (jaxkd.methods.canonical_name)."""
   names = [config.method.name] + [n.strip() for n in config.get("baselines", "").split(",")]
   return list(dict.fromkeys(canonical_name(n) for n in names if n))
 
@@ -97,7 +97,7 @@ class Teachers:
     elif config.teacher.get("pretrain", ""):
       path, result = self._pretrain(config.teacher.pretrain)
     else:
-      ce = get_method("ce")
+      ce = cross_entropy_method()
       stage = Stage(name="teacher", model_name=config.teacher.name, method_name=ce.name,
                     loss=ce.loss, hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
                     base_lr=teacher_lr(config),
@@ -228,7 +228,7 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str, mesh: jax.
   trained = load_teacher(student.network(info.num_classes), student_result["export"], info,
                          mesh)
   lp = config.linear_probe
-  ce = get_method("ce")
+  ce = cross_entropy_method()
   stage = Stage(name="linear_probe", model_name=config.student.name,
                 method_name="linear_probe", loss=ce.loss,
                 hparams=ml_collections.ConfigDict(dict(tap="pooled")),

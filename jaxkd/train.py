@@ -35,7 +35,7 @@ from jaxkd import paths
 from jaxkd.errors import UserError
 from jaxkd.interop import clip_weights
 from jaxkd.loop import RESULT_FILE, STUDENT_FILE, _percent, run_stage
-from jaxkd.methods import Method, canonical_name, get_method
+from jaxkd.methods import METHOD_NAMES, Method, canonical_name, get_method
 from jaxkd.methods import objective
 from jaxkd.models import clip
 from jaxkd.stages import (Teachers, linear_probe_config, linear_probe_enabled, method_hparams,
@@ -72,20 +72,7 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
     if method.check_mesh is not None:
       method.check_mesh(mesh)
     if method.taps is not None:
-      hparams = method_hparams(config, method)
-      for role, model in (("student", config.student.name), ("teacher", teacher_name)):
-        if role == "student" or not clip_teacher:
-          check_taps(method, hparams, role, model, info)
-      select = getattr(method.taps, "paired_select", None)
-      if select is not None and not clip_teacher:
-        counts = [len(select(list(dict(objective.tap_shapes(
-            m, info.num_classes, tuple(info.image_shape))).values()), hparams))
-                  for m in (config.student.name, teacher_name)]
-        if counts[0] != counts[1]:
-          raise UserError(
-              f"method {method.name!r} pairs the stage maps one to one, but student "
-              f"{config.student.name!r} gives {counts[0]} and teacher {teacher_name!r} "
-              f"{counts[1]}; choose a pair with as many stages")
+      check_taps(config, method, info, clip_teacher)
   keep = config.teacher.get("keep", "last")
   if keep not in ("last", "best"):
     raise UserError(f"teacher.keep={keep!r} is not one of 'last', 'best' (the teacher epoch "
@@ -97,7 +84,7 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
                       f"{teacher_name!r} is used as it is; set --config.teacher.pretrain=''")
     if get_method(pretrain).uses_teacher:
       raise UserError(f"teacher.pretrain={pretrain!r} distils from a teacher itself; use a "
-                      "self-supervised method such as 'simclr'")
+                      "self-supervised method, one that reads no teacher")
   if clip_teacher or pretrain:
     # Such a teacher has no trained classifier: only methods that train their own head on it
     # can read it.
@@ -108,7 +95,7 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
         raise UserError(
             f"method {name!r} reads the teacher's classifier, but teacher {teacher_name!r} "
             f"{why} and has none; use a method that trains its own head on the teacher "
-            "(e.g. ega), or a teacher trained with cross-entropy")
+            f"({', '.join(own_head_methods())}), or a teacher trained with cross-entropy")
   if clip_teacher:
     checkpoint_path = config.teacher.checkpoint
     if not checkpoint_path or not os.path.exists(checkpoint_path):
@@ -130,15 +117,34 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
   return info
 
 
-def check_taps(method: Method, hparams: ml_collections.ConfigDict, role: str, model: str,
-               info: data.DatasetInfo) -> None:
-  """Refuses a network that does not give the taps `method` reads, naming what is missing."""
-  taps = objective.tap_shapes(model, info.num_classes, tuple(info.image_shape))
-  missing = method.taps([shape for _, shape in taps], hparams)
-  if missing is not None:
-    given = ", ".join(f"{tap} {list(shape[1:])}" for tap, shape in taps)
-    raise UserError(f"method {method.name!r} reads {missing}, but {role} {model!r} gives only "
-                    f"{given}; return them from its feats (see jaxkd.models.register)")
+def own_head_methods() -> list[str]:
+  """The registered methods that train their own head on a frozen teacher."""
+  return [name for name in METHOD_NAMES
+          if get_method(name).online_teacher_head is not None and not get_method(name).teacher]
+
+
+def check_taps(config: ml_collections.ConfigDict, method: Method, info: data.DatasetInfo,
+               clip_teacher: bool) -> None:
+  """Refuses a network that does not give the taps `method` reads (Method.taps), naming what
+  is missing, and a pair whose numbers of paired taps differ."""
+  hparams = method_hparams(config, method)
+  networks = [("student", config.student.name)]
+  if not clip_teacher:
+    networks.append(("teacher", config.teacher.name))
+  counts = []
+  for role, model in networks:
+    taps = objective.tap_shapes(model, info.num_classes, tuple(info.image_shape))
+    shapes = [shape for _, shape in taps]
+    missing = method.taps.missing(shapes, hparams)
+    if missing is not None:
+      given = ", ".join(f"{tap} {list(shape[1:])}" for tap, shape in taps)
+      raise UserError(f"method {method.name!r} reads {missing}, but {role} {model!r} gives "
+                      f"only {given}; return them from its feats (see jaxkd.models.register)")
+    counts.append(len(method.taps.select(shapes, hparams)))
+  if method.taps.paired and len(set(counts)) > 1:
+    raise UserError(f"method {method.name!r} pairs {method.taps.what} one to one, but student "
+                    f"{config.student.name!r} gives {counts[0]} and teacher "
+                    f"{config.teacher.name!r} {counts[1]}; choose a pair with as many")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:

@@ -61,6 +61,11 @@ def canonical_name(name: str) -> str:
   return ALIASES.get(name, name)
 
 
+def cross_entropy_method() -> Method:
+  """Plain cross-entropy: how stage `teacher` trains a teacher and a linear probe its head."""
+  return get_method("ce")
+
+
 def get_method(name: str) -> Method:
   """The registered method `name` (jaxkd's or RepDistiller's name)."""
   name = canonical_name(name)
@@ -70,4 +75,5 @@ def get_method(name: str) -> Method:
   return module.METHODS[name] if hasattr(module, "METHODS") else module.METHOD
 
 
-__all__ = ["Method", "METHOD_NAMES", "ALIASES", "canonical_name", "get_method", "distill_kl"]
+__all__ = ["Method", "METHOD_NAMES", "ALIASES", "canonical_name", "cross_entropy_method",
+           "get_method", "distill_kl"]

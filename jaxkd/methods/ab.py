@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxkd.methods.connectors import ConvReg
 from jaxkd.methods.base import Method, StudentPreparation
 from jaxkd.methods.objective import (STAGE_MAPS, WEIGHTS, bridge_term, distillation_objective,
-                                    paired_taps, preparation_objective)
+                                     paired_taps, preparation_objective)
 
 MARGIN = 1.0
 

@@ -63,6 +63,31 @@ class TeacherPreparation:
 
 
 @dataclasses.dataclass(frozen=True)
+class TapNeed:
+  """The feature taps a method reads, checked on both networks before any work.
+
+  `select(tap shapes, hparams)` picks the taps read (shapes for one image, in the order of the
+  network's feats); each must have `rank` dimensions (4: a spatial map [N, H, W, C]; 2: a
+  vector [N, C]) and there must be at least `at_least` of them. With `paired` the method pairs
+  the student's with the teacher's one to one, so both must give as many.
+  """
+  what: str
+  select: Callable[[list, ml_collections.ConfigDict], list]
+  rank: int = 4
+  at_least: int = 1
+  paired: bool = False
+
+  def missing(self, shapes: Sequence[tuple[int, ...]], hparams: ml_collections.ConfigDict
+              ) -> Optional[str]:
+    """None when the network gives these taps, else what it lacks."""
+    chosen = self.select(list(shapes), hparams)
+    if len(chosen) < self.at_least or any(len(shape) != self.rank for shape in chosen):
+      kind = "spatial maps [N, H, W, C]" if self.rank == 4 else "a vector [N, C]"
+      return f"{self.what} as {kind}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class StudentPreparation:
   """How a method prepares its student before distillation (stage `student_<method>_init`,
   RepDistiller's `init` stage of AB and FSP).
@@ -138,9 +163,8 @@ class Method:
       before any work is done.
     check_pair: optional `(teacher_model, student_model, num_classes) -> None` raising a
       UserError when the method cannot pair these zoo models, called before any work is done.
-    taps: optional `(tap shapes, hparams) -> None or what is missing`: the taps the method
-      reads, checked on both networks before any work (a registered network may give fewer
-      than the zoo's); the shapes are the network's feats in order, for one image.
+    taps: optional TapNeed, the taps the method reads, checked on both networks before any
+      work (a registered network may give fewer than the zoo's).
     check_mesh: optional `(mesh) -> None` raising a UserError when the method cannot run on
       the run's devices, called before any work is done.
     pair_defaults: optional `(teacher_model, student_model) -> {field: value}`: defaults that
@@ -164,8 +188,7 @@ class Method:
   negatives: Optional[Callable[[ml_collections.ConfigDict], int]] = None
   check_hparams: Optional[Callable[[ml_collections.ConfigDict], None]] = None
   check_pair: Optional[Callable[[str, str, int], None]] = None
-  taps: Optional[Callable[[Sequence[tuple[int, ...]], ml_collections.ConfigDict],
-                          Optional[str]]] = None
+  taps: Optional[TapNeed] = None
   check_mesh: Optional[Callable[[Any], None]] = None
   pair_defaults: Optional[Callable[[str, str], Mapping[str, Any]]] = None
   student_preparation: Optional[StudentPreparation] = None

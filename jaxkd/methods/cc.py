@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from jaxkd.models import layers
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import (WEIGHTS, bridge_term, distillation_objective, needs_pooled,
-                                    paired_taps)
+from jaxkd.methods.objective import (POOLED, WEIGHTS, bridge_term, distillation_objective,
+                                     paired_taps)
 
 FEAT_DIM = 128
 
@@ -65,4 +65,4 @@ class CorrelationBridge(nn.Module):
 METHOD = Method(name="cc", loss=distillation_objective("cc", bridge_term("loss_cc")),
                 defaults=dict(WEIGHTS, feat_weight=0.02, feat_dim=FEAT_DIM),
                 bridge=lambda num_data, hparams: CorrelationBridge(feat_dim=hparams.feat_dim),
-                taps=needs_pooled)
+                taps=POOLED)

@@ -32,8 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxkd.methods.base import Method
-from jaxkd.methods.objective import (WEIGHTS, bridge_term, distillation_objective,
-                                    needs_pooled)
+from jaxkd.methods.objective import POOLED, WEIGHTS, bridge_term, distillation_objective
 from jaxkd.models import layers
 
 CONTRAST_EPS = 1e-7
@@ -154,7 +153,7 @@ def baseline_bridge(num_data: int, hparams: ml_collections.ConfigDict) -> nn.Mod
 
 METHOD = Method(name="crd", loss=distillation_objective("crd", bridge_term("loss_crd")),
                 defaults=DEFAULTS, bridge=baseline_bridge, negatives=lambda h: h.nce_k,
-                taps=needs_pooled)
+                taps=POOLED)
 METHODS = {"crd": METHOD,
            "crd_kd": dataclasses.replace(METHOD, name="crd_kd",
                                          defaults=dict(DEFAULTS, kd_weight=1.0))}

@@ -43,7 +43,7 @@ from jaxkd.methods import crd
 from jaxkd.methods import embedding_losses
 from jaxkd.methods.base import Method, OnlineTeacherHead, Outputs
 from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
-from jaxkd.methods.objective import needs_pooled
+from jaxkd.methods.objective import POOLED
 from jaxkd.models import layers
 
 # Variance floor of the Pearson correlation: a constant embedding row (zero variance) gets
@@ -294,7 +294,7 @@ def crd_negatives(hparams: ml_collections.ConfigDict) -> int:
 METHOD = Method(name="ega", loss=ega_loss, views="none", uses_teacher=True,
                 defaults=DEFAULTS, student_heads=student_heads,
                 online_teacher_head=TEACHER_HEAD, bridge=crd_bridge, negatives=crd_negatives,
-                check_hparams=check_hparams, taps=needs_pooled)
+                check_hparams=check_hparams, taps=POOLED)
 
 # The reference's comparison rows, one registered name each (`ega_<distill>`), so that one config
 # can list them as baselines. 'ega_kd' sets α = 1 (the reference's `--distill kd` adds only the α

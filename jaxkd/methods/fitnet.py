@@ -20,9 +20,8 @@ import jax
 
 from jaxkd.methods.connectors import ConvReg
 from jaxkd.methods.embedding_losses import hint_loss
-from jaxkd.methods.base import Method
-from jaxkd.methods.objective import (WEIGHTS, bridge_term, distillation_objective, needs_maps,
-                                    paired_taps)
+from jaxkd.methods.base import Method, TapNeed
+from jaxkd.methods.objective import WEIGHTS, bridge_term, distillation_objective, paired_taps
 
 HINT_LAYER = 2
 
@@ -50,5 +49,5 @@ class HintBridge(nn.Module):
 METHOD = Method(name="fitnet", loss=distillation_objective("fitnet", bridge_term("loss_fitnet")),
                 defaults=dict(WEIGHTS, feat_weight=100.0, hint_layer=HINT_LAYER),
                 bridge=lambda num_data, hparams: HintBridge(hint_layer=hparams.hint_layer),
-                taps=needs_maps("the hint tap taps[hint_layer]",
-                                lambda taps, h: taps[h.hint_layer:h.hint_layer + 1]))
+                taps=TapNeed("the hint tap taps[hint_layer]",
+                             lambda taps, h: taps[h.hint_layer:h.hint_layer + 1]))

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.methods.connectors import pool_to_smaller
-from jaxkd.methods.base import Method, StudentPreparation
-from jaxkd.methods.objective import (WEIGHTS, distillation_objective, equal_channels, needs_maps,
-                                    preparation_objective, taps, unequal_channels)
+from jaxkd.methods.base import Method, StudentPreparation, TapNeed
+from jaxkd.methods.objective import (WEIGHTS, distillation_objective, equal_channels,
+                                     preparation_objective, taps, unequal_channels)
 
 
 def fsp_matrix(top: jax.Array, bottom: jax.Array) -> jax.Array:
@@ -71,5 +71,5 @@ METHOD = Method(name="fsp", loss=distillation_objective("fsp", None),
                 defaults=dict(WEIGHTS, init_epochs=30, init_lr=-1.0),
                 student_preparation=StudentPreparation(loss=preparation_objective("fsp", fsp_term)),
                 check_pair=equal_channels("FSP", lambda channels: channels[:-1]),
-                taps=needs_maps("the stem and stage maps taps[:-1]", lambda taps, h: taps[:-1],
-                                at_least=2))
+                taps=TapNeed("the stem and stage maps taps[:-1]", lambda taps, h: taps[:-1],
+                             at_least=2))

@@ -37,8 +37,7 @@ from jaxkd.methods.connectors import ConvTranspose, pool_to_smaller, torch_conv2
 from jaxkd.methods.embedding_losses import hint_loss
 from jaxkd.models import layers
 from jaxkd.methods.base import Method, TeacherPreparation
-from jaxkd.methods.objective import (LAST_MAP, WEIGHTS, bridge_term, distillation_objective,
-                                    taps)
+from jaxkd.methods.objective import LAST_MAP, WEIGHTS, bridge_term, distillation_objective, taps
 
 P1 = 2
 P2 = 1

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jaxkd.errors import UserError
 from jaxkd.methods.base import Method
 from jaxkd.methods.objective import (STAGE_MAPS, WEIGHTS, distillation_objective, equal_channels,
-                                    taps)
+                                     taps)
 
 
 NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm

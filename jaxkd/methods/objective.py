@@ -17,7 +17,7 @@ import ml_collections
 
 from jaxkd import models
 from jaxkd.errors import UserError
-from jaxkd.methods.base import LossFn, Outputs
+from jaxkd.methods.base import LossFn, Outputs, TapNeed
 from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
 
 # term(student_out, teacher_out, hparams) -> (L_method, {metric name: scalar})
@@ -58,32 +58,9 @@ def tap_channels(model_name: str, num_classes: int) -> list[int]:
   return [shape[-1] for _, shape in tap_shapes(model_name, num_classes)]
 
 
-TapsCheck = Callable[[Sequence[tuple[int, ...]], ml_collections.ConfigDict], Optional[str]]
-
-
-def needs_maps(what: str, select: Callable[[list, ml_collections.ConfigDict], list],
-               at_least: int = 1, paired: bool = False) -> TapsCheck:
-  """A Method.taps check: `select(taps, hparams)` must be ≥ `at_least` spatial maps; with
-  `paired`, as many for the student as for the teacher (`check.paired_select`), since the
-  method pairs them one to one."""
-  def check(shapes, hparams):
-    chosen = select(list(shapes), hparams)
-    if len(chosen) < at_least or any(len(shape) != 4 for shape in chosen):
-      return f"{what} as spatial maps [N, H, W, C]"
-    return None
-  check.paired_select = select if paired else None
-  return check
-
-
-def needs_pooled(shapes: Sequence[tuple[int, ...]], hparams: ml_collections.ConfigDict
-                 ) -> Optional[str]:
-  """A Method.taps check: the last tap is the pooled vector [N, C]."""
-  del hparams
-  return None if shapes and len(shapes[-1]) == 2 else "the pooled vector [N, C] as the last tap"
-
-
-STAGE_MAPS = needs_maps("the stage maps taps[1:-1]", lambda taps, h: taps[1:-1], paired=True)
-LAST_MAP = needs_maps("the last stage map taps[-2]", lambda taps, h: taps[-2:-1])
+STAGE_MAPS = TapNeed("the stage maps taps[1:-1]", lambda taps, h: taps[1:-1], paired=True)
+LAST_MAP = TapNeed("the last stage map taps[-2]", lambda taps, h: taps[-2:-1])
+POOLED = TapNeed("the pooled vector as the last tap", lambda taps, h: taps[-1:], rank=2)
 
 
 def unequal_channels(method: str, s_channels: Sequence[int], t_channels: Sequence[int]

@@ -7,7 +7,7 @@ feat[-1]), jaxkd.methods.embedding_losses.pkt_loss; weights as RepDistiller's CI
 
 from jaxkd.methods.base import Method
 from jaxkd.methods.embedding_losses import pkt_loss
-from jaxkd.methods.objective import WEIGHTS, distillation_objective, needs_pooled, taps
+from jaxkd.methods.objective import POOLED, WEIGHTS, distillation_objective, taps
 
 
 def pkt_term(student_out, teacher_out, hparams):
@@ -17,4 +17,4 @@ def pkt_term(student_out, teacher_out, hparams):
 
 METHOD = Method(name="pkt", loss=distillation_objective("pkt", pkt_term),
                 defaults=dict(WEIGHTS, feat_weight=30000.0),
-                taps=needs_pooled)
+                taps=POOLED)

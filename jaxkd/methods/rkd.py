@@ -7,7 +7,7 @@ vectors), jaxkd.methods.embedding_losses.rkd_loss; weights as RepDistiller's CIF
 
 from jaxkd.methods.base import Method
 from jaxkd.methods.embedding_losses import rkd_loss
-from jaxkd.methods.objective import WEIGHTS, distillation_objective, needs_pooled, taps
+from jaxkd.methods.objective import POOLED, WEIGHTS, distillation_objective, taps
 
 
 def rkd_term(student_out, teacher_out, hparams):
@@ -17,4 +17,4 @@ def rkd_term(student_out, teacher_out, hparams):
 
 METHOD = Method(name="rkd", loss=distillation_objective("rkd", rkd_term),
                 defaults=dict(WEIGHTS, feat_weight=1.0, distance_weight=25.0, angle_weight=50.0),
-                taps=needs_pooled)
+                taps=POOLED)

@@ -32,7 +32,7 @@ import optax
 
 from jaxkd.methods.base import Method, Outputs, TeacherPreparation
 from jaxkd.methods.losses import cross_entropy, distill_kl, kl_rows, topk_correct
-from jaxkd.methods.objective import needs_pooled
+from jaxkd.methods.objective import POOLED
 from jaxkd.models import layers
 
 NUM_VIEWS = 4  # The original and three rotations, as the `rotations` views deliver them.
@@ -329,5 +329,5 @@ METHOD = Method(
                   kd_weight=0.9, tf_weight=2.7, ss_weight=10.0, teacher_epochs=60,
                   teacher_lr=0.05, teacher_milestones=(30, 45)),
     eval_metrics=eval_metrics,
-    taps=needs_pooled,
+    taps=POOLED,
 )

@@ -30,7 +30,7 @@ from jaxkd.methods.connectors import pool_to_smaller
 from jaxkd.models import layers
 from jaxkd.methods.base import Method
 from jaxkd.methods.objective import (STAGE_MAPS, WEIGHTS, bridge_term, distillation_objective,
-                                    paired_taps)
+                                     paired_taps)
 
 INIT_PRED_VAR = 5.0
 EPS = 1e-5
