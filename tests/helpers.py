@@ -65,3 +65,22 @@ def random_variables(name: str, num_classes: int = 100) -> Any:
     return (0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def mock_cifar_config(root: pathlib.Path, teacher: str, student: str, method: str,
+                      baselines: str = "") -> ml_collections.ConfigDict:
+  """configs/default.py:runlocal for mock CIFAR-100 (use `mock_cifar100`) shrunk to one epoch
+  of two steps, distilling `student` with `method` (then `baselines`) from a teacher file of
+  random weights in `root`, which stands in for stage `teacher`."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from jaxkd import checkpoint  # pylint: disable=g-import-not-at-top
+  config = default.get_config("runlocal")
+  config.teacher.name, config.student.name = teacher, student
+  config.dataset.update(num_train_examples=16, num_eval_examples=8)
+  config.update(batch_size=8, eval_batch_size=8, num_epochs=1)
+  config.teacher.checkpoint = str(root / f"{teacher}.msgpack")
+  checkpoint.export_variables(config.teacher.checkpoint, random_variables(teacher))
+  config.method = ml_collections.ConfigDict(dict(name=method))
+  config.baselines = baselines
+  return config
+

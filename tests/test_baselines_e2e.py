@@ -47,14 +47,8 @@ def _config(workdir_root):
   """configs/default.py:runlocal for resnet14 → resnet8 (equal widths, so FSP and KDSVD
   apply), shrunk to one epoch of two steps, the preparation stages to one epoch, CRD to four
   negatives; a teacher file of random weights stands in for stage `teacher`."""
-  config = default.get_config("runlocal")
-  config.teacher.name, config.student.name = "resnet14", "resnet8"
-  config.dataset.update(num_train_examples=16, num_eval_examples=8)
-  config.update(batch_size=8, eval_batch_size=8, num_epochs=1)
-  config.teacher.checkpoint = str(workdir_root / "resnet14.msgpack")
-  checkpoint.export_variables(config.teacher.checkpoint, helpers.random_variables("resnet14"))
-  config.method = ml_collections.ConfigDict(dict(name=BASELINES[0]))
-  config.baselines = ",".join(BASELINES[1:])
+  config = helpers.mock_cifar_config(workdir_root, "resnet14", "resnet8", BASELINES[0],
+                                     ",".join(BASELINES[1:]))
   config.method_overrides = ml_collections.ConfigDict(dict(
       abound=dict(init_epochs=1), factor=dict(init_epochs=1), fsp=dict(init_epochs=1),
       crd=dict(nce_k=4), crd_kd=dict(nce_k=4)))

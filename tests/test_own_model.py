@@ -11,8 +11,6 @@ import pytest
 
 import helpers
 
-from configs import default
-from jaxkd import checkpoint
 from jaxkd import models
 from jaxkd import train
 from jaxkd.data import sources
@@ -53,14 +51,7 @@ _registered = set()
 def _config(tmp_path, method, baselines=""):
   _register("tiny_own_net")
   _register("tiny_pooled_only", with_maps=False)
-  config = default.get_config("runlocal")
-  config.teacher.name, config.student.name = "resnet8", "tiny_own_net"
-  config.dataset.update(num_train_examples=16, num_eval_examples=8)
-  config.update(batch_size=8, eval_batch_size=8, num_epochs=1)
-  config.teacher.checkpoint = str(tmp_path / "resnet8.msgpack")
-  checkpoint.export_variables(config.teacher.checkpoint, helpers.random_variables("resnet8"))
-  config.method = ml_collections.ConfigDict(dict(name=method))
-  config.baselines = baselines
+  config = helpers.mock_cifar_config(tmp_path, "resnet8", "tiny_own_net", method, baselines)
   config.method_overrides = ml_collections.ConfigDict(dict(sskd=dict(teacher_epochs=1)))
   return config
 
