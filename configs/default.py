@@ -13,6 +13,7 @@ command line (`--config.method.feat_weight=50`).
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from jaxkd import defaults
 from jaxkd import methods
 
 
@@ -20,17 +21,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.dataset = ml_collections.ConfigDict(dict(
-      name="cifar100",          # registry name: digits, cifar10, cifar100
-      data_dir="",              # tfds data_dir; '' = the tfds default (~/tensorflow_datasets)
-      train_split="train",
-      eval_split="test",
-      num_train_examples=-1,    # -1: from the tfds metadata (set it for mock data)
-      num_eval_examples=-1,
-      train_fraction=1.0,       # < 1: a class-balanced subset per seed (few-shot experiments)
-      label_noise=0.0,          # > 0: that fraction of train labels flipped to another class
-      normalization="dataset",  # student's view statistics: dataset, or clip (EGA's students)
-  ))
+  config.dataset = defaults.dataset_config("cifar100")
 
   config.teacher = ml_collections.ConfigDict(dict(
       name="resnet32x4",

@@ -1,0 +1,20 @@
+"""Config defaults the package itself needs: `jaxkd.evaluate` runs without a recipe file, and
+every recipe starts its `config.dataset` from here. Kept free of TensorFlow, so importing a
+recipe stays light."""
+
+import ml_collections
+
+
+def dataset_config(name: str = "cifar100") -> ml_collections.ConfigDict:
+  """`config.dataset` of every recipe (and of `jaxkd.evaluate`), with its defaults."""
+  return ml_collections.ConfigDict(dict(
+      name=name,                # registry name: digits, cifar10, cifar100, ...
+      data_dir="",              # tfds data_dir; "" = the tfds default (~/tensorflow_datasets)
+      train_split="train",
+      eval_split="test",
+      num_train_examples=-1,    # -1: from the tfds metadata (set it for mock data)
+      num_eval_examples=-1,
+      train_fraction=1.0,       # < 1: a class-balanced subset per seed (few-shot experiments)
+      label_noise=0.0,          # > 0: that fraction of train labels flipped to another class
+      normalization="dataset",  # student's view statistics: dataset, or clip (EGA's students)
+  ))
