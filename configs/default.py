@@ -64,6 +64,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
+  # Resuming (or reusing) a stage under a config that changes its result is refused; True goes
+  # on with the new values (each stage's config.json keeps the old ones in its history).
+  config.allow_changed_config = False
 
   if arg:
     apply_arg(config, arg)
@@ -78,6 +81,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str) -> None:
     elif token == "runlocal":
       config.num_epochs = 2
       config.teacher.num_epochs = 2
+      config.schedule.milestones = ()           # the recipe's are past the 2 epochs
       config.batch_size = 8
       config.eval_batch_size = 16
       config.log_every_steps = 5

@@ -143,7 +143,19 @@ python -m jaxkd.main --config configs/default.py --workdir runs/r32x4_r8x4 \\
 ```
 
 A checkpoint that does not fit `--arch` is refused with the first missing, unexpected or
-misshapen entry named by its PyTorch key.
+misshapen entry named by its PyTorch key. Check the imported teacher's accuracy before distilling
+from it (top-1 and top-5 in percent on the dataset's eval split, counted as the trainer's
+evaluations count them; any `--config.dataset.*`, `eval_batch_size` or `half_precision` override
+works; no recipe file is needed):
+
+```
+python -m jaxkd.evaluate --model resnet32x4 --checkpoint teachers/resnet32x4.msgpack \\
+    --config.dataset.name=cifar100 --config.dataset.data_dir=DIR
+```
+
+It reads any jaxkd variables file of a zoo network (a trained `<workdir>/teacher/teacher.msgpack`,
+a KD or CE student's `student.msgpack`; not a student exported with a method's heads, such as
+SSKD's).
 """
 
 

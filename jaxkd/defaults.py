@@ -8,7 +8,8 @@ import ml_collections
 def dataset_config(name: str = "cifar100") -> ml_collections.ConfigDict:
   """`config.dataset` of every recipe (and of `jaxkd.evaluate`), with its defaults."""
   return ml_collections.ConfigDict(dict(
-      name=name,                # registry name: digits, cifar10, cifar100, ...
+      name=name,                # registry name (digits, cifar10, cifar100, ...), tfds:<builder>
+                                # or folder:<dir> (own data, see jaxkd.data.sources)
       data_dir="",              # tfds data_dir; "" = the tfds default (~/tensorflow_datasets)
       train_split="train",
       eval_split="test",
@@ -17,4 +18,12 @@ def dataset_config(name: str = "cifar100") -> ml_collections.ConfigDict:
       train_fraction=1.0,       # < 1: a class-balanced subset per seed (few-shot experiments)
       label_noise=0.0,          # > 0: that fraction of train labels flipped to another class
       normalization="dataset",  # student's view statistics: dataset, or clip (EGA's students)
+      # tfds:/folder: only: 0 = images as stored (all of one size); N > 0 = every image resized,
+      # shorter side to N (bilinear, antialiased), then its central NxN square.
+      image_size=0,
+      # Per-channel mean/std of pixels in [0, 1], one value per channel; both () = the
+      # registry's, or for tfds:/folder: computed from train_split once per workdir
+      # (<workdir>/dataset_stats.json).
+      mean=(),
+      std=(),
   ))

@@ -1,6 +1,7 @@
 """The one exception type that means "the user asked for something we cannot do".
 
-`jaxkd.main` turns it into a single line on stderr and exit status 2, instead of a traceback.
+`jaxkd.main` turns it into a single line on stderr and its exit status (2; 3 for a diverged
+run; 128 + the signal for an interrupted one), instead of a traceback.
 Raise it with a message that names the bad value and says how to fix it.
 """
 
@@ -9,6 +10,12 @@ from typing import Iterable
 
 class UserError(Exception):
   """Bad input: unknown name, wrong shape, missing data, unwritable path, ..."""
+  exit_status = 2
+
+
+class Diverged(UserError):
+  """A loss term or the gradient went non-finite; the last good checkpoint is kept."""
+  exit_status = 3
 
 
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UserError:

@@ -25,13 +25,15 @@ from etils import epath
 
 from jaxkd import checkpoint
 from jaxkd import data
+from jaxkd import interrupts
 from jaxkd import metrics_log
 from jaxkd import models
 from jaxkd import parallel
 from jaxkd import paths
+from jaxkd import stage_config
 from jaxkd import steps
 from jaxkd.data import teacher_views
-from jaxkd.errors import UserError
+from jaxkd.errors import Diverged, UserError
 from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
                                 OnlineTeacherHead)
 from jaxkd.optim import learning_rate_schedule, make_optimizer
@@ -335,10 +337,15 @@ def initial_state(stage: Stage, network: Network, config: ml_collections.ConfigD
 
 def restore(stage: Stage, mngr: Any, state: TrainState, stage_dir: str
             ) -> tuple[TrainState, dict[str, Any]]:
-  """The latest checkpoint of the stage and its record, else `state` and a new record."""
+  """The newest intact checkpoint of the stage and its record, else `state` and a new record.
+
+  A damaged newer checkpoint is reported and passed over (checkpoint.restore_latest).
+  """
+  teacher = stage.teacher
   record = {"best_top1": 0.0, "history": [],
-            "teacher_path": stage.teacher.path if stage.teacher else None,
-            "teacher_sha256": stage.teacher.sha256 if stage.teacher else None}
+            "teacher_path": _recorded_path(teacher.path, _workdir_of(stage_dir)) if teacher
+                            else None,
+            "teacher_sha256": teacher.sha256 if teacher else None}
   restored = checkpoint.restore_latest(mngr, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   if restored is None:
@@ -396,12 +403,17 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   stage_dir = os.path.join(workdir, stage.name)
   result_path = os.path.join(stage_dir, RESULT_FILE)
   description = stage_description(stage, config)
+  stop_if_interrupted(stage.name, f"before stage {stage.name} started")
   if epath.Path(result_path).exists():
-    result = json.loads(epath.Path(result_path).read_text())
+    result = read_result(workdir, stage.name)
     _check_same_stage(result, description, stage_dir)
+    stage_config.check(stage, config, stage_dir)
     print(f"[{stage.name}] already done ({result_path}): top-1 {_percent(result['top1_last'])}")
     return result
-  epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
+  paths.check_writable(stage_dir, "stage directory",
+                       "make it writable, or pass another --workdir")
+  stage_config.check_and_save(stage, config, stage_dir,
+                              started=_has_checkpoint(os.path.join(stage_dir, "checkpoints")))
 
   network = stage.network(info.num_classes, compute_dtype(config), info.num_train)
   steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
@@ -442,14 +454,18 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
                                process_count=jax.process_count(),
                                teacher_input=teacher.input if teacher else None,
                                num_negatives=stage.num_negatives)
-  pending: list[dict[str, jax.Array]] = []
+  checkpoint_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  pending: list[dict[str, jax.Array]] = []  # Since the last log line.
+  unchecked = Unchecked(stage.name, mngr)  # Since the last finiteness check.
   eval_every = max(config.eval_every_epochs, 1)
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.to_global(next(batches), mesh)
     state, metrics = compiled.train(state, teacher_variables, batch)
     pending.append(metrics)
+    unchecked.add(step, metrics)
     report(step)
     if step % config.log_every_steps == 0 or step == total_steps:
+      unchecked.check()
       scalars = _mean_metrics(pending)
       pending = []
       writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
@@ -457,9 +473,23 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
     epoch = step // steps_per_epoch
     if stage.scores_top1 and (step == total_steps or (step % steps_per_epoch == 0
                                                       and epoch % eval_every == 0)):
+      unchecked.check()  # A diverged network is never evaluated, selected or exported.
       evaluate_and_record(stage, compiled, state, record, mngr, config, mesh, stage_dir, step,
                           epoch, writer, export_file)
-    checkpoint.save(mngr, step, state, record, force=step == total_steps)
+    signum = interrupts.stop_requested(step, config.log_every_steps)
+    if signum or step == total_steps or mngr.should_save(step):
+      unchecked.check()  # Only finite states are checkpointed.
+      # Twice the state: orbax writes the new checkpoint before it deletes the oldest.
+      paths.check_free_space(stage_dir, 2 * checkpoint_bytes, (
+          f"free some and run the same command again to resume from step "
+          f"{mngr.latest_step() or 0}"))
+      checkpoint.save(mngr, step, state, record, force=bool(signum) or step == total_steps)
+    if signum:
+      mngr.wait_until_finished()
+      writer.flush()
+      raise interrupts.Interrupted(signum, (
+          f"[{stage.name}] {interrupts.signal_name(signum)} at step {step}/{total_steps}: "
+          f"checkpoint written to {mngr.directory}; run the same command again to resume"))
   mngr.wait_until_finished()
   writer.flush()
   return state
@@ -493,9 +523,13 @@ def finish_stage(stage: Stage, compiled: StageSteps, state: TrainState, record: 
                  mngr: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                  stage_dir: str, description: dict[str, Any], export_file: Optional[str]
                  ) -> dict[str, Any]:
-  """The stage's result record, written last (after the exported variables, if any)."""
+  """The stage's result record, written last (after the exported variables, if any).
+
+  Returned with its paths as this run reaches them; written with those inside the workdir
+  relative to it (see `read_result`).
+  """
   common = dict(description, stage=stage.name, steps=compiled.total_steps,
-                checkpoints=str(mngr.directory), logdir=stage_dir)
+                checkpoints=os.path.join(stage_dir, "checkpoints"), logdir=stage_dir)
   if stage.scores_top1:
     last = record["history"][-1] if record["history"] else evaluate(
         compiled.network, variables_of(state), config, mesh, compiled.eval,
@@ -517,8 +551,69 @@ def finish_stage(stage: Stage, compiled: StageSteps, state: TrainState, record: 
       result["export_sha256"] = checkpoint.file_sha256(result["export"])
       result.update(selected_score=record["selected_score"],
                     selected_step=record["selected_step"])
-  _write_result(stage_dir, result)
-  return result
+  workdir = _workdir_of(stage_dir)
+  recorded = {k: _recorded_path(v, workdir) if k in PATH_FIELDS and v else v
+              for k, v in result.items()}
+  _write_result(stage_dir, recorded)
+  return resolve_paths(recorded, workdir)
+
+
+# The paths in a result.json. Those inside the workdir are written relative to it, so a workdir
+# that is moved or copied reads its own files.
+PATH_FIELDS = ("checkpoints", "logdir", "export", "teacher_path")
+
+
+def _workdir_of(stage_dir: str) -> str:
+  """The workdir of a stage directory (`<workdir>/<stage name>`)."""
+  return os.path.dirname(stage_dir.rstrip("/"))
+
+
+def _recorded_path(path: str, workdir: str) -> str:
+  """`path` as a file of the workdir records it: relative to `workdir` when inside it, else
+  absolute (a teacher file given with --config.teacher.checkpoint)."""
+  inside = paths.inside(path, workdir)
+  return inside if inside is not None else paths.absolute(path)
+
+
+def resolve_paths(result: dict[str, Any], workdir: str) -> dict[str, Any]:
+  """A result record with its paths as this run reaches them, in `workdir`.
+
+  A path relative to the workdir is joined to `workdir`; an absolute one outside it stays.
+  A record written before paths were relative holds those of the workdir it was written in
+  (its `logdir`'s parent): a path under that folder is taken relative to it as well, so a copy
+  of that workdir never reads the original's files, even while they still exist.
+  """
+  if "logdir" not in result:
+    return dict(result)
+  origin = _workdir_of(result["logdir"])  # '' for a record of relative paths
+  resolved = dict(result, logdir=os.path.join(workdir, result["stage"]))
+  resolved["checkpoints"] = os.path.join(resolved["logdir"], "checkpoints")
+  for key in ("export", "teacher_path"):
+    path = result.get(key)
+    inside = _in_origin(path, origin) if path else None
+    if inside is not None:
+      resolved[key] = os.path.join(workdir, inside)
+  return resolved
+
+
+def _in_origin(path: str, origin: str) -> Optional[str]:
+  """`path` relative to the workdir `origin` a record was written in, None when outside it;
+  `origin` '' (a record of relative paths): the relative ones are inside."""
+  if not origin:
+    return None if paths.is_absolute(path) else path
+  prefix = origin.rstrip("/") + "/"
+  return path[len(prefix):] if path.startswith(prefix) else None
+
+
+def read_result(workdir: str, stage_name: str) -> dict[str, Any]:
+  """The result record of a finished stage, its paths resolved in `workdir`."""
+  path = os.path.join(workdir, stage_name, RESULT_FILE)
+  try:
+    result = json.loads(epath.Path(path).read_text())
+  except ValueError as e:
+    raise UserError(f"{path} is not a result record ({e}); remove it and rerun (stage "
+                    f"{stage_name} is finished again from its last checkpoint)") from None
+  return resolve_paths(result, workdir)
 
 
 def _percent(value: Optional[float]) -> str:
@@ -545,13 +640,85 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+class Unchecked:
+  """The step metrics not yet checked for divergence: fetched (one host sync) only where the
+  loop would sync anyway (a log line, an evaluation, a checkpoint)."""
+
+  def __init__(self, stage_name: str, mngr: Any):
+    self.stage_name, self.mngr = stage_name, mngr
+    self.steps: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.steps.append((step, metrics))
+
+  def check(self) -> None:
+    """Raises Diverged at the first step whose loss terms or gradient norm are not finite."""
+    host = jax.device_get([metrics for _, metrics in self.steps])
+    for (step, _), metrics in zip(self.steps, host):
+      bad = {k: float(v) for k, v in metrics.items() if not np.all(np.isfinite(v))}
+      if bad:
+        raise Diverged(diverged_message(self.stage_name, step, bad, metrics,
+                                        self.mngr.latest_step(), str(self.mngr.directory)))
+    self.steps = []
+
+
+def diverged_message(stage_name: str, step: int, bad: dict[str, float],
+                     metrics: dict[str, Any], last_good: Optional[int], directory: str) -> str:
+  """What went non-finite where, what was kept, and the likely causes."""
+  # The named terms before their sum: 'kd' says more than 'loss'.
+  terms = sorted(bad, key=lambda k: (k in ("loss", "grad_norm"), k))
+  kept = (f"the last good checkpoint (step {last_good}) stays in {directory}"
+          if last_good is not None else "no checkpoint was written")
+  return (f"[{stage_name}] diverged at step {step}: "
+          + ", ".join(f"{k}={bad[k]}" for k in terms)
+          + f" (lr {float(metrics.get('lr', float('nan'))):.4g}); {kept} and nothing was "
+          "exported. Likely causes: a learning rate too high for this batch size "
+          "(--config.optimizer.lr), a temperature or weight of 0 or a huge loss weight "
+          "(--config.method.*); rerun in a new --workdir with a fixed config")
+
+
+def _has_checkpoint(directory: str) -> bool:
+  """Whether orbax has saved any step in `directory` (a started stage)."""
+  path = epath.Path(directory)
+  return path.exists() and any(child.name.isdigit() for child in path.iterdir())
+
+
+def stop_if_interrupted(stage_name: str, where: str) -> None:
+  """Raises Interrupted when a signal came while no stage was training (every process)."""
+  signum = interrupts.stop_requested(0, 1)
+  if signum:
+    raise interrupts.Interrupted(signum, f"[{stage_name}] {interrupts.signal_name(signum)} "
+                                 f"{where}; run the same command again to go on")
+
+
 
 
 def load_teacher(network: Network, path: str, info: data.DatasetInfo,
-                 mesh: jax.sharding.Mesh) -> Teacher:
-  """A frozen teacher from a jaxkd variables file, checked against the network's tree."""
+                 mesh: jax.sharding.Mesh, sha256: Optional[str] = None, remedy: str = "",
+                 what: str = "teacher checkpoint") -> Teacher:
+  """A frozen teacher from a jaxkd variables file, checked against the network's tree.
+
+  With `sha256` the file must have that checksum (see checkpoint.read_verified).
+  """
   template = jax.eval_shape(lambda: network.init(
       jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
-  variables = parallel.replicate(checkpoint.import_variables(path, template), mesh)
+  variables = parallel.replicate(
+      checkpoint.import_variables(path, template, what, sha256, remedy), mesh)
   return Teacher(network=network, variables=variables, path=path,
-                 sha256=checkpoint.file_sha256(path))
+                 sha256=sha256 or checkpoint.file_sha256(path))
+
+
+def load_export(network: Network, result: dict[str, Any], info: data.DatasetInfo,
+                mesh: jax.sharding.Mesh) -> Teacher:
+  """The variables a finished stage exported (its `result`, paths resolved), as a frozen
+  teacher; refused unless the file has the sha256 the stage recorded, with the rerun that
+  writes it again: the stage finished again from its last checkpoint, or (a `best_` file,
+  which no checkpoint keeps) trained again."""
+  stage_dir, export = result["logdir"], result["export"]
+  if os.path.basename(export).startswith("best_"):
+    remedy = f"remove {stage_dir} and rerun (stage {result['stage']} is trained again)"
+  else:
+    remedy = (f"remove {os.path.join(stage_dir, RESULT_FILE)} and rerun (stage "
+              f"{result['stage']} is finished again from its last checkpoint)")
+  return load_teacher(network, export, info, mesh, sha256=result.get("export_sha256"),
+                      remedy=remedy, what=f"stage {result['stage']}'s export")

@@ -23,7 +23,7 @@ from jaxkd.data import teacher_views
 from jaxkd.interop import clip_weights
 from jaxkd.loop import (BACKBONE_FILE, NO_CLASSIFIER_NOTE, STUDENT_FILE, TEACHER_FILE, Stage,
                         Teacher, backbone_only, build_network, compute_dtype, evaluate,
-                        load_teacher, run_stage)
+                        load_export, load_teacher, run_stage)
 from jaxkd.methods import Method, canonical_name, cross_entropy_method, get_method
 from jaxkd.models import clip
 from jaxkd.models import layers
@@ -79,6 +79,7 @@ class Teachers:
     if "" in self._cache:
       return self._cache[""]
     config = self.config
+    trained = None  # The result of the stage that trained the teacher here, if one did.
     if config.teacher.name in clip.CLIP_MODELS:
       teacher = load_clip_teacher(config, self.mesh)
       self.results.append({"stage": "teacher", "model": config.teacher.name,
@@ -102,13 +103,13 @@ class Teachers:
                     loss=ce.loss, hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
                     base_lr=teacher_lr(config),
                     select=best_top1 if config.teacher.get("keep", "last") == "best" else None)
-      result = run_stage(stage, config, self.workdir, self.mesh, self.info,
-                         export_file=TEACHER_FILE)
-      path = result["export"]
+      result = trained = run_stage(stage, config, self.workdir, self.mesh, self.info,
+                                   export_file=TEACHER_FILE)
     # The frozen teacher computes in the run's precision too (most of a step's FLOPs on GPU/TPU).
     network = build_network(config.teacher.name, self.info.num_classes,
                             dtype=compute_dtype(config))
-    teacher = load_teacher(network, path, self.info, self.mesh)
+    teacher = (load_export(network, trained, self.info, self.mesh) if trained
+               else load_teacher(network, path, self.info, self.mesh))
     if "top1_last" not in result:
       scores = evaluate(network, teacher.variables, config, self.mesh,
                         jax.jit(functools.partial(steps.eval_step, network=network)))
@@ -130,8 +131,7 @@ class Teachers:
                   heads=method.student_heads, scores_top1=False)
     result = run_stage(stage, config, self.workdir, self.mesh, self.info,
                        export_file=TEACHER_FILE)
-    trained = load_teacher(stage.network(self.info.num_classes), result["export"], self.info,
-                           self.mesh)
+    trained = load_export(stage.network(self.info.num_classes), result, self.info, self.mesh)
     path = os.path.join(os.path.dirname(result["export"]), BACKBONE_FILE)
     checkpoint.export_variables(path, backbone_only(trained.variables))
     return path, result
@@ -164,7 +164,7 @@ class Teachers:
     self.results.append(result)
     network = build_network(config.teacher.name, self.info.num_classes, prep.heads, hparams,
                             compute_dtype(config))
-    teacher = load_teacher(network, result["export"], self.info, self.mesh)
+    teacher = load_export(network, result, self.info, self.mesh)
     self._cache[method.name] = teacher
     return teacher
 
@@ -225,8 +225,7 @@ def run_linear_probe(config: ml_collections.ConfigDict, workdir: str, mesh: jax.
   `config.linear_probe.dataset`; its eval top-1 is the probe accuracy."""
   probe_config = linear_probe_config(config)
   probe_info = data.get_dataset_info(probe_config.dataset)
-  trained = load_teacher(student.network(info.num_classes), student_result["export"], info,
-                         mesh)
+  trained = load_export(student.network(info.num_classes), student_result, info, mesh)
   lp = config.linear_probe
   ce = cross_entropy_method()
   stage = Stage(name="linear_probe", model_name=config.student.name,
@@ -297,4 +296,4 @@ def prepare_student(stage: Stage, method: Method, config: ml_collections.ConfigD
       base_lr=preparation_lr(config, hparams[prep.lr]), milestones=(), features_only=True,
       scores_top1=False, eval_metrics=None, num_negatives=0)
   result = run_stage(init, config, workdir, mesh, info, export_file=STUDENT_FILE)
-  return load_teacher(init.network(info.num_classes), result["export"], info, mesh), result
+  return load_export(init.network(info.num_classes), result, info, mesh), result

@@ -93,7 +93,9 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, **head_metrics, lr=schedule(state.step))
+  # The gradient norm is also what the loop checks for divergence (with the loss terms).
+  metrics = dict(metrics, **head_metrics, lr=schedule(state.step),
+                 grad_norm=optax.global_norm(grads))
   return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                     opt_state=opt_state, teacher_head=head_state), metrics
 

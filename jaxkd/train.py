@@ -26,12 +26,14 @@ from typing import Any
 
 import jax
 import ml_collections
-from etils import epath
 
+from jaxkd import config_checks
 from jaxkd import data
+from jaxkd import interrupts
 from jaxkd import models
 from jaxkd import parallel
 from jaxkd import paths
+from jaxkd import workdir_lock
 from jaxkd.errors import UserError
 from jaxkd.interop import clip_weights
 from jaxkd.loop import RESULT_FILE, STUDENT_FILE, _percent, run_stage
@@ -44,39 +46,30 @@ from jaxkd.stages import (Teachers, linear_probe_config, linear_probe_enabled, m
 
 def check_workdir(workdir: str) -> None:
   """Fails early, with one clear error, when the workdir cannot be written."""
-  try:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    probe = epath.Path(workdir) / f".write_probe_{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
-  except paths.io_errors() as e:
-    raise UserError(f"workdir {workdir!r} is not writable ({paths.reason(e)}); "
-                    "pass a --workdir you can write to") from None
+  paths.check_writable(workdir, "workdir", "pass a --workdir you can write to")
 
 
-def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data.DatasetInfo:
-  """Every check that can fail on bad input, before any work is done."""
-  info = data.get_dataset_info(config.dataset)
+def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+             workdir: str | None = None) -> data.DatasetInfo:
+  """Every check that can fail on bad input, before any work is done. The statistics computed
+  for a tfds:/folder: dataset are kept in `workdir` (jaxkd.data.sources)."""
+  # Each field's value first (no device, nothing written), then the workdir is created.
+  config_checks.check_config(config, method_lookup=get_method)
+  if workdir is not None:
+    check_workdir(workdir)
+  info = data.get_dataset_info(config.dataset, cache_dir=workdir)
   teacher_name = config.teacher.name
   clip_teacher = teacher_name in clip.CLIP_MODELS
   for name in (config.student.name,) if clip_teacher else (teacher_name, config.student.name):
     models.get_model(name, info.num_classes)
-  for name in student_methods(config) + list(config.get("method_overrides", {}).keys()):
-    get_method(name)
   for name in student_methods(config):
     method = get_method(name)
-    if method.check_hparams is not None:
-      method.check_hparams(method_hparams(config, method))
     if method.check_pair is not None and not clip_teacher:
       method.check_pair(teacher_name, config.student.name, info.num_classes)
     if method.check_mesh is not None:
       method.check_mesh(mesh)
     if method.taps is not None:
       check_taps(config, method, info, clip_teacher)
-  keep = config.teacher.get("keep", "last")
-  if keep not in ("last", "best"):
-    raise UserError(f"teacher.keep={keep!r} is not one of 'last', 'best' (the teacher epoch "
-                    "handed to the students)")
   pretrain = config.teacher.get("pretrain", "")
   if pretrain:
     if clip_teacher:
@@ -101,19 +94,14 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data
     if not checkpoint_path or not os.path.exists(checkpoint_path):
       raise clip_weights.missing_weights_error(teacher_name, checkpoint_path)
   if linear_probe_enabled(config):
-    probe_info = data.get_dataset_info(linear_probe_config(config).dataset)
+    probe_info = data.get_dataset_info(linear_probe_config(config).dataset, cache_dir=workdir)
     if probe_info.image_shape[-1] != info.image_shape[-1]:
       raise UserError(
           f"linear_probe.dataset={probe_info.name!r} has {probe_info.image_shape[-1]} image "
           f"channel(s) but the student was trained on {info.image_shape[-1]} "
           f"({info.name!r}); probe on a dataset with the same channels")
-    if config.linear_probe.num_epochs <= 0:
-      raise UserError(f"linear_probe.num_epochs is {config.linear_probe.num_epochs}; it must "
-                      "be positive (or set --config.linear_probe.dataset='' to skip the probe)")
   parallel.check_batch_divides(config.batch_size, mesh)
   parallel.check_batch_divides(config.eval_batch_size, mesh)
-  if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
-    raise UserError("log_every_steps and checkpoint_every_steps must be positive")
   return info
 
 
@@ -149,9 +137,19 @@ def check_taps(config: ml_collections.ConfigDict, method: Method, info: data.Dat
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Runs every stage of `config` in `workdir` and returns their result records."""
-  check_workdir(workdir)
   mesh = parallel.create_mesh()
-  info = validate(config, mesh)
+  info = validate(config, mesh, workdir)
+  # Signals become a checkpoint and a clean exit while the stages run (jaxkd.interrupts).
+  with workdir_lock.hold(workdir), interrupts.catch_signals():
+    results = run_stages(config, workdir, mesh, info)
+  if jax.process_index() == 0:
+    print(results_table(results, workdir))
+  return results
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+               info: data.DatasetInfo) -> list[dict[str, Any]]:
+  """The stages of `config` in order (see the module docstring); their result records."""
   results: list[dict[str, Any]] = []
   teachers = Teachers(config, workdir, mesh, info, results)
   main = None
@@ -166,8 +164,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       main = (stage, result)
   if linear_probe_enabled(config):
     results.append(run_linear_probe(config, workdir, mesh, info, *main))
-  if jax.process_index() == 0:
-    print(results_table(results, workdir))
   return results
 
 

@@ -151,7 +151,9 @@ def test_a_run_into_a_url_workdir(ram_bucket, tmp_path, monkeypatch):
   files = tf.io.gfile.listdir(stage_dir)
   assert "result.json" in files and any(f.startswith("events.out.tfevents") for f in files)
   with tf.io.gfile.GFile(f"{stage_dir}/result.json") as f:
-    assert json.load(f) == results[0]
+    recorded = json.load(f)  # Its paths are relative to the workdir.
+  assert recorded["export"] == "student_ce/student.msgpack"
+  assert loop.resolve_paths(recorded, workdir) == results[0]
   assert results[0]["logdir"] == stage_dir
   assert results[0]["export"] == f"{stage_dir}/student.msgpack"
   assert results[0]["export_sha256"] == checkpoint.file_sha256(results[0]["export"])

@@ -1,0 +1,419 @@
+"""Every config field checked before a run does any work, each refusal one line.
+
+`load_config` reads a recipe as `--config file.py[:arg]` does, `check_override_paths` refuses an
+override of a field the recipe does not have (naming the nearest field), and `check_config`
+checks every value a run reads: names against their registries, numbers against their ranges,
+the schedule against the epochs, the example counts against the dataset's splits and the
+hyper-parameters of every method the run trains. Each refusal is a `UserError` naming the field,
+its value, what is allowed and how to fix it; nothing here writes a file.
+"""
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import numbers
+import os
+import re
+import traceback
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import ml_collections
+
+from jaxkd import models
+from jaxkd import optim
+from jaxkd.errors import UserError, unknown_name
+from jaxkd.methods import Method, canonical_name, get_method
+from jaxkd.models import clip
+
+# jaxkd.stages and jaxkd.data.sources bring TensorFlow (seconds to import): they are imported
+# where values are checked, so that a mistake in the command line itself is answered at once.
+# pylint: disable=g-import-not-at-top
+
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the recipe `spec` = 'file.py[:arg]', as `--config` loads it.
+
+  A missing file, a file that does not run (syntax error, failed import) and an argument that
+  `get_config` refuses with a ValueError become one-line UserErrors.
+  """
+  path, _, arg = spec.partition(":")
+  if not path:
+    raise UserError("--config is empty; pass a recipe file, e.g. --config configs/demo.py")
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path!r} does not exist; pass a recipe file, e.g. "
+                    "--config configs/demo.py (run from the repository root)")
+  module = _run_config_file(path)
+  if not callable(getattr(module, "get_config", None)):
+    raise UserError(f"config file {path!r} defines no get_config(); a recipe returns its "
+                    "ConfigDict from get_config(arg)")
+  try:
+    config = module.get_config(arg) if ":" in spec else module.get_config()
+  except ValueError as e:
+    raise UserError(f"--config {spec}: {one_line(e)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"get_config() of {path!r} returned {type(config).__name__}, not a "
+                    "ml_collections.ConfigDict")
+  return config
+
+
+def _run_config_file(path: str) -> Any:
+  """The config file at `path` run as a module; an error in it becomes one line."""
+  spec = importlib.util.spec_from_file_location("jaxkd_checked_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"config file {path!r} line {e.lineno}: {e.msg}; fix the file") from None
+  except Exception as e:  # pylint: disable=broad-except  (the user's file: report, not crash)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
+    where = f" line {frames[-1].lineno}" if frames else ""
+    raise UserError(f"config file {path!r}{where} fails to run: {type(e).__name__}: "
+                    f"{one_line(e)}; fix the file") from None
+  return module
+
+
+def one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())
+
+
+# ---------------------------------------------------------------------- field names
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
+  """The dotted name of every field of `config`, sub-configs included ('optimizer',
+  'optimizer.lr', ...), in sorted order."""
+  for key, value in sorted(config.items()):
+    name = f"{prefix}{key}"
+    yield name
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from field_names(value, f"{name}.")
+
+
+def field_lines(config: ml_collections.ConfigDict) -> list[str]:
+  """`name = value` for every leaf field of `config`, the form `--config.<name>=` sets."""
+  lines = []
+  for name in field_names(config):
+    value = lookup(config, name)
+    if isinstance(value, ml_collections.ConfigDict):
+      if not value:
+        lines.append(f"{name} = {{}}")
+    else:
+      lines.append(f"{name} = {value!r}")
+  return lines
+
+
+def lookup(config: ml_collections.ConfigDict, name: str, default: Any = _MISSING) -> Any:
+  """The value of dotted field `name`, or `default` where the config has no such field."""
+  value = config
+  for part in name.split("."):
+    if not isinstance(value, ml_collections.ConfigDict) or part not in value:
+      return default
+    value = value[part]
+  return value
+
+
+def check_override_paths(config: ml_collections.ConfigDict, paths: Sequence[str]) -> None:
+  """Refuses `--config.<path>=` for a field `config` does not have, with the nearest name."""
+  names = list(field_names(config))
+  for path in paths:
+    if lookup(config, path) is _MISSING:
+      close = difflib.get_close_matches(path, names, n=1, cutoff=0.6)
+      hint = (f"did you mean --config.{close[0]}?" if close
+              else "--print_config lists the recipe's fields")
+      raise UserError(f"--config.{path}: the config has no field {path!r}; {hint}")
+
+
+def override_paths(argv: Sequence[str], name: str = "config") -> list[str]:
+  """The dotted fields overridden in `argv` (`--config.a.b=v`, `--config.a.b v`,
+  `--noconfig.flag`), as ml_collections' config flag finds them."""
+  pattern = re.compile(rf"^-{{1,2}}(no)?{name}\.([^=]+)")
+  return [m.group(2) for m in map(pattern.match, argv) if m]
+
+
+# ---------------------------------------------------------------------------- ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """Allowed numbers: [low, high], either end open or absent; `integer` for counts."""
+  low: Optional[float] = None
+  high: Optional[float] = None
+  low_open: bool = False
+  high_open: bool = False
+  integer: bool = False
+
+  def __contains__(self, value: Any) -> bool:
+    kind = numbers.Integral if self.integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+      return False
+    above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+    below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+    return above and below
+
+  def __str__(self) -> str:
+    kind = "an integer" if self.integer else "a number"
+    low, high = _number(self.low), _number(self.high)
+    if self.low is not None and self.high is not None:
+      return (f"{kind} in {'(' if self.low_open else '['}{low}, {high}"
+              f"{')' if self.high_open else ']'}")
+    if self.low is not None:
+      return f"{kind} {'>' if self.low_open else '>='} {low}"
+    return f"{kind} {'<' if self.high_open else '<='} {high}"
+
+
+def _number(x: Optional[float]) -> str:
+  return str(int(x)) if x is not None and float(x).is_integer() else f"{x}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+COUNT = Range(1, integer=True)
+FRACTION_OPEN_LOW = Range(0, 1, low_open=True)    # (0, 1]
+FRACTION_OPEN_HIGH = Range(0, 1, high_open=True)  # [0, 1)
+
+# (field, allowed values, a good value for the message) of the fields every run reads.
+FIELD_RANGES = (
+    ("seed", Range(0, 2**32 - 1, integer=True), "0"),
+    ("num_epochs", COUNT, "240"),
+    ("teacher.num_epochs", COUNT, "240"),
+    ("batch_size", COUNT, "64"),
+    ("eval_batch_size", COUNT, "128"),
+    ("log_every_steps", COUNT, "100"),
+    ("eval_every_epochs", COUNT, "1"),
+    ("checkpoint_every_steps", COUNT, "1000"),
+    ("keep_checkpoints", COUNT, "2"),
+    ("optimizer.lr", POSITIVE, "0.05"),
+    ("optimizer.momentum", FRACTION_OPEN_HIGH, "0.9"),
+    ("optimizer.weight_decay", NON_NEGATIVE, "5e-4"),
+    ("schedule.decay", FRACTION_OPEN_LOW, "0.1"),
+    ("dataset.train_fraction", FRACTION_OPEN_LOW, "1.0"),
+    ("dataset.label_noise", FRACTION_OPEN_HIGH, "0.0"),
+)
+
+
+def out_of_range(field: str, value: Any, allowed: Any, fix: str) -> UserError:
+  """The one-line refusal of `field` = `value`: what is allowed and how to fix it."""
+  return UserError(f"{field} is {value!r}; it must be {allowed}: {fix}")
+
+
+def check_range(config: ml_collections.ConfigDict, field: str, allowed: Range,
+                example: str) -> None:
+  value = lookup(config, field)
+  if value is not _MISSING and value not in allowed:
+    raise out_of_range(field, value, allowed, f"set e.g. --config.{field}={example}")
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """The fields of FIELD_RANGES, and `teacher.lr` (> 0, or −1 for `optimizer.lr`)."""
+  for field, allowed, example in FIELD_RANGES:
+    check_range(config, field, allowed, example)
+  lr = lookup(config, "teacher.lr")
+  if lr is not _MISSING and lr != -1 and lr not in POSITIVE:
+    raise out_of_range("teacher.lr", lr, "a number > 0, or -1 for optimizer.lr",
+                       "set e.g. --config.teacher.lr=0.05 (or -1)")
+  opt = config.get("optimizer")
+  if opt is not None and opt.get("nesterov", False) and not opt.get("momentum", 0) > 0:
+    raise out_of_range("optimizer.nesterov", True, "False when optimizer.momentum is 0 "
+                       "(Nesterov needs momentum)", "set --config.optimizer.momentum=0.9 or "
+                       "--config.optimizer.nesterov=False")
+
+
+def check_epochs(field: str, value: Any, num_epochs: int, num_epochs_field: str) -> None:
+  """`value` of tuple field `field`: strictly increasing epochs in (0, num_epochs)."""
+  allowed = (f"a tuple of increasing epochs in (0, {num_epochs}) ({num_epochs_field} is "
+             f"{num_epochs})")
+  fix = f"set e.g. --config.{field}='({max(num_epochs // 2, 1)},)', or '()' for none"
+  inside = Range(0, num_epochs, low_open=True, high_open=True)
+  if not (isinstance(value, (tuple, list)) and all(m in inside for m in value)
+          and all(a < b for a, b in zip(value, value[1:]))):
+    raise out_of_range(field, value, allowed, fix)
+
+
+def check_schedule(config: ml_collections.ConfigDict) -> None:
+  """schedule.name, and its milestones and warm-up against num_epochs."""
+  schedule = config.get("schedule")
+  if schedule is None:
+    return
+  if schedule.name not in optim.SCHEDULES:
+    raise unknown_name("schedule", schedule.name, optim.SCHEDULES)
+  if schedule.name == "multistep":
+    check_epochs("schedule.milestones", schedule.get("milestones", ()), config.num_epochs,
+                 "num_epochs")
+  warmup = schedule.get("warmup_epochs", 0)
+  if warmup not in Range(0, config.num_epochs, high_open=True):
+    raise out_of_range("schedule.warmup_epochs", warmup,
+                       f"a number in [0, num_epochs) (num_epochs is {config.num_epochs})",
+                       "set e.g. --config.schedule.warmup_epochs=0 (no warm-up)")
+
+
+def check_linear_probe(config: ml_collections.ConfigDict) -> None:
+  """The probe's dataset, epochs, learning rate and milestones, when there is a probe."""
+  from jaxkd import stages
+  if not stages.linear_probe_enabled(config):
+    return
+  probe = config.linear_probe
+  check_dataset_name("linear_probe.dataset", probe.dataset)
+  if probe.num_epochs not in COUNT:
+    raise out_of_range("linear_probe.num_epochs", probe.num_epochs, COUNT,
+                       "set e.g. --config.linear_probe.num_epochs=40 (or "
+                       "--config.linear_probe.dataset='' to skip the probe)")
+  check_range(config, "linear_probe.lr", POSITIVE, "0.1")
+  check_epochs("linear_probe.milestones", probe.get("milestones", ()), probe.num_epochs,
+               "linear_probe.num_epochs")
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def check_names(config: ml_collections.ConfigDict,
+                method_lookup: Callable[[str], Method] = get_method) -> None:
+  """Models, methods (found by `method_lookup`) and the teacher's options against their
+  registries."""
+  from jaxkd import stages
+  teacher = config.teacher.name
+  for name in (config.student.name,) + (() if teacher in clip.CLIP_MODELS else (teacher,)):
+    models.get_model(name, 10)
+  for name in stages.student_methods(config) + list(config.get("method_overrides", {}).keys()):
+    method_lookup(name)
+  keep = config.teacher.get("keep", "last")
+  if keep not in ("last", "best"):
+    raise UserError(f"teacher.keep is {keep!r}; it must be 'last' or 'best' (the teacher epoch "
+                    "handed to the students): set --config.teacher.keep=last")
+  pretrain = config.teacher.get("pretrain", "")
+  if pretrain:
+    method_lookup(pretrain)
+  optimizer_name = config.get("optimizer", {}).get("name", "sgd")
+  if optimizer_name != "sgd":
+    raise unknown_name("optimizer", optimizer_name, ("sgd",))
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def check_dataset(config: ml_collections.ConfigDict) -> None:
+  """The dataset's name and normalisation, and its first-N example counts: -1 or 1 .. the size
+  of their split. (Sizes and statistics are read in train.validate, by data.get_dataset_info.)"""
+  from jaxkd.data import sources
+  dataset = config.dataset
+  check_dataset_name("dataset", dataset.name)
+  normalization = dataset.get("normalization", "dataset") or "dataset"
+  if normalization not in sources.NORMALIZATIONS:
+    raise unknown_name("dataset.normalization", normalization, sources.NORMALIZATIONS)
+  for field in ("num_train_examples", "num_eval_examples"):
+    count = dataset.get(field, -1)
+    if count != -1 and count not in COUNT:
+      raise out_of_range(f"dataset.{field}", count, "-1 (the whole split) or an integer >= 1",
+                         f"set e.g. --config.dataset.{field}=-1")
+  check_split_sizes(dataset)
+
+
+def check_dataset_name(kind: str, name: str) -> None:
+  """A registry name, or a `tfds:`/`folder:` source (jaxkd.data.sources)."""
+  from jaxkd.data import sources
+  if sources.own_source(name) is None and name not in sources.DATASET_NAMES:
+    raise UserError(f"{unknown_name(kind, name, sources.DATASET_NAMES)}; or your own data: "
+                    f"{sources.TFDS_PREFIX}<tfds builder> or {sources.FOLDER_PREFIX}<dir>")
+
+
+def check_split_sizes(dataset: ml_collections.ConfigDict) -> None:
+  """num_train_examples / num_eval_examples no larger than their splits, where the dataset is
+  prepared (an unprepared one is reported when it is read)."""
+  from jaxkd.data import sources
+  wanted = [(f, dataset.get(f"{f}_split", d), dataset.get(f"num_{f}_examples", -1))
+            for f, d in (("train", "train"), ("eval", "test"))]
+  if all(count <= 0 for _, _, count in wanted):
+    return  # get_dataset_info took both sizes from the splits themselves.
+  try:
+    builder = sources.get_builder(dataset)
+    prepared = builder.is_prepared()
+  except UserError:
+    return
+  if not prepared:
+    return
+  splits = builder.info.splits
+  for role, split, count in wanted:
+    try:
+      available = splits[split].num_examples
+    except (KeyError, ValueError):
+      raise UserError(f"dataset {dataset.name!r} has no split {split!r}; its splits: "
+                      f"{', '.join(sorted(splits))}") from None
+    if count > available:
+      raise out_of_range(f"dataset.num_{role}_examples", count,
+                         f"-1 or at most {available} (split {split!r} of {dataset.name!r})",
+                         f"set e.g. --config.dataset.num_{role}_examples={available}")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def is_temperature(key: str) -> bool:
+  """Hyper-parameters that divide logits or similarities: T, *_T, temperature, *_temperature."""
+  return key == "T" or key.endswith("_T") or key == "temperature" or key.endswith("_temperature")
+
+
+def hparams_field(config: ml_collections.ConfigDict, method: Method) -> str:
+  """Where `method`'s hyper-parameters are set: 'method' or 'method_overrides.<key>' (as
+  stages.method_hparams reads them)."""
+  if method.name == canonical_name(config.method.name):
+    return "method"
+  for key in config.get("method_overrides", {}).keys():
+    if canonical_name(key) == method.name:
+      return f"method_overrides.{key}"
+  return f"method_overrides.{method.name}"
+
+
+def check_hparams(field: str, method: Method, hparams: ml_collections.ConfigDict) -> None:
+  """The generic hyper-parameters: temperatures > 0, loss weights (*_weight) >= 0, tuples of
+  numbers where the method's default is one; then the method's own check_hparams."""
+  for key, value in hparams.items():
+    if is_temperature(key) and value not in POSITIVE:
+      raise out_of_range(f"{field}.{key}", value, POSITIVE,
+                         f"set e.g. --config.{field}.{key}={method.defaults.get(key, 4.0)}")
+    if key.endswith("_weight") and value not in NON_NEGATIVE:
+      raise out_of_range(f"{field}.{key}", value, f"{NON_NEGATIVE} (a loss weight; 0 = off)",
+                         f"set e.g. --config.{field}.{key}={method.defaults.get(key, 0.0)}")
+    default = method.defaults.get(key)
+    if isinstance(default, tuple) and default and isinstance(default[0], numbers.Real) and (
+        not isinstance(value, (tuple, list)) or not all(v in Range() for v in value)):
+      raise out_of_range(f"{field}.{key}", value, "a tuple of numbers",
+                         f"set e.g. --config.{field}.{key}='{default}'")
+  if method.check_hparams is not None:
+    method.check_hparams(hparams)
+
+
+def check_methods(config: ml_collections.ConfigDict,
+                  method_lookup: Callable[[str], Method] = get_method) -> None:
+  """The hyper-parameters of every method the run trains (method_hparams: the effective ones),
+  and of the self-supervised method that pretrains the teacher."""
+  from jaxkd import stages
+  for name in stages.student_methods(config):
+    method = method_lookup(name)
+    check_hparams(hparams_field(config, method), method, stages.method_hparams(config, method))
+  pretrain = config.teacher.get("pretrain", "")
+  if pretrain:
+    method = method_lookup(pretrain)
+    overrides = config.get("method_overrides", {}).get(pretrain)
+    check_hparams(f"method_overrides.{pretrain}", method, method.hparams(overrides))
+
+
+# ---------------------------------------------------------------------------- entry
+
+
+def check_config(config: ml_collections.ConfigDict,
+                 method_lookup: Callable[[str], Method] = get_method) -> None:
+  """Every check of a field's value that needs no device and writes nothing (see the module
+  docstring); raises a one-line UserError on the first bad field. `method_lookup` finds a
+  method by name (the registry's get_method; a caller may add methods of its own)."""
+  check_names(config, method_lookup)
+  check_ranges(config)
+  check_schedule(config)
+  check_linear_probe(config)
+  check_methods(config, method_lookup)
+  check_dataset(config)

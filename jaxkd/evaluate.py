@@ -1,0 +1,134 @@
+"""Held-out top-1 / top-5 of a network file: check an imported teacher before distilling from it.
+
+    python -m jaxkd.import_teacher --arch resnet32x4 --num_classes 100 \\
+        --out teachers/resnet32x4.msgpack ckpt_epoch_240.pth
+    python -m jaxkd.evaluate --model resnet32x4 --checkpoint teachers/resnet32x4.msgpack \\
+        --config.dataset.name=cifar100 --config.dataset.data_dir=DIR
+
+prints the top-1 and top-5 (percent) of the network on the dataset's eval split, every example
+counted once, exactly as the trainer's evaluations count them (`jaxkd.loop.evaluate`). The file is
+any jaxkd variables file of a zoo (or registered) network: an imported or trained teacher
+(`<workdir>/teacher/teacher.msgpack`), or a student exported by a method without heads (KD, CE).
+
+The config is built in (no recipe file is needed, so it works from an installed package): the
+dataset fields every recipe has (`jaxkd.defaults.dataset_config`), `eval_batch_size` and
+`half_precision`, each settable with `--config.<field>=` as in `jaxkd.main`. Bad input ends with
+one line `error: …` and exit status 2.
+"""
+
+import functools
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from jaxkd import defaults
+from jaxkd.errors import UserError
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The command's config: the recipes' dataset defaults, the eval batch and the precision."""
+  return ml_collections.ConfigDict(dict(
+      dataset=defaults.dataset_config(),
+      eval_batch_size=128,     # global, over all devices; the last batch is padded
+      half_precision=False,    # compute in bfloat16, as a run with half_precision does
+  ))
+
+
+_CONFIG = config_flags.DEFINE_config_dict("config", default_config(),
+                                          "Dataset and evaluation settings.", lock_config=True)
+_MODEL = flags.DEFINE_string("model", None, "Zoo (or registered) network name, e.g. resnet32x4.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "jaxkd variables file (.msgpack) of it.")
+flags.mark_flags_as_required(["model", "checkpoint"])
+
+
+def with_progress(fn: Callable, total: int, stream: Any = sys.stderr,
+                  interval_s: float = 10.0) -> Callable:
+  """`fn` (the eval step, called once per batch) that also prints a progress line (batches
+  done, elapsed time, an estimate of what is left) once `interval_s` seconds have passed since
+  the last one: a long evaluation shows it is moving, a short one prints nothing."""
+  done, start = 0, time.perf_counter()
+  last = start
+
+  def wrapped(*args):
+    nonlocal done, last
+    out = fn(*args)
+    done += 1
+    now = time.perf_counter()
+    if now - last >= interval_s:
+      last = now
+      left = (now - start) / done * (total - done)
+      print(f"[eval] batch {done}/{total}, {now - start:.0f}s, about {left:.0f}s left",
+            file=stream, flush=True)
+    return out
+
+  return wrapped
+
+
+def load_network(model_name: str, path: str, info: Any, dtype: Any = None) -> tuple[Any, Any]:
+  """(network, variables): zoo (or registered) network `model_name` for dataset `info` (a
+  `jaxkd.data.DatasetInfo`) computing in `dtype` (None: float32), and its variables read from
+  file `path`, checked to fit it (a UserError names the first leaf that does not)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxkd import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxkd import loop  # pylint: disable=g-import-not-at-top
+  network = loop.build_network(model_name, info.num_classes, dtype=dtype or jnp.float32)
+  template = jax.eval_shape(lambda: network.init(
+      jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
+  return network, checkpoint.import_variables(path, template, what=f"{model_name} checkpoint")
+
+
+def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
+                  mesh: Any = None, progress: Optional[Any] = None) -> dict[str, float]:
+  """{'top1', 'top5'} (percent) and 'count' (eval images) of network `model_name` with the
+  variables of file `path`, on `config.dataset`'s eval split.
+
+  Raises a UserError for an unknown model or dataset, a dataset that is not prepared, a batch
+  that does not divide over the devices, or a file that is missing or does not fit the model.
+  `progress`: a stream for a progress line every 10 s (None: silent).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxkd import data  # pylint: disable=g-import-not-at-top
+  from jaxkd import loop  # pylint: disable=g-import-not-at-top
+  from jaxkd import parallel  # pylint: disable=g-import-not-at-top
+  from jaxkd import steps  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  info = data.get_dataset_info(config.dataset)
+  parallel.check_batch_divides(config.eval_batch_size, mesh)
+  network, variables = load_network(model_name, path, info, loop.compute_dtype(config))
+  variables = parallel.replicate(variables, mesh)
+  eval_fn = jax.jit(functools.partial(steps.eval_step, network=network))
+  if progress is not None:
+    eval_fn = with_progress(eval_fn, data.num_eval_steps(info, config.eval_batch_size), progress)
+  scores = loop.evaluate(network, variables, config, mesh, eval_fn)
+  return dict(scores, count=info.num_eval)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Library INFO logs would drown the result; -v 0 brings them back.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main evaluates
+  config = _CONFIG.value
+  try:
+    scores = evaluate_file(_MODEL.value, _CHECKPOINT.value, config, progress=sys.stderr)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  dataset = config.dataset
+  print(f"{_MODEL.value} {_CHECKPOINT.value} on {dataset.name} {dataset.eval_split} "
+        f"({scores['count']:,} images): top-1 {scores['top1']:.2f}  top-5 {scores['top5']:.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

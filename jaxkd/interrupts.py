@@ -1,0 +1,85 @@
+"""Preemption: SIGTERM (what a cloud TPU/GPU preemption sends) and SIGINT (Ctrl-C) during a run.
+
+While `catch_signals()` is active a signal only raises a flag. The training loop looks at it
+after every step (`stop_requested`): the step in flight finishes, a checkpoint is written, and
+the loop raises `Interrupted`, which `jaxkd.main` turns into one line and exit status 128 + the
+signal's number (143 for SIGTERM, 130 for SIGINT), the shell's convention for "killed by it".
+A second signal of the same kind while that checkpoint is written ends the process at once.
+
+Several processes must stop at the same step, or the collective checkpoint write would hang: they
+agree (a tiny all-gather of the flags) every `every` steps, and stop at the first agreement
+after any of them was signalled. One process stops at the very next step.
+"""
+
+import contextlib
+import signal
+import threading
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+
+from jaxkd.errors import UserError
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_received: list[int] = []
+
+
+class Interrupted(UserError):
+  """The run stopped on a signal after saving its state; rerunning resumes it."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+    self.exit_status = 128 + signum
+
+
+def _handler(signum, frame):
+  del frame
+  _received.append(signum)
+  # Back to the default, so that a second signal while the checkpoint is written ends it.
+  signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def catch_signals() -> Iterator[None]:
+  """Turns SIGTERM and SIGINT into a flag for the duration (where the caller may: the main
+  thread); the previous handlers come back afterwards."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.getsignal(s) for s in SIGNALS}
+  _received.clear()
+  for s in SIGNALS:
+    signal.signal(s, _handler)
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    _received.clear()
+
+
+def pending_signal() -> Optional[int]:
+  """The first signal received by this process, or None."""
+  return _received[0] if _received else None
+
+
+def stop_requested(step: int, every: int) -> Optional[int]:
+  """The signal on which every process stops after `step`, or None to go on.
+
+  One process: its own flag, at every step. Several: all flags, gathered every `every` steps.
+  """
+  if jax.process_count() == 1:
+    return pending_signal()
+  if step % every:
+    return None
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.int32(pending_signal() or 0))
+  received = [int(s) for s in np.ravel(flags) if s]
+  return received[0] if received else None
+
+
+def signal_name(signum: int) -> str:
+  return signal.Signals(signum).name

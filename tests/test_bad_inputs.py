@@ -1,0 +1,246 @@
+"""Bad command lines end with one line `error: …` and exit status 2, before anything is written.
+
+Each case runs the command line in this process (`jaxkd.main.run`, a fresh absl FlagValues per
+call); a few also run `python -m jaxkd.main` itself, to show the real entry point answers the
+same. Every case is refused before a workdir is created, and leaves an existing one unchanged.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import helpers
+
+from configs import demo
+from jaxkd import main
+from jaxkd import train
+from jaxkd.data import digits
+from jaxkd.errors import UserError
+
+DEMO = "configs/demo.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """Extra arguments after `--config configs/demo.py --workdir W` (`config=False`: without the
+  --config, `workdir=False`: without the --workdir), and what the error line must contain."""
+  args: tuple[str, ...]
+  message: str
+  config: bool = True
+  workdir: bool = True
+
+
+CASES = {
+    # The command line itself.
+    "misspelt_field": Case(("--config.optimizer.lrr=0.1",),
+                           "no field 'optimizer.lrr'; did you mean --config.optimizer.lr?"),
+    "misspelt_section": Case(("--config.optimiser.momentum=0.8",),
+                             "did you mean --config.optimizer.momentum?"),
+    "missing_config_file": Case(("--config", "configs/nope.py"),
+                                "config file 'configs/nope.py' does not exist", config=False),
+    "syntax_error": Case(("--config", "{broken}"), "broken.py' line 2: ", config=False),
+    "error_in_config_file": Case(("--config", "{raising}"),
+                                 "line 3 fails to run: NameError", config=False),
+    "unknown_config_argument": Case(("--config", f"{DEMO}:bogus"),
+                                    "unknown config argument 'bogus'", config=False),
+    "wrong_type": Case(("--config.num_epochs=abc",),
+                       "--config.num_epochs=abc: invalid literal for int() with base 10: 'abc'; "
+                       "--config.num_epochs takes an integer"),
+    "unknown_flag": Case(("--bogus_flag=1",), "Unknown command line flag 'bogus_flag'"),
+    "no_config": Case((), "--config is required", config=False),
+    "no_workdir": Case((), "--workdir is required", workdir=False),
+    "extra_argument": Case(("train",), "unexpected arguments: train"),
+    # Names.
+    "unknown_model": Case(("--config.student.name=resnet_nope",), "unknown model 'resnet_nope'"),
+    "unknown_method": Case(("--config.baselines=ce,kd_nope",), "unknown method 'kd_nope'"),
+    "unknown_dataset": Case(("--config.dataset.name=mnist_nope",),
+                            "unknown dataset 'mnist_nope'"),
+    "unknown_schedule": Case(("--config.schedule.name=poly",), "unknown schedule 'poly'"),
+    "teacher_keep": Case(("--config.teacher.keep=middle",), "teacher.keep is 'middle'"),
+    # Epochs, learning rates, optimiser.
+    "num_epochs_zero": Case(("--config.num_epochs=0",),
+                            "num_epochs is 0; it must be an integer >= 1"),
+    "teacher_epochs_negative": Case(("--config.teacher.num_epochs=-3",),
+                                    "teacher.num_epochs is -3; it must be an integer >= 1"),
+    "probe_epochs_zero": Case(("--config.linear_probe.dataset=digits",
+                               "--config.linear_probe.num_epochs=0"),
+                              "linear_probe.num_epochs is 0; it must be an integer >= 1"),
+    "lr_zero": Case(("--config.optimizer.lr=0",), "optimizer.lr is 0.0; it must be a number > 0"),
+    "teacher_lr_negative": Case(("--config.teacher.lr=-0.5",),
+                                "teacher.lr is -0.5; it must be a number > 0, or -1"),
+    "momentum_one": Case(("--config.optimizer.momentum=1.0",),
+                         "optimizer.momentum is 1.0; it must be a number in [0, 1)"),
+    "weight_decay_negative": Case(("--config.optimizer.weight_decay=-1e-4",),
+                                  "optimizer.weight_decay is -0.0001; it must be a number >= 0"),
+    "nesterov_without_momentum": Case(("--config.optimizer.nesterov=True",
+                                       "--config.optimizer.momentum=0"),
+                                      "optimizer.nesterov is True"),
+    "seed_negative": Case(("--config.seed=-1",), "seed is -1"),
+    # Method hyper-parameters: generic (every method the run trains) and a method's own.
+    "temperature_zero": Case(("--config.method.T=0",), "method.T is 0.0; it must be a number > 0"),
+    "suffix_T_negative": Case(("--config", "configs/default.py:sskd",
+                               "--config.dataset.name=digits", "--config.method.kd_T=-4"),
+                              "method.kd_T is -4.0; it must be a number > 0", config=False),
+    "temperature_suffix": Case(("--config", "configs/default.py:ega",
+                                "--config.dataset.name=digits",
+                                "--config.method.nce_temperature=0"),
+                               "method.nce_temperature is 0.0", config=False),
+    "weight_negative": Case(("--config.method.ce_weight=-0.1",),
+                            "method.ce_weight is -0.1; it must be a number >= 0"),
+    "baseline_temperature": Case(("--config", "{baseline_T}"),
+                                 "method_overrides.hsakd.T is -1.0", config=False),
+    "method_tuple_as_string": Case(("--config.method_overrides.sskd.teacher_milestones=abc",),
+                                   "method_overrides.sskd.teacher_milestones is ('abc',); it "
+                                   "must be a tuple of numbers"),
+    "method_own_check": Case(("--config", "configs/default.py:ega",
+                              "--config.dataset.name=digits", "--config.method.distill=nope"),
+                             "unknown method.distill 'nope'", config=False),
+    # Batches, logging and checkpoints.
+    "batch_size_zero": Case(("--config.batch_size=0",), "batch_size is 0"),
+    "eval_batch_size_zero": Case(("--config.eval_batch_size=0",),
+                                 "eval_batch_size is 0; it must be an integer >= 1"),
+    "keep_checkpoints_zero": Case(("--config.keep_checkpoints=0",), "keep_checkpoints is 0"),
+    "log_every_zero": Case(("--config.log_every_steps=0",), "log_every_steps is 0"),
+    "checkpoint_every_negative": Case(("--config.checkpoint_every_steps=-5",),
+                                      "checkpoint_every_steps is -5"),
+    "eval_every_zero": Case(("--config.eval_every_epochs=0",), "eval_every_epochs is 0"),
+    # Schedule.
+    "milestones_decreasing": Case(("--config.schedule.milestones=(11, 9)",),
+                                  "schedule.milestones is (11, 9); it must be a tuple of "
+                                  "increasing epochs in (0, 15)"),
+    "milestones_beyond": Case(("--config.schedule.milestones=(9, 20)",),
+                              "schedule.milestones is (9, 20)"),
+    "milestones_as_string": Case(("--config.schedule.milestones=abc",),
+                                 "schedule.milestones is ('abc',)"),
+    "probe_milestones_beyond": Case(("--config.linear_probe.dataset=digits",
+                                     "--config.linear_probe.milestones=(50,)"),
+                                    "linear_probe.milestones is (50,)"),
+    "decay_zero": Case(("--config.schedule.decay=0",), "schedule.decay is 0.0; it must be a "
+                                                       "number in (0, 1]"),
+    "decay_above_one": Case(("--config.schedule.decay=1.5",), "schedule.decay is 1.5"),
+    "warmup_negative": Case(("--config.schedule.warmup_epochs=-1",),
+                            "schedule.warmup_epochs is -1"),
+    "warmup_all_epochs": Case(("--config.schedule.warmup_epochs=15",),
+                              "schedule.warmup_epochs is 15; it must be a number in [0, "
+                              "num_epochs)"),
+    # Dataset.
+    "train_fraction_zero": Case(("--config.dataset.train_fraction=0",),
+                                "dataset.train_fraction is 0.0; it must be a number in (0, 1]"),
+    "label_noise_one": Case(("--config.dataset.label_noise=1.0",),
+                            "dataset.label_noise is 1.0; it must be a number in [0, 1)"),
+    "eval_examples_beyond_split": Case(("--config.dataset.num_eval_examples=1000",),
+                                       "dataset.num_eval_examples is 1000; it must be -1 or at "
+                                       "most 360 (split 'test' of 'digits')"),
+    "train_examples_beyond_split": Case(("--config.dataset.num_train_examples=5000",),
+                                        "dataset.num_train_examples is 5000; it must be -1 or "
+                                        "at most 1437"),
+    "eval_examples_zero": Case(("--config.dataset.num_eval_examples=0",),
+                               "dataset.num_eval_examples is 0"),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """Recipe files of a user: one that does not parse, one that fails when run, and one whose
+  baseline has a bad temperature; a tfds data_dir with the digits built (as a first run does)."""
+  root = tmp_path_factory.mktemp("recipes")
+  (root / "broken.py").write_text("def get_config():\n  return (\n")
+  (root / "raising.py").write_text("import ml_collections\n\nCONFIG = undefined_name\n")
+  (root / "baseline_T.py").write_text(
+      "from configs import demo\n\n\ndef get_config():\n  config = demo.get_config()\n"
+      "  config.method_overrides.hsakd.T = -1.0\n  return config\n")
+  paths = {name: str(root / f"{name}.py") for name in ("broken", "raising", "baseline_T")}
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  digits.prepared_builder(data_dir)
+  return dict(paths, data_dir=data_dir)
+
+
+def command_line(case: Case, workdir: str, files: dict[str, str]) -> list[str]:
+  args = [arg.format(**files) for arg in case.args]
+  argv = ["jaxkd.main"] + (["--config", DEMO] if case.config else [])
+  argv += ["--workdir", workdir] if case.workdir else []
+  if case.config or "--config" in args:
+    args.append(f"--config.dataset.data_dir={files['data_dir']}")
+  return argv + args
+
+
+def refusal(capsys, argv: list[str]) -> str:
+  """The one stderr line of `jaxkd.main.run(argv)`, which must exit with status 2."""
+  status = main.run(argv)
+  out, err = capsys.readouterr()
+  assert (status, out) == (2, ""), err
+  assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+  return err.strip()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line_before_any_work(name, files, tmp_path, capsys):
+  case = CASES[name]
+  workdir = str(tmp_path / "run")
+  line = refusal(capsys, command_line(case, workdir, files))
+  assert case.message in line
+  assert not os.path.exists(workdir)
+
+
+def _snapshot(root):
+  """Every directory and file under `root`, with each file's modification time and bytes."""
+  entries = set()
+  for path, dirs, names in os.walk(root):
+    entries.update((os.path.join(path, d), None, None) for d in dirs)
+    for name in names:
+      file = os.path.join(path, name)
+      with open(file, "rb") as f:
+        entries.add((file, os.stat(file).st_mtime_ns, f.read()))
+  return entries
+
+
+def test_an_existing_workdir_is_left_as_it_was(files, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  (workdir / "teacher" / "checkpoints" / "20").mkdir(parents=True)
+  (workdir / "teacher" / "result.json").write_text('{"top1_last": 0.5}')
+  (workdir / "teacher" / "checkpoints" / "20" / "state").write_bytes(b"\0" * 64)
+  before = _snapshot(workdir)
+  for name in ("keep_checkpoints_zero", "milestones_beyond", "eval_examples_beyond_split",
+               "misspelt_field", "unknown_model", "wrong_type"):
+    refusal(capsys, command_line(CASES[name], str(workdir), files))
+  assert _snapshot(workdir) == before
+
+
+def test_print_config_lists_the_fields_after_overrides_and_writes_nothing(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  status = main.run(["jaxkd.main", "--config", f"{DEMO}:runlocal", "--workdir", workdir,
+                     "--print_config", "--config.optimizer.lr=0.2"])
+  out, err = capsys.readouterr()
+  assert (status, err) == (0, "")
+  lines = out.splitlines()
+  assert "optimizer.lr = 0.2" in lines and "schedule.milestones = ()" in lines
+  assert "dataset.name = 'digits'" in lines and "method_overrides.sskd.teacher_epochs = 1" in lines
+  assert not os.path.exists(workdir)
+
+
+def test_validate_checks_every_field_first():
+  config = helpers.set_fields(demo.get_config("runlocal"), {"keep_checkpoints": 0})
+  with pytest.raises(UserError, match="keep_checkpoints is 0; it must be an integer >= 1"):
+    train.validate(config, jax.sharding.Mesh(jax.devices()[:1], ("data",)))
+
+
+def test_the_real_entry_point_answers_the_same(files, tmp_path, capsys):
+  """`python -m jaxkd.main` (absl's app.run) prints the same line and exit status as run()."""
+  names = ("misspelt_field", "unknown_config_argument", "eval_batch_size_zero", "wrong_type")
+  procs = {}
+  for name in names:
+    argv = command_line(CASES[name], str(tmp_path / name), files)
+    procs[name] = (argv, subprocess.Popen([sys.executable, "-m"] + argv, cwd=helpers.REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+  for name, (argv, proc) in procs.items():
+    out, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert (proc.returncode, out, errors) == (2, "", [err.splitlines()[-1]]), err
+    assert errors == [refusal(capsys, argv)]
+    assert not os.path.exists(tmp_path / name)

@@ -1,0 +1,113 @@
+"""`python -m jaxkd.evaluate`: a network file's top-1 / top-5 on a dataset's eval split, as the
+trainer's own evaluation gives them, and one-line errors for bad input."""
+
+import functools
+import io
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxkd import checkpoint
+from jaxkd import evaluate
+from jaxkd import loop
+from jaxkd import parallel
+from jaxkd import steps
+from jaxkd.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir, **fields):
+  config = evaluate.default_config()
+  config.dataset.update(name="digits", data_dir=data_dir)
+  config.update({"eval_batch_size": 120, **fields})
+  return config
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """A resnet8 for the digits with freshly initialised variables, as a jaxkd variables file,
+  and what `jaxkd.loop.evaluate` gives for it in this process."""
+  data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  path = str(tmp_path_factory.mktemp("evaluate") / "resnet8.msgpack")
+  mesh = parallel.create_mesh()
+  network = loop.build_network("resnet8", 10)
+  variables = loop.init_variables(network, (8, 8, 1), seed=3, mesh=mesh)
+  checkpoint.export_variables(path, variables)
+  scores = loop.evaluate(network, variables, _config(data_dir), mesh,
+                         jax.jit(functools.partial(steps.eval_step, network=network)))
+  return data_dir, path, scores
+
+
+def _run(*args, devices=2):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, "-m", "jaxkd.evaluate", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_prints_the_trainers_top1_and_top5(exported):
+  data_dir, path, scores = exported
+  # Another device count than this process's 4: the counts do not depend on it.
+  done = _run("--model=resnet8", f"--checkpoint={path}", "--config.dataset.name=digits",
+              f"--config.dataset.data_dir={data_dir}", "--config.eval_batch_size=120")
+  assert done.returncode == 0, done.stderr[-3000:]
+  found = re.search(r"on digits test \(360 images\): top-1 (\d+\.\d\d)  top-5 (\d+\.\d\d)",
+                    done.stdout)
+  assert found, done.stdout
+  assert found.group(1) == f"{scores['top1']:.2f}"
+  assert found.group(2) == f"{scores['top5']:.2f}"
+
+
+def test_bad_checkpoint_is_one_line_and_exit_status_2(exported, tmp_path):
+  data_dir, _, _ = exported
+  done = _run("--model=resnet8", f"--checkpoint={tmp_path / 'none.msgpack'}",
+              "--config.dataset.name=digits", f"--config.dataset.data_dir={data_dir}")
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1] == (
+      f"error: resnet8 checkpoint '{tmp_path / 'none.msgpack'}' does not exist")
+  assert "Traceback" not in done.stderr and not done.stdout
+
+
+@pytest.mark.parametrize("model,fields,message", [
+    ("resnet_nope", {}, "unknown model 'resnet_nope'; valid names: .*resnet8"),
+    # resnet14 has two blocks per stage, the file's resnet8 one.
+    ("resnet14", {}, "resnet14 checkpoint .* does not fit the architecture: missing leaf "
+                     "'batch_stats/backbone/layer1_1/bn1/mean'"),
+    ("resnet8", {"eval_batch_size": 6}, "batch size 6 does not divide over 4 devices"),
+])
+def test_bad_input_is_refused_by_name(exported, model, fields, message):
+  data_dir, path, _ = exported
+  with pytest.raises(UserError, match=message):
+    evaluate.evaluate_file(model, path, _config(data_dir, **fields))
+
+
+def test_a_dataset_that_is_not_prepared_is_refused(exported, tmp_path):
+  _, path, _ = exported
+  config = _config(str(tmp_path / "empty"))
+  config.dataset.name = "cifar10"
+  with pytest.raises(UserError, match="dataset 'cifar10' .* is not prepared in data_dir"):
+    evaluate.evaluate_file("resnet8", path, config)
+
+
+def test_half_precision_scores_the_same_network(exported):
+  """bfloat16 compute on the same file: a few of 360 predictions may flip, not more."""
+  data_dir, path, scores = exported
+  half = evaluate.evaluate_file("resnet8", path, _config(data_dir, half_precision=True))
+  assert half["count"] == 360
+  assert abs(half["top1"] - scores["top1"]) <= 3 * 100 / 360
+
+
+def test_progress_lines_come_only_after_their_interval():
+  stream = io.StringIO()
+  fn = evaluate.with_progress(lambda x: x + 1, total=3, stream=stream, interval_s=0.0)
+  assert [fn(i) for i in range(3)] == [1, 2, 3]
+  lines = stream.getvalue().splitlines()
+  assert [line.split(",")[0] for line in lines] == [f"[eval] batch {i}/3" for i in (1, 2, 3)]
+  assert lines[-1].endswith("about 0s left")
+  quiet = io.StringIO()
+  evaluate.with_progress(lambda x: x, total=3, stream=quiet, interval_s=60.0)(0)
+  assert quiet.getvalue() == ""

@@ -1,0 +1,247 @@
+"""Faults a long run meets: preemption signals, divergence, a second run on the workdir, an
+unwritable stage directory, a full disk, a changed config on resume.
+
+Each checks the exit status (or the exception that `jaxkd.main` turns into it), the one line
+that says what happened, and that nothing already written is lost or changed. Damaged
+checkpoints and exported files are in test_corruption.py, bad config values in
+test_bad_inputs.py.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+
+from configs import demo
+from jaxkd import checkpoint
+from jaxkd import interrupts
+from jaxkd import loop
+from jaxkd import paths
+from jaxkd import train
+from jaxkd import workdir_lock
+from jaxkd.errors import Diverged, UserError
+
+REPO = str(helpers.REPO)
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+
+
+def tiny_config(data_dir, **overrides):
+  """The demo at runlocal size with a resnet8 teacher and the KD student only (16 steps each)."""
+  config = demo.get_config("runlocal")
+  config.baselines = ""
+  config.teacher.name = "resnet8"
+  config.checkpoint_every_steps = 4
+  config.dataset.data_dir = data_dir
+  return helpers.set_fields(config, overrides)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run: (its config, workdir, results)."""
+  data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  config = tiny_config(data_dir)
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def student_config(reference, **overrides):
+  """The reference's KD student alone, from the reference's exported teacher."""
+  config, workdir, _ = reference
+  return tiny_config(config.dataset.data_dir, **{
+      "teacher.checkpoint": os.path.join(workdir, "teacher", "teacher.msgpack"), **overrides})
+
+
+def snapshot(directory):
+  """{relative path: (size, mtime)} of every file under `directory`."""
+  found = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      found[os.path.relpath(path, directory)] = (os.path.getsize(path), os.path.getmtime(path))
+  return found
+
+
+def signal_at(monkeypatch, stage_name, step, signum):
+  """Sends `signum` to this process while `stage_name` runs its `step`-th step."""
+  add = loop.Unchecked.add
+
+  def add_and_signal(self, at, metrics):
+    if self.stage_name == stage_name and at == step:
+      os.kill(os.getpid(), signum)
+    add(self, at, metrics)
+  monkeypatch.setattr(loop.Unchecked, "add", add_and_signal)
+
+
+# ---------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_saves_then_resumes_to_the_uninterrupted_result(reference, tmp_path,
+                                                                 monkeypatch, capsys):
+  workdir = str(tmp_path / "w")
+  before = signal.getsignal(signal.SIGTERM)
+  signal_at(monkeypatch, "student_kd", 6, signal.SIGTERM)
+  with pytest.raises(interrupts.Interrupted) as stopped:
+    train.train_and_evaluate(student_config(reference), workdir)
+  message = str(stopped.value)
+  assert stopped.value.exit_status == 143 and "\n" not in message
+  assert message.startswith("[student_kd] SIGTERM at step 6/16: checkpoint written to ")
+  assert signal.getsignal(signal.SIGTERM) == before  # Handlers are given back.
+  ckpt_dir = os.path.join(workdir, "student_kd", "checkpoints")
+  assert "6" in os.listdir(ckpt_dir)
+  assert not os.path.exists(os.path.join(workdir, "student_kd", "result.json"))
+
+  monkeypatch.undo()
+  capsys.readouterr()
+  results = train.train_and_evaluate(student_config(reference), workdir)
+  assert "[student_kd] resuming from step 6" in capsys.readouterr().out
+  got, want = results[-1], reference[2][-1]
+  assert got["stage"] == want["stage"] == "student_kd"
+  assert got["top1_last"] == want["top1_last"]
+  assert got["export_sha256"] == want["export_sha256"]  # The same variables, bit for bit.
+
+
+def test_sigint_on_the_command_line_is_one_line_and_status_130(reference, tmp_path):
+  """Ctrl-C of a real run: the checkpoint of the step in flight, one line, exit 130."""
+  workdir = str(tmp_path / "w")
+  teacher = os.path.join(reference[1], "teacher", "teacher.msgpack")
+  cmd = [sys.executable, "-m", "jaxkd.main", "--config", "configs/demo.py:runlocal",
+         "--workdir", workdir, f"--config.dataset.data_dir={reference[0].dataset.data_dir}",
+         "--config.teacher.name=resnet8", f"--config.teacher.checkpoint={teacher}",
+         "--config.baselines=", "--config.num_epochs=400"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics_file = os.path.join(workdir, "student_kd", "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not (
+      os.path.exists(metrics_file) and os.path.getsize(metrics_file)):
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert "Traceback" not in err
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "SIGINT at step" in errors[0], err[-2000:]
+  assert "run the same command again to resume" in errors[0]
+  step = int(errors[0].split("at step ")[1].split("/")[0])
+  assert str(step) in os.listdir(os.path.join(workdir, "student_kd", "checkpoints"))
+
+
+# ---------------------------------------------------------------------------- divergence
+
+
+def test_divergence_stops_before_anything_nan_is_saved(reference, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = tiny_config(reference[0].dataset.data_dir, **{"optimizer.lr": 1e5})
+  with pytest.raises(Diverged) as stopped:
+    train.train_and_evaluate(config, workdir)
+  message = str(stopped.value)
+  assert stopped.value.exit_status == 3 and "\n" not in message
+  assert message.startswith("[teacher] diverged at step ")
+  assert "nan" in message and "--config.optimizer.lr" in message
+  stage_dir = os.path.join(workdir, "teacher")
+  assert not os.path.exists(os.path.join(stage_dir, "teacher.msgpack"))
+  assert not os.path.exists(os.path.join(stage_dir, "result.json"))
+  mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"), 1, 2)
+  for step in mngr.all_steps():  # Whatever was checkpointed is finite.
+    state = mngr.restore(step)["state"]
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+# ------------------------------------------------------------------------------ workdirs
+
+
+def test_second_run_on_a_workdir_is_refused(reference, tmp_path):
+  workdir = str(tmp_path / "w")
+  os.makedirs(workdir)
+  with workdir_lock.hold(workdir):
+    with pytest.raises(UserError, match=f"workdir '{workdir}' is in use by another run "
+                                        rf"\(pid {os.getpid()} on "):
+      train.train_and_evaluate(student_config(reference), workdir)
+  assert os.listdir(workdir) == [".lock"]
+
+
+def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
+  workdir = str(tmp_path / "w")
+  os.makedirs(workdir)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from jaxkd import workdir_lock\n"
+       f"with workdir_lock.hold({workdir!r}):\n print('held', flush=True); time.sleep(600)"],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(UserError, match="in use by another run"):
+    with workdir_lock.hold(workdir):
+      pass
+  holder.kill()
+  holder.wait()
+  with workdir_lock.hold(workdir):  # Free again.
+    pass
+
+
+def test_unwritable_stage_directory_is_reported_before_training(reference, tmp_path):
+  workdir = str(tmp_path / "w")
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "student_kd"), "w") as f:  # Where the stage directory goes.
+    f.write("in the way")
+  with pytest.raises(UserError, match=f"stage directory '{workdir}/student_kd' is not "
+                                      "writable .*; make it writable, or pass another"):
+    train.train_and_evaluate(student_config(reference), workdir)
+  assert open(os.path.join(workdir, "student_kd")).read() == "in the way"
+
+
+def test_full_disk_is_one_line_and_keeps_what_was_finished(reference, tmp_path, monkeypatch):
+  """A disk that fills up during the student stage: it stops before writing a checkpoint
+  that could not be completed; the finished teacher stage is untouched."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference[1], workdir)
+  shutil.rmtree(os.path.join(workdir, "student_kd"))
+  before = snapshot(os.path.join(workdir, "teacher"))
+  usage = shutil.disk_usage(workdir)
+  monkeypatch.setattr(paths.shutil, "disk_usage", lambda _: usage._replace(free=4096))
+  with pytest.raises(UserError) as stopped:
+    train.train_and_evaluate(tiny_config(reference[0].dataset.data_dir), workdir)
+  message = str(stopped.value)
+  assert "\n" not in message
+  assert message.startswith(f"not enough free space in '{workdir}/student_kd': 0.0 MiB free, ")
+  assert message.endswith("free some and run the same command again to resume from step 0")
+  assert snapshot(os.path.join(workdir, "teacher")) == before
+
+
+# ------------------------------------------------------------------------ changed config
+
+
+def test_resuming_with_another_config_is_refused_naming_the_fields(reference, tmp_path, capsys):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference[1], workdir)
+  os.remove(os.path.join(workdir, "student_kd", "result.json"))  # Started, not finished.
+  before = snapshot(workdir)
+  config = tiny_config(reference[0].dataset.data_dir,
+                       **{"batch_size": 16, "method.T": 2.0, "log_every_steps": 7})
+  with pytest.raises(UserError) as refused:
+    train.train_and_evaluate(config, workdir)
+  message = str(refused.value)
+  assert "\n" not in message
+  # The teacher's own values did not change except the batch; the student's T did too.
+  assert message.startswith(f"{workdir}/teacher was trained with another config "
+                            "(batch_size 8 -> 16)")
+  assert snapshot(workdir) == dict(before, **{".lock": snapshot(workdir)[".lock"]})
+  config.batch_size = 8
+  with pytest.raises(UserError, match="student_kd was trained with another config "
+                                      r"\(method.T 4.0 -> 2.0\)"):
+    train.train_and_evaluate(config, workdir)
+  # With the flag, the stage goes on (here: from its last step) under the new values, and its
+  # config.json keeps the old ones.
+  config.allow_changed_config = True
+  train.train_and_evaluate(config, workdir)
+  saved = json.loads(open(os.path.join(workdir, "student_kd", "config.json")).read())
+  assert saved["effective"]["method.T"] == 2.0
+  assert saved["history"][-1]["method.T"] == 4.0
