@@ -8,7 +8,6 @@ resuming from its last checkpoint, and writes `result.json` last.
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, Optional
@@ -25,22 +24,24 @@ from etils import epath
 
 from jaxkd import checkpoint
 from jaxkd import data
+from jaxkd import divergence
 from jaxkd import interrupts
 from jaxkd import metrics_log
 from jaxkd import models
 from jaxkd import parallel
 from jaxkd import paths
+from jaxkd import results
 from jaxkd import stage_config
 from jaxkd import steps
 from jaxkd.data import teacher_views
-from jaxkd.errors import Diverged, UserError
+from jaxkd.errors import UserError
 from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
                                 OnlineTeacherHead)
 from jaxkd.optim import learning_rate_schedule, make_optimizer
+from jaxkd.results import RESULT_FILE
 from jaxkd.state import Network, TrainState, variables_of
 from jaxkd.steps import TeacherHeadStep
 
-RESULT_FILE = "result.json"
 TEACHER_FILE = "teacher.msgpack"
 STUDENT_FILE = "student.msgpack"
 BACKBONE_FILE = "backbone.msgpack"
@@ -342,9 +343,9 @@ def restore(stage: Stage, mngr: Any, state: TrainState, stage_dir: str
   A damaged newer checkpoint is reported and passed over (checkpoint.restore_latest).
   """
   teacher = stage.teacher
+  workdir = results.workdir_of(stage_dir)
   record = {"best_top1": 0.0, "history": [],
-            "teacher_path": _recorded_path(teacher.path, _workdir_of(stage_dir)) if teacher
-                            else None,
+            "teacher_path": results.recorded_path(teacher.path, workdir) if teacher else None,
             "teacher_sha256": teacher.sha256 if teacher else None}
   restored = checkpoint.restore_latest(mngr, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
@@ -405,8 +406,8 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   description = stage_description(stage, config)
   stop_if_interrupted(stage.name, f"before stage {stage.name} started")
   if epath.Path(result_path).exists():
-    result = read_result(workdir, stage.name)
-    _check_same_stage(result, description, stage_dir)
+    result = results.read_result(workdir, stage.name)
+    results.check_same_stage(result, description, stage_dir)
     stage_config.check(stage, config, stage_dir)
     print(f"[{stage.name}] already done ({result_path}): top-1 {_percent(result['top1_last'])}")
     return result
@@ -456,7 +457,7 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
                                num_negatives=stage.num_negatives)
   checkpoint_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   pending: list[dict[str, jax.Array]] = []  # Since the last log line.
-  unchecked = Unchecked(stage.name, mngr)  # Since the last finiteness check.
+  unchecked = divergence.Unchecked(stage.name, mngr)  # Since the last finiteness check.
   eval_every = max(config.eval_every_epochs, 1)
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.to_global(next(batches), mesh)
@@ -526,7 +527,7 @@ def finish_stage(stage: Stage, compiled: StageSteps, state: TrainState, record: 
   """The stage's result record, written last (after the exported variables, if any).
 
   Returned with its paths as this run reaches them; written with those inside the workdir
-  relative to it (see `read_result`).
+  relative to it (jaxkd.results).
   """
   common = dict(description, stage=stage.name, steps=compiled.total_steps,
                 checkpoints=os.path.join(stage_dir, "checkpoints"), logdir=stage_dir)
@@ -551,69 +552,7 @@ def finish_stage(stage: Stage, compiled: StageSteps, state: TrainState, record: 
       result["export_sha256"] = checkpoint.file_sha256(result["export"])
       result.update(selected_score=record["selected_score"],
                     selected_step=record["selected_step"])
-  workdir = _workdir_of(stage_dir)
-  recorded = {k: _recorded_path(v, workdir) if k in PATH_FIELDS and v else v
-              for k, v in result.items()}
-  _write_result(stage_dir, recorded)
-  return resolve_paths(recorded, workdir)
-
-
-# The paths in a result.json. Those inside the workdir are written relative to it, so a workdir
-# that is moved or copied reads its own files.
-PATH_FIELDS = ("checkpoints", "logdir", "export", "teacher_path")
-
-
-def _workdir_of(stage_dir: str) -> str:
-  """The workdir of a stage directory (`<workdir>/<stage name>`)."""
-  return os.path.dirname(stage_dir.rstrip("/"))
-
-
-def _recorded_path(path: str, workdir: str) -> str:
-  """`path` as a file of the workdir records it: relative to `workdir` when inside it, else
-  absolute (a teacher file given with --config.teacher.checkpoint)."""
-  inside = paths.inside(path, workdir)
-  return inside if inside is not None else paths.absolute(path)
-
-
-def resolve_paths(result: dict[str, Any], workdir: str) -> dict[str, Any]:
-  """A result record with its paths as this run reaches them, in `workdir`.
-
-  A path relative to the workdir is joined to `workdir`; an absolute one outside it stays.
-  A record written before paths were relative holds those of the workdir it was written in
-  (its `logdir`'s parent): a path under that folder is taken relative to it as well, so a copy
-  of that workdir never reads the original's files, even while they still exist.
-  """
-  if "logdir" not in result:
-    return dict(result)
-  origin = _workdir_of(result["logdir"])  # '' for a record of relative paths
-  resolved = dict(result, logdir=os.path.join(workdir, result["stage"]))
-  resolved["checkpoints"] = os.path.join(resolved["logdir"], "checkpoints")
-  for key in ("export", "teacher_path"):
-    path = result.get(key)
-    inside = _in_origin(path, origin) if path else None
-    if inside is not None:
-      resolved[key] = os.path.join(workdir, inside)
-  return resolved
-
-
-def _in_origin(path: str, origin: str) -> Optional[str]:
-  """`path` relative to the workdir `origin` a record was written in, None when outside it;
-  `origin` '' (a record of relative paths): the relative ones are inside."""
-  if not origin:
-    return None if paths.is_absolute(path) else path
-  prefix = origin.rstrip("/") + "/"
-  return path[len(prefix):] if path.startswith(prefix) else None
-
-
-def read_result(workdir: str, stage_name: str) -> dict[str, Any]:
-  """The result record of a finished stage, its paths resolved in `workdir`."""
-  path = os.path.join(workdir, stage_name, RESULT_FILE)
-  try:
-    result = json.loads(epath.Path(path).read_text())
-  except ValueError as e:
-    raise UserError(f"{path} is not a result record ({e}); remove it and rerun (stage "
-                    f"{stage_name} is finished again from its last checkpoint)") from None
-  return resolve_paths(result, workdir)
+  return results.write_result(stage_dir, result)
 
 
 def _percent(value: Optional[float]) -> str:
@@ -621,60 +560,9 @@ def _percent(value: Optional[float]) -> str:
   return "-" if value is None else f"{value:.2f}"
 
 
-def _check_same_stage(result: dict[str, Any], description: dict[str, Any], stage_dir: str):
-  for key, value in description.items():
-    if result.get(key) != value:
-      raise UserError(
-          f"{stage_dir} already holds a finished stage with {key}={result.get(key)!r}, but this "
-          f"run asks for {key}={value!r}; use a new --workdir (nothing there was changed)")
-
-
-def _write_result(stage_dir: str, result: dict[str, Any]) -> None:
-  if jax.process_index() == 0:
-    paths.write_atomically(os.path.join(stage_dir, RESULT_FILE),
-                           json.dumps(result, indent=2).encode())
-
-
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   host = jax.device_get(pending)
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-
-
-class Unchecked:
-  """The step metrics not yet checked for divergence: fetched (one host sync) only where the
-  loop would sync anyway (a log line, an evaluation, a checkpoint)."""
-
-  def __init__(self, stage_name: str, mngr: Any):
-    self.stage_name, self.mngr = stage_name, mngr
-    self.steps: list[tuple[int, dict[str, jax.Array]]] = []
-
-  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    self.steps.append((step, metrics))
-
-  def check(self) -> None:
-    """Raises Diverged at the first step whose loss terms or gradient norm are not finite."""
-    host = jax.device_get([metrics for _, metrics in self.steps])
-    for (step, _), metrics in zip(self.steps, host):
-      bad = {k: float(v) for k, v in metrics.items() if not np.all(np.isfinite(v))}
-      if bad:
-        raise Diverged(diverged_message(self.stage_name, step, bad, metrics,
-                                        self.mngr.latest_step(), str(self.mngr.directory)))
-    self.steps = []
-
-
-def diverged_message(stage_name: str, step: int, bad: dict[str, float],
-                     metrics: dict[str, Any], last_good: Optional[int], directory: str) -> str:
-  """What went non-finite where, what was kept, and the likely causes."""
-  # The named terms before their sum: 'kd' says more than 'loss'.
-  terms = sorted(bad, key=lambda k: (k in ("loss", "grad_norm"), k))
-  kept = (f"the last good checkpoint (step {last_good}) stays in {directory}"
-          if last_good is not None else "no checkpoint was written")
-  return (f"[{stage_name}] diverged at step {step}: "
-          + ", ".join(f"{k}={bad[k]}" for k in terms)
-          + f" (lr {float(metrics.get('lr', float('nan'))):.4g}); {kept} and nothing was "
-          "exported. Likely causes: a learning rate too high for this batch size "
-          "(--config.optimizer.lr), a temperature or weight of 0 or a huge loss weight "
-          "(--config.method.*); rerun in a new --workdir with a fixed config")
 
 
 def _has_checkpoint(directory: str) -> bool:

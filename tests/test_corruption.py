@@ -19,6 +19,7 @@ import pytest
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import loop
+from jaxkd import results
 from jaxkd import train
 from jaxkd.errors import UserError
 
@@ -260,15 +261,15 @@ def test_damaged_teacher_file_is_refused_naming_the_stage_and_nothing_is_written
 
 
 def test_result_paths_are_relative_to_the_workdir(trained):
-  _, workdir, results = trained
+  _, workdir, records = trained
   with open(os.path.join(workdir, "student_kd", loop.RESULT_FILE)) as f:
     recorded = json.load(f)
-  assert {k: recorded[k] for k in loop.PATH_FIELDS} == {
+  assert {k: recorded[k] for k in results.PATH_FIELDS} == {
       "checkpoints": "student_kd/checkpoints", "logdir": "student_kd",
       "export": "student_kd/student.msgpack", "teacher_path": "teacher/teacher.msgpack"}
   # What the run returns holds the paths as it reaches them.
-  assert results[1]["export"] == os.path.join(workdir, "student_kd", "student.msgpack")
-  assert results[1]["teacher_path"] == results[0]["export"]
+  assert records[1]["export"] == os.path.join(workdir, "student_kd", "student.msgpack")
+  assert records[1]["teacher_path"] == records[0]["export"]
 
 
 @pytest.mark.parametrize("recorded,workdir,expected", [
@@ -279,8 +280,8 @@ def test_result_paths_are_relative_to_the_workdir(trained):
 ])
 def test_recorded_paths_resolve_in_the_current_workdir(recorded, workdir, expected):
   result = {"stage": "student_kd", "logdir": "student_kd", "export": recorded}
-  assert loop.resolve_paths(result, workdir)["export"] == expected
-  assert loop.resolve_paths(result, workdir)["checkpoints"] == f"{workdir}/student_kd/checkpoints"
+  assert results.resolve_paths(result, workdir)["export"] == expected
+  assert results.resolve_paths(result, workdir)["checkpoints"] == f"{workdir}/student_kd/checkpoints"
 
 
 @pytest.mark.parametrize("old_workdir", ["/old/run", "runs/old", "./run", "gs://b/old"])
@@ -289,7 +290,7 @@ def test_older_records_resolve_their_workdir_paths_in_the_current_one(old_workdi
   result = {"stage": "student_kd", "logdir": f"{old_workdir}/student_kd",
             "export": f"{old_workdir}/student_kd/student.msgpack",
             "teacher_path": "/teachers/t.msgpack"}
-  resolved = loop.resolve_paths(result, "/new")
+  resolved = results.resolve_paths(result, "/new")
   assert resolved["export"] == "/new/student_kd/student.msgpack"
   assert resolved["teacher_path"] == "/teachers/t.msgpack"
   assert resolved["logdir"] == "/new/student_kd"
@@ -302,7 +303,7 @@ def _as_older_version_wrote_it(workdir, original):
     path = os.path.join(workdir, stage, loop.RESULT_FILE)
     with open(path) as f:
       result = json.load(f)
-    for key in loop.PATH_FIELDS:
+    for key in results.PATH_FIELDS:
       if key in result:
         result[key] = os.path.join(original, result[key])
     with open(path, "w") as f:

@@ -23,8 +23,8 @@ import helpers
 
 from configs import demo
 from jaxkd import checkpoint
+from jaxkd import divergence
 from jaxkd import interrupts
-from jaxkd import loop
 from jaxkd import paths
 from jaxkd import train
 from jaxkd import workdir_lock
@@ -72,13 +72,13 @@ def snapshot(directory):
 
 def signal_at(monkeypatch, stage_name, step, signum):
   """Sends `signum` to this process while `stage_name` runs its `step`-th step."""
-  add = loop.Unchecked.add
+  add = divergence.Unchecked.add
 
   def add_and_signal(self, at, metrics):
     if self.stage_name == stage_name and at == step:
       os.kill(os.getpid(), signum)
     add(self, at, metrics)
-  monkeypatch.setattr(loop.Unchecked, "add", add_and_signal)
+  monkeypatch.setattr(divergence.Unchecked, "add", add_and_signal)
 
 
 # ---------------------------------------------------------------------------- preemption

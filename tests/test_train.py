@@ -369,5 +369,5 @@ def test_teacher_keep_best_hands_on_the_best_evaluation(tmp_path):
   assert teacher["selected_step"] == max(record, key=lambda r: r["eval/top1"])["step"]
   assert results[1]["teacher_sha256"] == teacher["export_sha256"]
   config.teacher.keep = "first"
-  with pytest.raises(UserError, match="teacher.keep='first'"):
+  with pytest.raises(UserError, match="teacher.keep is 'first'; it must be 'last' or 'best'"):
     train.train_and_evaluate(config, str(tmp_path / "bad"))

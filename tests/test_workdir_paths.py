@@ -21,6 +21,7 @@ from etils.epath import backend, gpath, register
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import loop
+from jaxkd import results
 from jaxkd import paths
 from jaxkd import train
 from jaxkd.errors import UserError
@@ -92,7 +93,7 @@ def test_stage_result_round_trip_on_a_url(ram_bucket):
   stage = _stage()
   result = _finished_result(stage, config.dataset.name)
   tf.io.gfile.makedirs(f"{workdir}/teacher")
-  loop._write_result(f"{workdir}/teacher", result)
+  results.write_result(f"{workdir}/teacher", result)
   assert tf.io.gfile.listdir(f"{workdir}/teacher") == ["result.json"]
   # A finished stage is read back instead of trained again (no mesh or data needed).
   assert loop.run_stage(stage, config, workdir, mesh=None, info=None) == result
@@ -125,7 +126,7 @@ def test_local_paths_are_resolved_and_written_as_before(tmp_path, monkeypatch):
   mngr.close()
   train.check_workdir("run")
   result = _finished_result(_stage(), "digits")
-  loop._write_result(os.path.join("run", "teacher"), result)
+  results.write_result(os.path.join("run", "teacher"), result)
   with open(os.path.join(cwd, "run", "teacher", "result.json")) as f:
     assert f.read() == json.dumps(result, indent=2)
   assert sorted(os.listdir(os.path.join(cwd, "run", "teacher"))) == ["checkpoints", "result.json"]
@@ -145,18 +146,18 @@ def test_a_run_into_a_url_workdir(ram_bucket, tmp_path, monkeypatch):
   config = demo.get_config("runlocal")
   config.method.name, config.baselines, config.num_epochs = "ce", "", 1
   config.dataset.data_dir = str(tmp_path / "tfds")
-  results = train.train_and_evaluate(config, workdir)
-  assert [r["stage"] for r in results] == ["student_ce"]
+  records = train.train_and_evaluate(config, workdir)
+  assert [r["stage"] for r in records] == ["student_ce"]
   stage_dir = f"{workdir}/student_ce"
   files = tf.io.gfile.listdir(stage_dir)
   assert "result.json" in files and any(f.startswith("events.out.tfevents") for f in files)
   with tf.io.gfile.GFile(f"{stage_dir}/result.json") as f:
     recorded = json.load(f)  # Its paths are relative to the workdir.
   assert recorded["export"] == "student_ce/student.msgpack"
-  assert loop.resolve_paths(recorded, workdir) == results[0]
-  assert results[0]["logdir"] == stage_dir
-  assert results[0]["export"] == f"{stage_dir}/student.msgpack"
-  assert results[0]["export_sha256"] == checkpoint.file_sha256(results[0]["export"])
+  assert results.resolve_paths(recorded, workdir) == records[0]
+  assert records[0]["logdir"] == stage_dir
+  assert records[0]["export"] == f"{stage_dir}/student.msgpack"
+  assert records[0]["export_sha256"] == checkpoint.file_sha256(records[0]["export"])
   assert os.listdir(local) == ["student_ce"]
   assert not os.listdir(cwd)
-  assert train.train_and_evaluate(config, workdir) == results
+  assert train.train_and_evaluate(config, workdir) == records
