@@ -142,7 +142,7 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from jaxkd import loop, parallel, steps as step_fns  # pylint: disable=g-import-not-at-top
+  from jaxkd import networks, parallel, steps as step_fns  # pylint: disable=g-import-not-at-top
   from jaxkd.methods import get_method  # pylint: disable=g-import-not-at-top
   from jaxkd.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from jaxkd.state import TrainState  # pylint: disable=g-import-not-at-top
@@ -153,12 +153,12 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
   mesh = parallel.create_mesh()
   shape = (image_size, image_size, 3)
   teacher_heads = method.teacher.heads if method.teacher else None
-  teacher = loop.build_network(teacher_name, num_classes, teacher_heads, hparams,
+  teacher = networks.build_network(teacher_name, num_classes, teacher_heads, hparams,
                                 dtype=teacher_dtype)
-  student = loop.build_network(student_name, num_classes, method.student_heads, hparams,
+  student = networks.build_network(student_name, num_classes, method.student_heads, hparams,
                                 dtype=dtype)
-  teacher_variables = loop.init_variables(teacher, shape, 1, mesh)
-  variables = loop.init_variables(student, shape, 0, mesh)
+  teacher_variables = networks.init_variables(teacher, shape, 1, mesh)
+  variables = networks.init_variables(student, shape, 0, mesh)
   config = default.get_config()
   schedule = lambda step: config.optimizer.lr  # pylint: disable=unnecessary-lambda-assignment
   tx = make_optimizer(config, schedule)

@@ -11,7 +11,7 @@ BatchNorm statistics. Its `meta` (JSON) names the method, the reference architec
 hyper-parameters, the optimiser and the schedule; nothing here is specific to one file.
 
 What runs is jaxkd's own: the method's `Method` record (loss, heads, teacher heads), the
-networks of `jaxkd.loop.build_network`, the optimiser of `jaxkd.optim.make_optimizer` from a
+networks of `jaxkd.networks.build_network`, the optimiser of `jaxkd.optim.make_optimizer` from a
 config carrying the file's SGD settings, the schedule of `jaxkd.optim.learning_rate_schedule`
 (checked against the stored lr of every step; where it cannot express them the stored values are
 fed instead, and the output says so), and the trainer's jitted step
@@ -434,6 +434,7 @@ def build_setup(traj: Trajectory) -> Setup:
   """The student stage jaxkd's trainer would run for this file, from the file's weights."""
   # The trainer's loop brings TensorFlow (its input pipeline): imported once the file is read.
   from jaxkd import loop  # pylint: disable=import-outside-toplevel
+  from jaxkd import networks  # pylint: disable=import-outside-toplevel
   method = get_method(traj.spec.name)
   image_shape = traj.images.shape[-2:] + traj.images.shape[-3:-2]   # (H, W, C)
   plan, why = learning_rate_plan(traj)
@@ -462,7 +463,7 @@ def build_setup(traj: Trajectory) -> Setup:
   hparams = traj.hparams
   prep = method.teacher
   teacher_heads = prep.heads if prep is not None else method.student_heads
-  teacher_network = loop.build_network(traj.teacher_model, traj.num_classes, teacher_heads,
+  teacher_network = networks.build_network(traj.teacher_model, traj.num_classes, teacher_heads,
                                        hparams)
   teacher_variables = network_variables(traj, traj.teacher, traj.teacher_model, "teacher")
   check_fits(traj, teacher_network, teacher_variables, image_shape, "teacher")
@@ -473,7 +474,7 @@ def build_setup(traj: Trajectory) -> Setup:
                      num_epochs=traj.num_steps, base_lr=config.optimizer.lr, views=method.views,
                      heads=method.student_heads, teacher=teacher,
                      eval_metrics=method.eval_metrics, preact=method.preact)
-  network = stage.network(traj.num_classes, loop.compute_dtype(config))
+  network = stage.network(traj.num_classes, networks.compute_dtype(config))
   init = network_variables(traj, traj.student_init, traj.student_model, "student")
   final = network_variables(traj, traj.student_final, traj.student_model, "final student")
   check_fits(traj, network, init, image_shape, "initial student")

@@ -14,6 +14,12 @@ import numpy as np
 from jaxkd.errors import Diverged
 
 
+def watched(metric: str) -> bool:
+  """The metrics whose non-finite value means divergence: the loss terms and the gradient norm
+  (a method's other metrics, e.g. an accuracy over rows that a batch may lack, are only logged)."""
+  return metric.startswith("loss") or metric == "grad_norm"
+
+
 class Unchecked:
   """The step metrics not yet checked for divergence: fetched (one host sync) only where the
   loop would sync anyway (a log line, an evaluation, a checkpoint)."""
@@ -29,7 +35,8 @@ class Unchecked:
     """Raises Diverged at the first step whose loss terms or gradient norm are not finite."""
     host = jax.device_get([metrics for _, metrics in self.steps])
     for (step, _), metrics in zip(self.steps, host):
-      bad = {k: float(v) for k, v in metrics.items() if not np.all(np.isfinite(v))}
+      bad = {k: float(v) for k, v in metrics.items()
+             if watched(k) and not np.all(np.isfinite(v))}
       if bad:
         raise Diverged(diverged_message(self.stage_name, step, bad, metrics,
                                         self.mngr.latest_step(), str(self.mngr.directory)))

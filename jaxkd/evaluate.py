@@ -77,8 +77,8 @@ def load_network(model_name: str, path: str, info: Any, dtype: Any = None) -> tu
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxkd import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxkd import loop  # pylint: disable=g-import-not-at-top
-  network = loop.build_network(model_name, info.num_classes, dtype=dtype or jnp.float32)
+  from jaxkd import networks  # pylint: disable=g-import-not-at-top
+  network = networks.build_network(model_name, info.num_classes, dtype=dtype or jnp.float32)
   template = jax.eval_shape(lambda: network.init(
       jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
   return network, checkpoint.import_variables(path, template, what=f"{model_name} checkpoint")
@@ -96,13 +96,14 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
   import jax  # pylint: disable=g-import-not-at-top
   from jaxkd import data  # pylint: disable=g-import-not-at-top
   from jaxkd import loop  # pylint: disable=g-import-not-at-top
+  from jaxkd import networks  # pylint: disable=g-import-not-at-top
   from jaxkd import parallel  # pylint: disable=g-import-not-at-top
   from jaxkd import steps  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.create_mesh() if mesh is None else mesh
   info = data.get_dataset_info(config.dataset)
   parallel.check_batch_divides(config.eval_batch_size, mesh)
-  network, variables = load_network(model_name, path, info, loop.compute_dtype(config))
+  network, variables = load_network(model_name, path, info, networks.compute_dtype(config))
   variables = parallel.replicate(variables, mesh)
   eval_fn = jax.jit(functools.partial(steps.eval_step, network=network))
   if progress is not None:

@@ -12,7 +12,6 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,7 +26,6 @@ from jaxkd import data
 from jaxkd import divergence
 from jaxkd import interrupts
 from jaxkd import metrics_log
-from jaxkd import models
 from jaxkd import parallel
 from jaxkd import paths
 from jaxkd import results
@@ -37,6 +35,9 @@ from jaxkd.data import teacher_views
 from jaxkd.errors import UserError
 from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
                                 OnlineTeacherHead)
+from jaxkd.networks import (backbone_only, build_network, compute_dtype, feature_parameters,
+                            init_variables, run_once_options, teacher_output_shapes,
+                            without_bridge)
 from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.results import RESULT_FILE
 from jaxkd.state import Network, TrainState, variables_of
@@ -47,22 +48,6 @@ STUDENT_FILE = "student.msgpack"
 BACKBONE_FILE = "backbone.msgpack"
 NO_CLASSIFIER_NOTE = ("no classifier is trained in this stage, so it has no top-1; its features "
                       "are judged by the stages that use them (e.g. linear_probe)")
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-  """bfloat16 with --config.half_precision (params, optimiser state and losses stay float32)."""
-  return jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
-
-
-def backbone_only(variables: Any) -> Any:
-  """The 'backbone' subtree of every collection: a network's variables without its heads."""
-  return {col: {"backbone": tree["backbone"]} for col, tree in variables.items()}
-
-
-def without_bridge(variables: Any) -> Any:
-  """A network's variables without a method's bridge (what is exported as the network)."""
-  return {col: {k: v for k, v in tree.items() if k != "bridge"}
-          for col, tree in variables.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,71 +123,6 @@ class Stage:
     if self.teacher is None:
       return None
     return self.teacher.network.clone(preact=self.preact) if self.preact else self.teacher.network
-
-
-def build_network(model_name: str, num_classes: int, heads: Optional[HeadsFactory] = None,
-                  hparams: Optional[ml_collections.ConfigDict] = None,
-                  dtype: Any = jnp.float32, backbone_num_classes: Optional[int] = None
-                  ) -> Network:
-  """A zoo backbone with optional heads (built by `heads(num_classes, hparams, backbone)`);
-  the backbone's own classifier has `backbone_num_classes` outputs if given."""
-  backbone = models.get_model(model_name, backbone_num_classes or num_classes, dtype=dtype)
-  return Network(backbone=backbone,
-                 heads=heads(num_classes, hparams, backbone) if heads else None)
-
-
-def run_once_options(mesh: jax.sharding.Mesh) -> Optional[dict[str, Any]]:
-  """Compiler options of a program that runs once (an initialisation) on the mesh.
-
-  On CPU, LLVM's optimisation of the unrolled random-number code of an init costs seconds per
-  network and saves nothing on a single run, so it is compiled unoptimised (the values may
-  then differ from an optimised compile in the last bit; every run compiles them the same way).
-  """
-  if mesh.devices.flat[0].platform == "cpu":
-    return {"xla_backend_optimization_level": 0}
-  return None
-
-
-def init_variables(network: Network, image_shape: tuple[int, ...], seed: int,
-                   mesh: jax.sharding.Mesh, teacher_out: Optional[Any] = None) -> Any:
-  """Initialises the network under jit, replicated over the mesh.
-
-  `teacher_out`: the shapes of the teacher's outputs for one image, handed to the method's
-  bridge so that its modules know the teacher's widths (e.g. FitNet's regressor).
-  """
-  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh),
-                     compiler_options=run_once_options(mesh))
-  def init(rng):
-    sample = None if teacher_out is None else jax.tree.map(
-        lambda x: jnp.zeros(x.shape, x.dtype), teacher_out)
-    return network.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False,
-                        teacher_out=sample)
-  return dict(init(jax.random.key(seed)))
-
-
-def teacher_output_shapes(network: Network, variables: Any, image_shape: tuple[int, ...]
-                          ) -> Any:
-  """The shapes and dtypes of `network`'s outputs for one image (nothing is computed)."""
-  return jax.eval_shape(lambda v: network.apply(
-      v, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False), variables)
-
-
-def feature_parameters(backbone: nn.Module, variables: Any, image_shape: tuple[int, ...]
-                       ) -> Any:
-  """True on every backbone parameter that some tap depends on, False on the others (the
-  classifier): RepDistiller's `get_feat_modules`, found by which parameters receive a gradient
-  from a random projection of all the taps (inference mode, two random images)."""
-  images = jax.random.normal(jax.random.key(0), (2,) + tuple(image_shape), jnp.float32)
-
-  def projection(params):
-    _, feats = backbone.apply(dict(variables, params=params), images, train=False)
-    leaves = jax.tree.leaves(feats)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return sum(jnp.sum(f.astype(jnp.float32) * jax.random.normal(k, f.shape))
-               for f, k in zip(leaves, keys))
-
-  grads = jax.jit(jax.grad(projection))(variables["params"])
-  return jax.tree.map(lambda g: bool(jnp.any(g != 0)), grads)
 
 
 def teacher_image_shape(teacher: Teacher, info: data.DatasetInfo) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from jaxkd import loop
+from jaxkd import networks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def mock_cifar100(dataset_config, split):
 
 def random_variables(name: str, num_classes: int = 100) -> Any:
   """Variables of zoo network `name` drawn with numpy (a jitted init costs seconds of compile)."""
-  network = loop.build_network(name, num_classes)
+  network = networks.build_network(name, num_classes)
   shapes = jax.eval_shape(functools.partial(network.init, train=False), jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))
   rng = np.random.RandomState(0)

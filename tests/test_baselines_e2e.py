@@ -17,7 +17,7 @@ import helpers
 
 from configs import default
 from jaxkd import checkpoint
-from jaxkd import loop
+from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import stages
 from jaxkd import steps
@@ -101,8 +101,8 @@ def test_student_preparation_trains_the_features_and_hands_them_on(baselines_run
   assert prep["steps"] == 2 and prep["teacher_sha256"] == student["teacher_sha256"]
   # The student stage starts from the prepared student, recorded by its checksum.
   assert student["backbone_sha256"] == prep["export_sha256"]
-  network = loop.build_network("resnet8", 100)
-  initial = jax.device_get(loop.init_variables(network, (32, 32, 3), config.seed,
+  network = networks.build_network("resnet8", 100)
+  initial = jax.device_get(networks.init_variables(network, (32, 32, 3), config.seed,
                                                parallel.create_mesh()))
   prepared = checkpoint.import_variables(prep["export"], initial)
   # AB's connector is dropped from the export; the classifier keeps its initial values
@@ -201,11 +201,11 @@ def _two_steps(mesh, name, batches):
   """Two training steps of `name` (its bridge included) of resnet8 from a resnet8 teacher."""
   method = get_method(name)
   hparams = method.hparams(ml_collections.ConfigDict(dict(nce_k=4)) if name == "crd" else None)
-  teacher_net = loop.build_network("resnet8", 10)
-  teacher_vars = loop.init_variables(teacher_net, (8, 8, 3), 1, mesh)
+  teacher_net = networks.build_network("resnet8", 10)
+  teacher_vars = networks.init_variables(teacher_net, (8, 8, 3), 1, mesh)
   bridge = method.bridge(16, hparams) if method.bridge else None
-  network = loop.build_network("resnet8", 10).clone(bridge=bridge)
-  variables = loop.init_variables(network, (8, 8, 3), 0, mesh, loop.teacher_output_shapes(
+  network = networks.build_network("resnet8", 10).clone(bridge=bridge)
+  variables = networks.init_variables(network, (8, 8, 3), 0, mesh, networks.teacher_output_shapes(
       teacher_net, teacher_vars, (8, 8, 3)))
   config = default.get_config()
   schedule = learning_rate_schedule(config, 0.05, 1, 2)

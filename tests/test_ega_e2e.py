@@ -19,6 +19,7 @@ from configs import demo
 from jaxkd import checkpoint
 from jaxkd import data
 from jaxkd import loop
+from jaxkd import networks
 from jaxkd import models
 from jaxkd import parallel
 from jaxkd import stages
@@ -118,7 +119,7 @@ def test_pretrain_student_and_linear_probe_stages(ega_run):
   # The teacher EGA reads is the pretrained backbone, without the projection head.
   backbone_file = os.path.join(workdir, "pretrain", loop.BACKBONE_FILE)
   assert student["teacher_sha256"] == checkpoint.file_sha256(backbone_file)
-  pretrained = loop.build_network("resnet8", 10, simclr.projection_heads,
+  pretrained = networks.build_network("resnet8", 10, simclr.projection_heads,
                                    simclr.METHOD.hparams())
   exported = checkpoint.import_variables(pretrain["export"], jax.eval_shape(
       pretrained.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
@@ -219,7 +220,7 @@ def test_crd_comparison_trains_its_memory_and_exports_the_student_alone(ega_run,
     np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
   assert set(states[max(states)]["params"]["bridge"]) == {"embed_s", "embed_t"}
   exported = checkpoint.import_variables(student["export"], jax.eval_shape(
-      lambda: loop.build_network("resnet8", 10, ega.student_heads, ega.METHOD.hparams()).init(
+      lambda: networks.build_network("resnet8", 10, ega.student_heads, ega.METHOD.hparams()).init(
           jax.random.key(0), jnp.zeros((1, 8, 8, 1)))))
   assert "bridge" not in exported["params"] and "bridge" not in exported["batch_stats"]
 

@@ -14,6 +14,7 @@ import pytest
 from jaxkd import checkpoint
 from jaxkd import evaluate
 from jaxkd import loop
+from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import steps
 from jaxkd.errors import UserError
@@ -35,8 +36,8 @@ def exported(tmp_path_factory):
   data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
   path = str(tmp_path_factory.mktemp("evaluate") / "resnet8.msgpack")
   mesh = parallel.create_mesh()
-  network = loop.build_network("resnet8", 10)
-  variables = loop.init_variables(network, (8, 8, 1), seed=3, mesh=mesh)
+  network = networks.build_network("resnet8", 10)
+  variables = networks.init_variables(network, (8, 8, 1), seed=3, mesh=mesh)
   checkpoint.export_variables(path, variables)
   scores = loop.evaluate(network, variables, _config(data_dir), mesh,
                          jax.jit(functools.partial(steps.eval_step, network=network)))

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 import helpers
 
 from jaxkd import checkpoint
-from jaxkd import loop
+from jaxkd import networks
 from jaxkd import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def _run(tmp_path_factory, arg, teacher_checkpoint=""):
 
 def _pretrained_teacher(path):
   """A resnet8 teacher file with random weights, as `jaxkd.import_teacher` writes one."""
-  network = loop.build_network("resnet8", 100)
+  network = networks.build_network("resnet8", 100)
   shapes = jax.eval_shape(network.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   rng = np.random.RandomState(0)
 

@@ -23,7 +23,7 @@ sys.path.insert(0, REPO)
 from configs import demo  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxkd import checkpoint  # noqa: E402
 from jaxkd import distributed  # noqa: E402
-from jaxkd import loop  # noqa: E402
+from jaxkd import networks  # noqa: E402
 from jaxkd import parallel  # noqa: E402
 from jaxkd import steps  # noqa: E402
 from jaxkd.errors import UserError  # noqa: E402
@@ -56,7 +56,7 @@ def sskd_steps(mesh, batches, checkpoint_dir=None):
   method = get_method("sskd")
   hparams = method.hparams()
   # Teacher and student share the architecture here, so one compiled init serves both.
-  network = loop.build_network("resnet8", 10, sskd.ss_module, hparams)
+  network = networks.build_network("resnet8", 10, sskd.ss_module, hparams)
   schedule = learning_rate_schedule(config, 0.1, 1, NUM_STEPS)
   tx = make_optimizer(config, schedule)
   init = jax.jit(lambda seed: network.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1))),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxkd import loop
+from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import steps
 from jaxkd.methods import get_method
@@ -33,7 +33,7 @@ def _batches(views):
 def _init(method_name):
   """Float32 (student, teacher) variables of resnet8 with the method's student heads."""
   method = get_method(method_name)
-  network = loop.build_network("resnet8", 10, method.student_heads, method.hparams())
+  network = networks.build_network("resnet8", 10, method.student_heads, method.hparams())
   init = jax.jit(lambda seed: network.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1))))
   return init(0), init(1)
 
@@ -47,7 +47,7 @@ def _run(method_name, dtype):
   # Teacher and student share architecture and heads here (KD: none; SSKD: the SS module).
   # Variables always come from the float32 network, so both precisions start identical.
   variables, teacher_variables = _init(method_name)
-  student = loop.build_network("resnet8", 10, method.student_heads, hparams, dtype=dtype)
+  student = networks.build_network("resnet8", 10, method.student_heads, hparams, dtype=dtype)
   schedule = learning_rate_schedule(config, 0.1, 1, NUM_STEPS)
   tx = make_optimizer(config, schedule)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],

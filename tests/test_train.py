@@ -20,6 +20,7 @@ from configs import demo
 from jaxkd import checkpoint
 from jaxkd import data
 from jaxkd import loop
+from jaxkd import networks
 from jaxkd import metrics_log
 from jaxkd import parallel
 from jaxkd import steps
@@ -102,13 +103,13 @@ def test_multistep_schedule_and_sgd_match_torch_rules():
 
 def _three_steps(mesh, batches):
   config = demo.get_config()
-  network = loop.build_network("resnet8", 10)
-  teacher_net = loop.build_network("resnet8", 10)
+  network = networks.build_network("resnet8", 10)
+  teacher_net = networks.build_network("resnet8", 10)
   method = get_method("kd")
   schedule = learning_rate_schedule(config, 0.1, 1, 3)
   tx = make_optimizer(config, schedule)
-  variables = loop.init_variables(network, (8, 8, 1), 0, mesh)
-  teacher_vars = loop.init_variables(teacher_net, (8, 8, 1), 1, mesh)
+  variables = networks.init_variables(network, (8, 8, 1), 0, mesh)
+  teacher_vars = networks.init_variables(teacher_net, (8, 8, 1), 1, mesh)
   state = parallel.replicate(TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
@@ -342,7 +343,7 @@ def test_teacher_preparation_stage(demo_run, tmp_path, monkeypatch, frozen):
                                        else ["teacher_toy", "student_toy"])
   prepared = checkpoint.import_variables(
       out[-2]["export"], loop.load_teacher(
-          loop.build_network("resnet20", 10, toy.teacher.heads, toy.hparams()),
+          networks.build_network("resnet20", 10, toy.teacher.heads, toy.hparams()),
           out[-2]["export"], data.get_dataset_info(cfg.dataset),
           parallel.create_mesh()).variables)
   assert set(prepared["params"]) == {"backbone", "heads"}
