@@ -27,6 +27,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from jaxkd import config_checks
 from jaxkd import defaults
 from jaxkd.errors import UserError
 
@@ -40,8 +41,6 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config(),
-                                          "Dataset and evaluation settings.", lock_config=True)
 _MODEL = flags.DEFINE_string("model", None, "Zoo (or registered) network name, e.g. resnet32x4.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "jaxkd variables file (.msgpack) of it.")
 flags.mark_flags_as_required(["model", "checkpoint"])
@@ -120,7 +119,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main evaluates
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   try:
     scores = evaluate_file(_MODEL.value, _CHECKPOINT.value, config, progress=sys.stderr)
   except UserError as e:
@@ -131,5 +130,21 @@ def main(argv):
         f"({scores['count']:,} images): top-1 {scores['top1']:.2f}  top-5 {scores['top5']:.2f}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a mistake in a flag (a wrong type, a field the config does not have, a
+  missing --model) reported in one line and exit status 2, as `jaxkd.main` reports it."""
+  try:
+    config_checks.check_override_paths(default_config(), config_checks.override_paths(argv))
+    # Defined here, after that check: the flag reads its overrides as it is defined.
+    config_flags.DEFINE_config_dict("config", default_config(), "Dataset and evaluation "
+                                    "settings.", lock_config=True, sys_argv=list(argv))
+    return flags.FLAGS(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+  except flags.Error as e:
+    print(f"error: {config_checks.one_line(e)}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

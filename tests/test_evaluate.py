@@ -73,6 +73,21 @@ def test_bad_checkpoint_is_one_line_and_exit_status_2(exported, tmp_path):
   assert "Traceback" not in done.stderr and not done.stdout
 
 
+@pytest.mark.parametrize("args,line", [
+    (["--model=resnet8", "--checkpoint=x", "--config.dataset.nme=digits"],
+     "error: --config.dataset.nme: the config has no field 'dataset.nme'; did you mean "
+     "--config.dataset.name?"),
+    (["--model=resnet8", "--checkpoint=x", "--config.eval_batch_size=abc"],
+     "error: flag --config.eval_batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+    (["--checkpoint=x"], "error: flag --model=None: Flag --model must have a value other than "
+                         "None."),
+])
+def test_flag_mistakes_are_one_line_and_exit_status_2(args, line):
+  done = _run(*args)
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert done.stderr.strip().splitlines()[-1] == line
+
+
 @pytest.mark.parametrize("model,fields,message", [
     ("resnet_nope", {}, "unknown model 'resnet_nope'; valid names: .*resnet8"),
     # resnet14 has two blocks per stage, the file's resnet8 one.
