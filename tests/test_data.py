@@ -268,6 +268,33 @@ def test_train_stream_is_deterministic_and_resumes_exactly(digits_dir):
       np.testing.assert_array_equal(a['label'], b['label'])
 
 
+def _global_batches(config, views_name, batch, process_count, steps, **kwargs):
+  """The first `steps` global batches, each the processes' local batches concatenated."""
+  streams = [pipeline.train_batches(config, views_name, batch, seed=4, process_index=i,
+                                    process_count=process_count, **kwargs)
+             for i in range(process_count)]
+  return [{key: np.concatenate([local[key] for local in locals_])
+           for key in locals_[0]} for locals_ in zip(*(_take(s, steps) for s in streams))]
+
+
+def test_global_batches_do_not_depend_on_the_process_count(digits_dir):
+  """1, 2 and 4 processes read the same global batches, views and negatives included, across
+  an epoch boundary (5 steps per epoch at batch 256) and from a resumed step."""
+  config = _config(data_dir=digits_dir)
+  one = _global_batches(config, 'rotations', 256, 1, 7, num_negatives=3)
+  assert one[0]['image'].shape == (256, 4, 8, 8, 1)
+  for process_count in (2, 4):
+    many = _global_batches(config, 'rotations', 256, process_count, 7, num_negatives=3)
+    for a, b in zip(one, many):
+      assert set(a) == set(b) == {'image', 'label', 'index', 'contrast_index'}
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  resumed = _global_batches(config, 'rotations', 256, 2, 2, start_step=5, num_negatives=3)
+  for a, b in zip(one[5:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['contrast_index'], b['contrast_index'])
+
+
 def _raw_views(monkeypatch):
   """Makes the pipeline emit the raw uint8 image (as float) so examples can be identified."""
   raw = lambda image, key: tf.cast(image, tf.float32)

@@ -1,11 +1,15 @@
 """tf.data input pipelines yielding host-local numpy batches.
 
-Training is an infinite stream that is a pure function of (seed, step): position p of a process's
-stream is example `shuffle_e(p mod n)` of its shard in epoch e = p // n, where n = steps_per_epoch
-* local batch and shuffle_e is a stateless permutation seeded from (seed, e). The shard is held in
-memory (fine for digits and CIFAR) so each position can be computed on its own; resuming at
-`start_step` therefore starts the same stream at position start_step * local batch, with nothing
-to replay.
+Training is one global stream that is a pure function of (seed, step), whatever the number of
+processes: global position p is training example perm_e(p mod N) of epoch e = p // N, where
+N = steps_per_epoch · B (B the global batch; the rest of the training set is left out of that
+epoch) and perm_e is a stateless permutation of the whole training set seeded from (seed, e).
+Global batch s holds positions [s·B, (s+1)·B); process i of P reads its rows, positions
+[s·B + i·B/P, s·B + (i+1)·B/P). An example's augmentation draws from (seed, e, its index in the
+split), never from the process, so 1, 2 or 4 processes see the same global batches. The training
+set is held in memory (fine for digits and CIFAR) so each position can be computed on its own;
+resuming at `start_step` therefore starts the same stream at step start_step, with nothing to
+replay.
 
 A teacher that needs its own input (a CLIP tower at 224 px) gets it from `teacher_input`: each
 batch then also holds 'teacher_image', the teacher's view of the same images, drawn independently
@@ -195,21 +199,23 @@ def train_dataset(dataset_config: ml_collections.ConfigDict, views: str, global_
         f'global batch size {global_batch_size} is larger than the {info.num_train} training '
         f'examples of dataset {info.name!r}')
   if _is_altered(dataset_config):
-    shard = _altered_examples(dataset_config, info, seed, process_index, process_count)
+    examples = _altered_examples(dataset_config, info, seed, 0, 1)
   else:
-    shard = _examples(dataset_config, dataset_config.get('train_split', 'train'), info.num_train,
-                      process_index, process_count)
-  # The whole shard as three tensors, for random access by shuffled position.
-  indices, (images, labels) = shard.batch(info.num_train).get_single_element()
+    examples = _examples(dataset_config, dataset_config.get('train_split', 'train'),
+                         info.num_train, 0, 1)
+  # The whole training set as three tensors, for random access by shuffled position.
+  indices, (images, labels) = examples.batch(info.num_train).get_single_element()
   max_index = tf.cast(tf.shape(indices)[0] - 1, tf.int64)
-  per_epoch = steps * batch  # Never more than the shard size, on every process.
+  per_epoch = steps * global_batch_size  # N: never more than the training set.
   sampler, position_in_set = None, None
   if num_negatives > 0:
     split_indices, set_labels = training_set(dataset_config, info, seed)
     sampler = negatives.OtherClassSampler(set_labels, num_negatives)
     position_in_set = tf.searchsorted(tf.constant(split_indices, tf.int64), indices)
 
-  def element(position):
+  def element(local):
+    # The local-th example this process reads: row local % b of its rows of step local // b.
+    position = (local // batch) * global_batch_size + process_index * batch + local % batch
     epoch = position // per_epoch
     # Example keys fold in indices >= 0, so -1 gives the epoch's shuffle its own key.
     shuffle_key = views_lib.example_key(seed, epoch, -1)
@@ -236,7 +242,9 @@ def train_batches(dataset_config: ml_collections.ConfigDict, views: str, global_
   """Infinite host-local training batches, starting at global step `start_step`.
 
   Yields {'image': float32 [b, H, W, C] (views 'none') or [b, V, H, W, C], 'label': int32 [b]}
-  with b = global_batch_size // process_count; process i reads shard i of process_count.
+  with b = global_batch_size // process_count; process i reads rows [i·b, (i+1)·b) of every
+  global batch (see the module docstring), so the global batches do not depend on
+  process_count.
   With `teacher_input`, also 'teacher_image' [b, S, S, C_t] (views 'none' only). With
   `num_negatives` K > 0, also 'index' int32 [b] (the example's position in the training set)
   and 'contrast_index' int32 [b, K + 1] (see jaxkd.data.negatives).
