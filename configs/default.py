@@ -60,6 +60,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.batch_size = 64        # global, over all devices and hosts
   config.eval_batch_size = 128
   config.half_precision = False
+  # Processes that read and augment the training batches ahead of the steps (grain's
+  # multiprocessing; each makes whole batches). 0: threads of the training process, enough for
+  # CIFAR on a CPU or a small GPU; raise it (about the host's spare cores) when the input is the
+  # bottleneck, e.g. ImageNet's JPEG decoding on GPUs/TPUs (experiments/README.md, input).
+  config.input_workers = 0
   config.log_every_steps = 100
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000

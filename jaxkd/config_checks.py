@@ -189,6 +189,7 @@ FIELD_RANGES = (
     ("eval_every_epochs", COUNT, "1"),
     ("checkpoint_every_steps", COUNT, "1000"),
     ("keep_checkpoints", COUNT, "2"),
+    ("input_workers", Range(0, integer=True), "0"),
     ("optimizer.lr", POSITIVE, "0.05"),
     ("optimizer.momentum", FRACTION_OPEN_HIGH, "0.9"),
     ("optimizer.weight_decay", NON_NEGATIVE, "5e-4"),

@@ -8,9 +8,10 @@ resuming from its last checkpoint, and writes `result.json` last.
 
 import dataclasses
 import functools
+import itertools
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,8 @@ from jaxkd.steps import TeacherHeadStep
 TEACHER_FILE = "teacher.msgpack"
 STUDENT_FILE = "student.msgpack"
 BACKBONE_FILE = "backbone.msgpack"
+# Training batches transferred to the devices ahead of the step that reads them.
+PREFETCH_BATCHES = 2
 NO_CLASSIFIER_NOTE = ("no classifier is trained in this stage, so it has no top-1; its features "
                       "are judged by the stages that use them (e.g. linear_probe)")
 
@@ -157,8 +160,9 @@ def init_teacher_head(head: OnlineTeacherHead, teacher: Teacher,
 def _eval_sums(fn: Callable, variables: Any, config: ml_collections.ConfigDict, views: str,
                mesh: jax.sharding.Mesh) -> dict[str, float]:
   totals: dict[str, float] = {}
+  threads = max(config.get("input_workers", 0), data.pipeline.THREADS)
   for local in data.eval_batches(config.dataset, views, config.eval_batch_size,
-                                 jax.process_index(), jax.process_count()):
+                                 jax.process_index(), jax.process_count(), num_threads=threads):
     sums = jax.device_get(fn(variables, parallel.to_global(local, mesh)))
     for key, value in sums.items():
       totals[key] = totals.get(key, 0.0) + float(value)
@@ -369,18 +373,22 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   progress = Progress(stage.name, total_steps, steps_per_epoch, config.batch_size, start_step)
-  batches = data.train_batches(config.dataset, stage.views, config.batch_size,
-                               seed=config.seed, start_step=start_step,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count(),
-                               teacher_input=teacher.input if teacher else None,
-                               num_negatives=stage.num_negatives)
+  local_batches = data.train_batches(config.dataset, stage.views, config.batch_size,
+                                     seed=config.seed, start_step=start_step,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(),
+                                     teacher_input=teacher.input if teacher else None,
+                                     num_negatives=stage.num_negatives,
+                                     num_workers=config.get("input_workers", 0))
+  # On the devices ahead of the step that reads them; none read past the stage's last step.
+  batches = parallel.prefetch_to_mesh(_take_then_close(local_batches, total_steps - start_step),
+                                      mesh, PREFETCH_BATCHES)
   checkpoint_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   pending: list[dict[str, jax.Array]] = []  # Since the last log line.
   unchecked = divergence.Unchecked(stage.name, mngr)  # Since the last finiteness check.
   eval_every = max(config.eval_every_epochs, 1)
   for step in range(start_step + 1, total_steps + 1):
-    batch = parallel.to_global(next(batches), mesh)
+    batch = next(batches)
     state, metrics = compiled.train(state, teacher_variables, batch)
     pending.append(metrics)
     unchecked.add(step, metrics)
@@ -414,6 +422,16 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
   mngr.wait_until_finished()
   writer.flush()
   return state
+
+
+def _take_then_close(batches: Iterator[Any], num: int) -> Iterator[Any]:
+  """The first `num` of `batches`, which are then closed (input workers stop at once)."""
+  try:
+    yield from itertools.islice(batches, num)
+  finally:
+    close = getattr(batches, "close", None)
+    if close is not None:
+      close()
 
 
 def evaluate_and_record(stage: Stage, compiled: StageSteps, state: TrainState,

@@ -5,9 +5,10 @@ global view every in-batch reduction (BatchNorm statistics, ranking and graph te
 whole global batch, so results do not depend on how many devices share it.
 """
 
+import collections
 import functools
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -48,6 +49,21 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
   sharding = data_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def prefetch_to_mesh(local_batches: Iterator[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]:
+  """`to_global` of each batch, `size` batches ahead of the one yielded.
+
+  Transfers are asynchronous: the next batches are on their way to the devices while the step
+  that reads the current one runs (flax's prefetch_to_device, for global arrays).
+  """
+  queue = collections.deque()
+  for local in local_batches:
+    queue.append(to_global(local, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from jaxkd import networks
+from jaxkd.data import records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,17 +37,19 @@ def set_fields(config: ml_collections.ConfigDict,
   return config
 
 
-def mock_cifar100(dataset_config, split):
-  """Random CIFAR-100-shaped examples (uint8 32x32x3, labels < 100), fixed per split.
+def mock_cifar100(dataset_config, split, num_examples=-1):
+  """Random CIFAR-100-shaped examples (uint8 32x32x3, labels < 100), fixed per split, read by
+  index (its first `num_examples` when > 0).
 
-  Stands in for `sources.load_split`: tfds.testing.mock_data swaps the file system for every
-  `as_dataset` call, which would race orbax's background checkpoint writes.
+  Stands in for `sources.data_source`: tfds.testing.mock_data swaps the file system while it is
+  active, which would race orbax's background checkpoint writes.
   """
   assert dataset_config.name == "cifar100"
   rng = np.random.RandomState(0 if split == "train" else 1)
   images = rng.randint(0, 256, size=(32, 32, 32, 3)).astype(np.uint8)
   labels = rng.randint(0, 100, size=32).astype(np.int32)
-  return tf.data.Dataset.from_tensor_slices((images, labels))
+  source = records.InMemory(images, labels)
+  return records.Head(source, num_examples) if num_examples > 0 else source
 
 
 def random_variables(name: str, num_classes: int = 100) -> Any:

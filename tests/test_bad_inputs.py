@@ -108,6 +108,8 @@ CASES = {
     "checkpoint_every_negative": Case(("--config.checkpoint_every_steps=-5",),
                                       "checkpoint_every_steps is -5"),
     "eval_every_zero": Case(("--config.eval_every_epochs=0",), "eval_every_epochs is 0"),
+    "input_workers_negative": Case(("--config.input_workers=-1",),
+                                   "input_workers is -1; it must be an integer >= 0"),
     # Schedule.
     "milestones_decreasing": Case(("--config.schedule.milestones=(11, 9)",),
                                   "schedule.milestones is (11, 9); it must be a tuple of "

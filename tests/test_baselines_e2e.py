@@ -61,7 +61,7 @@ def baselines_run(tmp_path_factory):
   config = _config(root)
   workdir = str(root / "run")
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sources, "load_split", helpers.mock_cifar100)
+    patch.setattr(sources, "data_source", helpers.mock_cifar100)
     results = train.train_and_evaluate(config, workdir)
   return config, workdir, {r["stage"]: r for r in results}, [r["stage"] for r in results]
 
@@ -129,7 +129,7 @@ def test_ft_trains_the_paraphraser_on_the_frozen_teacher(baselines_run):
 def test_rerun_skips_every_finished_stage(baselines_run, capsys):
   config, workdir, _, _ = baselines_run
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sources, "load_split", helpers.mock_cifar100)
+    patch.setattr(sources, "data_source", helpers.mock_cifar100)
     train.train_and_evaluate(config, workdir)
   out = capsys.readouterr().out
   assert out.count("already done") == len(STAGES) - 1  # the imported teacher is not a stage
@@ -186,7 +186,7 @@ def test_kdsvd_runs_on_one_cpu_device_and_is_refused_on_four(tmp_path):
   assert os.listdir(tmp_path / "four") == []
   create_mesh = parallel.create_mesh
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sources, "load_split", helpers.mock_cifar100)
+    patch.setattr(sources, "data_source", helpers.mock_cifar100)
     patch.setattr(parallel, "create_mesh", lambda: create_mesh(jax.devices()[:1]))
     results = train.train_and_evaluate(config, str(tmp_path / "one"))
   assert [r["stage"] for r in results] == ["teacher", "student_kdsvd"]

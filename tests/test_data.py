@@ -1,4 +1,4 @@
-"""Tests of jaxkd.data: the embedded digits, the views and the tf.data pipelines."""
+"""Tests of jaxkd.data: the embedded digits, the views and the pipelines."""
 
 import dataclasses
 import importlib
@@ -8,7 +8,6 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxkd import errors
@@ -34,12 +33,19 @@ def digits_dir(tmp_path_factory):
   return data_dir
 
 
+def _read_all(builder, split):
+  """{'image': [N, ...], 'label': [N]} of a split, read by index."""
+  records = builder.as_data_source(split=split)
+  return {key: np.stack([record[key] for record in records]) for key in ('image', 'label')}
+
+
 # Digits
 
 def test_digits_builds_offline_with_fixed_split(digits_dir):
   builder = tfds.builder('sklearn_digits', data_dir=str(digits_dir))
   assert builder.is_prepared()
-  assert str(builder.version) == '1.0.0'
+  assert str(builder.version) == '1.1.0'
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
   assert builder.info.features['label'].num_classes == 10
   assert builder.info.splits['train'].num_examples == 1437
   assert builder.info.splits['test'].num_examples == 360
@@ -47,7 +53,7 @@ def test_digits_builds_offline_with_fixed_split(digits_dir):
   raw = load_digits()
   perm = np.random.RandomState(0).permutation(1797)
   for split, idx in (('train', perm[:1437]), ('test', perm[1437:])):
-    stored = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    stored = _read_all(builder, split)
     assert stored['image'].shape == (len(idx), 8, 8, 1)
     assert stored['image'].dtype == np.uint8
     expected = np.round(raw.images[idx] * 255 / 16).astype(np.uint8)[..., None]
@@ -138,17 +144,11 @@ def _explain(view, image, padding, rotation=0):
   return matches
 
 
-def test_tf_rot90_matches_np_rot90():
-  image = _distinct_image()
-  for k in range(4):
-    np.testing.assert_array_equal(tf.image.rot90(image, k).numpy(), np.rot90(image, k))
-
-
 def test_rotations_without_padding_are_ccw_rotations_of_one_flipped_image():
   info, image = _test_info(padding=0), _distinct_image()
   seen_flips = set()
   for i in range(16):
-    out = views.train_views('rotations', image, views.example_key(7, 0, i), info).numpy()
+    out = views.train_views('rotations', image, views.example_key(7, 0, i), info)
     assert out.shape == (4, 6, 6, 3) and out.dtype == np.float32
     flipped = not np.allclose(out[0], image, atol=1e-3)
     source = image[:, ::-1] if flipped else image
@@ -162,7 +162,7 @@ def test_rotations_share_the_flip_and_crop_each_view_independently():
   info, image = _test_info(padding=2), _distinct_image()
   exact_rotations, flips = 0, set()
   for i in range(24):
-    out = views.train_views('rotations', image, views.example_key(3, 1, i), info).numpy()
+    out = views.train_views('rotations', image, views.example_key(3, 1, i), info)
     explained = [_explain(out[k], image, 2, rotation=k) for k in range(4)]
     assert all(len(m) == 1 for m in explained), explained  # Each view is one exact crop.
     view_flips = {m[0][0] for m in explained}
@@ -179,7 +179,7 @@ def test_rotations_of_crop_rotate_one_crop():
   info, image = _test_info(padding=2), _distinct_image()
   uncropped = 0
   for i in range(12):
-    out = views.train_views('rotations_of_crop', image, views.example_key(3, 1, i), info).numpy()
+    out = views.train_views('rotations_of_crop', image, views.example_key(3, 1, i), info)
     assert out.shape == (4, 6, 6, 3)
     assert len(_explain(out[0], image, 2, rotation=0)) == 1
     for k in range(4):
@@ -191,7 +191,7 @@ def test_rotations_of_crop_rotate_one_crop():
 
 def test_rotations_eval_has_no_crop_or_flip():
   info, image = _test_info(), _distinct_image()
-  out = views.eval_views('rotations', image, info).numpy()
+  out = views.eval_views('rotations', image, info)
   for k in range(4):
     np.testing.assert_allclose(out[k], np.rot90(image, k), atol=1e-3)
 
@@ -200,30 +200,30 @@ def test_two_crops_are_independent_augmentations():
   info, image = _test_info(padding=2), _distinct_image()
   differ, flips_differ = 0, 0
   for i in range(24):
-    out = views.train_views('two_crops', image, views.example_key(5, 2, i), info).numpy()
+    out = views.train_views('two_crops', image, views.example_key(5, 2, i), info)
     assert out.shape == (2, 6, 6, 3)
     explained = [_explain(out[v], image, 2) for v in range(2)]
     assert all(len(m) == 1 for m in explained)
     differ += explained[0] != explained[1]
     flips_differ += explained[0][0][0] != explained[1][0][0]
   assert differ >= 20 and flips_differ > 0
-  np.testing.assert_allclose(views.eval_views('two_crops', image, info).numpy(),
+  np.testing.assert_allclose(views.eval_views('two_crops', image, info),
                              np.stack([image, image]), atol=1e-3)
 
 
 def test_none_view_and_normalisation():
   info, image = _test_info(padding=1, flip=False), _distinct_image()
-  out = views.train_views('none', image, views.example_key(0, 0, 0), info).numpy()
+  out = views.train_views('none', image, views.example_key(0, 0, 0), info)
   assert out.shape == (6, 6, 3)
   assert [m[0] for m in _explain(out, image, 1)] == [False]
   info = dataclasses.replace(info, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
-  out = views.eval_views('none', image, info).numpy()
+  out = views.eval_views('none', image, info)
   np.testing.assert_allclose(out, (image / 255 - [0.5, 0.25, 0.0]) / [0.5, 0.25, 2.0], atol=1e-6)
 
 
 def test_views_depend_only_on_the_key():
   info, image = _test_info(), _distinct_image()
-  a, b, c = (views.train_views('rotations', image, views.example_key(*k), info).numpy()
+  a, b, c = (views.train_views('rotations', image, views.example_key(*k), info)
              for k in ((1, 2, 3), (1, 2, 3), (1, 3, 3)))
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
@@ -268,17 +268,47 @@ def test_train_stream_is_deterministic_and_resumes_exactly(digits_dir):
       np.testing.assert_array_equal(a['label'], b['label'])
 
 
+def _global_batches(config, views_name, batch, process_count, steps, **kwargs):
+  """The first `steps` global batches, each the processes' local batches concatenated."""
+  streams = [pipeline.train_batches(config, views_name, batch, seed=4, process_index=i,
+                                    process_count=process_count, **kwargs)
+             for i in range(process_count)]
+  return [{key: np.concatenate([local[key] for local in locals_])
+           for key in locals_[0]} for locals_ in zip(*(_take(s, steps) for s in streams))]
+
+
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_global_batches_do_not_depend_on_the_process_count(digits_dir, monkeypatch, in_memory):
+  """1, 2 and 4 processes read the same global batches, views and negatives included, across
+  an epoch boundary (5 steps per epoch at batch 256) and from a resumed step; with the training
+  split in memory and read from its files."""
+  if not in_memory:
+    monkeypatch.setattr(pipeline, 'IN_MEMORY_BYTES', 0)
+  config = _config(data_dir=digits_dir)
+  one = _global_batches(config, 'rotations', 256, 1, 7, num_negatives=3)
+  assert one[0]['image'].shape == (256, 4, 8, 8, 1)
+  for process_count in (2, 4):
+    many = _global_batches(config, 'rotations', 256, process_count, 7, num_negatives=3)
+    for a, b in zip(one, many):
+      assert set(a) == set(b) == {'image', 'label', 'index', 'contrast_index'}
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  resumed = _global_batches(config, 'rotations', 256, 2, 2, start_step=5, num_negatives=3)
+  for a, b in zip(one[5:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['contrast_index'], b['contrast_index'])
+
+
 def _raw_views(monkeypatch):
   """Makes the pipeline emit the raw uint8 image (as float) so examples can be identified."""
-  raw = lambda image, key: tf.cast(image, tf.float32)
+  raw = lambda image, key: np.asarray(image, np.float32)
   monkeypatch.setattr(views, 'make_views_fn', lambda name, info, train: raw)
 
 
-def test_each_epoch_is_a_fresh_permutation_of_each_shard(digits_dir, monkeypatch):
+def test_each_epoch_is_a_fresh_permutation_read_in_disjoint_rows(digits_dir, monkeypatch):
   _raw_views(monkeypatch)
   config = _config(data_dir=digits_dir)
-  train = tfds.as_numpy(tfds.builder('sklearn_digits', data_dir=str(digits_dir)).as_dataset(
-      split='train', batch_size=-1))
+  train = _read_all(tfds.builder('sklearn_digits', data_dir=str(digits_dir)), 'train')
   all_examples = {ex.tobytes() for ex in train['image']}
   assert len(all_examples) == 1437  # No duplicate images, so images identify examples.
   epochs = {}
@@ -292,15 +322,14 @@ def test_each_epoch_is_a_fresh_permutation_of_each_shard(digits_dir, monkeypatch
       assert len(set(epoch_images)) == 640
       assert set(epoch_images) <= all_examples
       epochs[process, epoch] = epoch_images
-  assert not set(epochs[0, 0]) & set(epochs[1, 0])  # The processes read disjoint shards.
+  assert not set(epochs[0, 0]) & set(epochs[1, 0])  # The processes read disjoint rows.
   assert epochs[0, 0] != epochs[0, 1]  # Reshuffled every epoch.
 
 
 def test_eval_batches_count_every_example_once(digits_dir, monkeypatch):
   _raw_views(monkeypatch)
   config = _config(data_dir=digits_dir)
-  test = tfds.as_numpy(tfds.builder('sklearn_digits', data_dir=str(digits_dir)).as_dataset(
-      split='test', batch_size=-1))
+  test = _read_all(tfds.builder('sklearn_digits', data_dir=str(digits_dir)), 'test')
   expected = sorted(zip((x.tobytes() for x in test['image']), test['label'].tolist()))
   for process_count in (1, 3):
     seen, num_batches = [], set()

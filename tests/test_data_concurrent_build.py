@@ -94,7 +94,7 @@ def test_concurrent_builders_all_read_the_whole_dataset(tmp_path):
   # The others waited for the first build instead of building again.
   assert sum(out.splitlines().count("building") for out, _ in outputs) == 1
   # One finished dataset is left, no temporary folder beside it.
-  assert sorted(os.listdir(data_dir / digits.TFDS_NAME)) == ["1.0.0"]
+  assert sorted(os.listdir(data_dir / digits.TFDS_NAME)) == ["1.1.0"]
 
 
 def test_a_build_finished_elsewhere_meanwhile_is_read_with_its_split_sizes(tmp_path,

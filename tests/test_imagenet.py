@@ -23,8 +23,8 @@ def _config(data_dir, **overrides):
   return config
 
 
-def _jpeg(image: np.ndarray) -> tf.Tensor:
-  return tf.io.encode_jpeg(tf.constant(image, tf.uint8), quality=100)
+def _jpeg(image: np.ndarray) -> bytes:
+  return tf.io.encode_jpeg(tf.constant(image, tf.uint8), quality=100).numpy()
 
 
 def test_registry_entry(tmp_path):
@@ -53,7 +53,7 @@ def test_unprepared_imagenet_raises_one_clear_error_quickly(tmp_path):
 def test_random_resized_crop_windows_follow_torchvision():
   height, width = 300, 400
   windows = np.stack([
-      imagenet.random_resized_crop_window(tf.constant([i, 7], tf.int64), height, width).numpy()
+      imagenet.random_resized_crop_window((i, 7), height, width)
       for i in range(200)])
   top, left, h, w = windows.T
   assert np.all((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width))
@@ -63,17 +63,17 @@ def test_random_resized_crop_windows_follow_torchvision():
   aspect = w / h
   assert aspect.min() > 0.74 and aspect.max() < 1.36
   assert len({tuple(x) for x in windows}) == 200  # Every key gives its own window.
-  again = imagenet.random_resized_crop_window(tf.constant([3, 7], tf.int64), height, width)
+  again = imagenet.random_resized_crop_window((3, 7), height, width)
   np.testing.assert_array_equal(again, windows[3])
 
 
 def test_random_resized_crop_falls_back_to_a_clamped_center_crop():
   # 10 x 1000: no window of >= 8% of the area and aspect <= 4/3 fits in 10 rows, so torchvision
   # takes h = 10, w = round(10 * 4/3) = 13, centered: left = (1000 - 13) // 2 = 493.
-  window = imagenet.random_resized_crop_window(tf.constant([0, 0], tf.int64), 10, 1000)
+  window = imagenet.random_resized_crop_window((0, 0), 10, 1000)
   np.testing.assert_array_equal(window, [0, 493, 10, 13])
   # 1000 x 10: w = 10, h = round(10 / (3/4)) = 13, top = (1000 - 13) // 2 = 493.
-  window = imagenet.random_resized_crop_window(tf.constant([0, 0], tf.int64), 1000, 10)
+  window = imagenet.random_resized_crop_window((0, 0), 1000, 10)
   np.testing.assert_array_equal(window, [493, 0, 13, 10])
 
 
@@ -89,7 +89,7 @@ def test_resize_and_center_crop_geometry():
 def test_eval_view_of_a_flat_image_is_the_normalised_color():
   info = sources._registry_entry('imagenet2012')
   color = np.array([200, 100, 50], np.uint8)
-  view = imagenet.eval_views('none', _jpeg(np.broadcast_to(color, (300, 400, 3))), info).numpy()
+  view = imagenet.eval_views('none', _jpeg(np.broadcast_to(color, (300, 400, 3))), info)
   assert view.shape == (224, 224, 3)
   want = (color / 255.0 - np.array(info.mean)) / np.array(info.std)
   np.testing.assert_allclose(view, np.broadcast_to(want, view.shape), atol=0.03)
@@ -99,17 +99,17 @@ def test_train_views_depend_only_on_the_key_and_rotations_share_the_crop():
   info = sources._registry_entry('imagenet2012')
   rng = np.random.RandomState(0)
   jpeg = _jpeg(rng.randint(0, 256, (120, 160, 3)))
-  key = tf.constant([5, 9], tf.int64)
-  one = imagenet.train_views('none', jpeg, key, info).numpy()
-  np.testing.assert_array_equal(one, imagenet.train_views('none', jpeg, key, info).numpy())
-  other = imagenet.train_views('none', jpeg, tf.constant([6, 9], tf.int64), info).numpy()
+  key = (5, 9)
+  one = imagenet.train_views('none', jpeg, key, info)
+  np.testing.assert_array_equal(one, imagenet.train_views('none', jpeg, key, info))
+  other = imagenet.train_views('none', jpeg, (6, 9), info)
   assert not np.array_equal(one, other)
-  rotated = imagenet.train_views('rotations', jpeg, key, info).numpy()
+  rotated = imagenet.train_views('rotations', jpeg, key, info)
   assert rotated.shape == (4, 224, 224, 3)
   np.testing.assert_array_equal(rotated[0], one)
   for k in range(1, 4):
     np.testing.assert_array_equal(rotated[k], np.rot90(one, k))
-  two = imagenet.train_views('two_crops', jpeg, key, info).numpy()
+  two = imagenet.train_views('two_crops', jpeg, key, info)
   assert two.shape == (2, 224, 224, 3) and not np.array_equal(two[0], two[1])
 
 

@@ -204,11 +204,11 @@ def test_tfds_source_on_prepared_digits(tmp_path):
   assert os.path.isfile(tmp_path / "work" / sources.STATS_FILE)
 
 
-def _store(data_dir, name, features, examples):
+def _store(data_dir, name, features, examples, file_format="array_record"):
   tfds.dataset_builders.store_as_tfds_dataset(
       name=name, version="1.0.0", features=tfds.features.FeaturesDict(features),
       split_datasets={"train": list(enumerate(examples)), "test": list(enumerate(examples))},
-      data_dir=str(data_dir))
+      data_dir=str(data_dir), file_format=file_format)
 
 
 def test_tfds_images_of_variable_size_need_image_size(tmp_path):
@@ -225,6 +225,22 @@ def test_tfds_images_of_variable_size_need_image_size(tmp_path):
   assert (info.image_shape, info.num_classes, info.num_train) == ((6, 6, 3), 2, 4)
   images = [image for image, _ in sources.load_split(config, "train").as_numpy_iterator()]
   assert all(image.shape == (6, 6, 3) for image in images)
+
+
+def test_tfds_prepared_as_tfrecord_only_names_the_command(tmp_path):
+  examples = [{"image": np.full((4, 4, 3), i, np.uint8), "label": i % 2} for i in range(4)]
+  _store(tmp_path, "own_tfrecord", {"image": tfds.features.Image(shape=(4, 4, 3)),
+                                    "label": tfds.features.ClassLabel(num_classes=2)},
+         examples, file_format="tfrecord")
+  config = _dataset_config("tfds:own_tfrecord", data_dir=str(tmp_path),
+                           mean=(0.5,) * 3, std=(0.2,) * 3)
+  assert sources.get_dataset_info(config).num_train == 4  # Its metadata reads.
+  for call in (lambda: sources.data_source(config, "train"),
+               lambda: pipeline.train_batches(config, "none", 2, seed=0)):
+    with pytest.raises(UserError, match=r"prepared in .*own_tfrecord/1.0.0 as tfrecord files.*"
+                                        r"`tfds build own_tfrecord --file_format=array_record "
+                                        r"--data_dir DIR`"):
+      call()
 
 
 def test_tfds_errors(tmp_path):

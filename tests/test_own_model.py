@@ -59,7 +59,7 @@ def _config(tmp_path, method, baselines=""):
 def test_a_registered_network_is_distilled_with_kd_sskd_and_at(tmp_path):
   config = _config(tmp_path, "kd", "sskd,at")
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sources, "load_split", helpers.mock_cifar100)
+    patch.setattr(sources, "data_source", helpers.mock_cifar100)
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
   stages = {r["stage"]: r for r in results}
   assert set(stages) == {"teacher", "student_kd", "teacher_sskd", "student_sskd", "student_at"}

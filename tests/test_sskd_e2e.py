@@ -80,7 +80,7 @@ def sskd_run(tmp_path_factory):
   checkpoint.export_variables(config.teacher.checkpoint, helpers.random_variables("resnet32x4"))
   workdir = str(tmp_path_factory.mktemp("sskd"))
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sources, "load_split", helpers.mock_cifar100)
+    patch.setattr(sources, "data_source", helpers.mock_cifar100)
     results = train.train_and_evaluate(config, workdir)
   return config, workdir, results
 

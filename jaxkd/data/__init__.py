@@ -1,16 +1,35 @@
-"""Datasets, per-example views and the tf.data input pipeline."""
+"""Datasets read by index, per-example views and the grain input pipeline.
 
-from jaxkd.data.digits import SklearnDigits
-from jaxkd.data.pipeline import eval_batches
-from jaxkd.data.pipeline import eval_dataset
-from jaxkd.data.pipeline import num_eval_steps
-from jaxkd.data.pipeline import steps_per_epoch
-from jaxkd.data.pipeline import train_batches
-from jaxkd.data.pipeline import train_dataset
-from jaxkd.data.sources import DATASET_NAMES
-from jaxkd.data.sources import DatasetInfo
-from jaxkd.data.sources import get_builder
-from jaxkd.data.sources import get_dataset_info
-from jaxkd.data.views import VIEWS
-from jaxkd.data.views import num_views
-from jaxkd.data.views import view_shape
+The names below are imported on first use, so that importing one module of this package (an
+input worker unpickling its batch function) does not import the others (TensorFlow, the models).
+"""
+
+import importlib
+
+_EXPORTS = {
+    'SklearnDigits': 'jaxkd.data.digits',
+    'eval_batches': 'jaxkd.data.pipeline',
+    'num_eval_steps': 'jaxkd.data.pipeline',
+    'steps_per_epoch': 'jaxkd.data.pipeline',
+    'train_batches': 'jaxkd.data.pipeline',
+    'DATASET_NAMES': 'jaxkd.data.sources',
+    'DatasetInfo': 'jaxkd.data.info',
+    'get_builder': 'jaxkd.data.sources',
+    'get_dataset_info': 'jaxkd.data.sources',
+    'VIEWS': 'jaxkd.data.views',
+    'num_views': 'jaxkd.data.views',
+    'view_shape': 'jaxkd.data.views',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  else:
+    try:  # A submodule, e.g. jaxkd.data.pipeline.
+      value = importlib.import_module(f'{__name__}.{name}')
+    except ModuleNotFoundError:
+      raise AttributeError(f'module {__name__!r} has no attribute {name!r}') from None
+  globals()[name] = value
+  return value

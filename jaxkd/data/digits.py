@@ -6,7 +6,8 @@ default small dataset: real enough to learn on, small enough for tests and CPU s
 
 Importing this module registers the builder under the tfds name `sklearn_digits`;
 `prepared_builder(data_dir)` builds it on first use (`jaxkd.data.sources` calls it), also when
-several processes sharing one data_dir get there at once.
+several processes sharing one data_dir get there at once. It is written as ArrayRecord files, which
+the pipeline reads by index, like every other dataset.
 """
 
 import contextlib
@@ -25,6 +26,8 @@ NUM_TEST = NUM_EXAMPLES - NUM_TRAIN
 # `np.random.RandomState(SPLIT_SEED).permutation(1797)` are train, the rest test. RandomState
 # (not Generator) because NumPy keeps its streams stable across versions.
 SPLIT_SEED = 0
+# Random access, as the pipeline reads every dataset.
+FILE_FORMAT = 'array_record'
 
 
 def digit_images_and_labels() -> tuple[np.ndarray, np.ndarray]:
@@ -58,8 +61,12 @@ with (tfds.core.registered.skip_registration() if _is_registered()
   class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     """UCI ML hand-written digits (8x8, 10 classes) from scikit-learn, fixed 1437/360 split."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'First release: fixed permutation split with seed 0.'}
+    VERSION = tfds.core.Version('1.1.0')
+    RELEASE_NOTES = {
+        '1.0.0': 'First release: fixed permutation split with seed 0.',
+        # A new version, so that a data_dir holding the TFRecord build gets this one beside it.
+        '1.1.0': 'The same examples, stored as ArrayRecord (read by index).',
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
       return tfds.core.DatasetInfo(
@@ -108,10 +115,10 @@ def prepared_builder(data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   also where no lock can be had (a bucket) and two builds race: the loser's rename fails and it
   reads the winner's.
   """
-  builder = tfds.builder(TFDS_NAME, data_dir=data_dir)
+  builder = tfds.builder(TFDS_NAME, data_dir=data_dir, file_format=FILE_FORMAT)
   if not builder.is_prepared():
     with _build_lock(builder.data_dir_root):
-      builder = tfds.builder(TFDS_NAME, data_dir=data_dir)
+      builder = tfds.builder(TFDS_NAME, data_dir=data_dir, file_format=FILE_FORMAT)
       if not builder.is_prepared():
         try:
           builder.download_and_prepare(

@@ -1,28 +1,33 @@
-"""ImageNet views: torchvision's standard recipe, as pure TensorFlow functions of (JPEG, key).
+"""ImageNet views: torchvision's standard recipe, as pure functions of (JPEG bytes, key).
 
   train: RandomResizedCrop(224) (scale 0.08-1, aspect 3/4-4/3, 10 tries, then a center crop of
          the clamped aspect), horizontal flip, normalise with the ImageNet mean / std;
   eval:  Resize(256) of the shorter side, CenterCrop(224), normalise.
 
 The crop window is drawn exactly as torchvision's `RandomResizedCrop.get_params` draws it, with
-stateless random numbers from the example's key; the JPEG is decoded only inside that window. The
-resize is bilinear with antialiasing (PIL's behaviour). View sets, as in `jaxkd.data.views`:
+random numbers from the example's key (jaxkd.data.keys). Decoding and resizing are PIL's, as in
+torchvision: the JPEG is decoded, the window resized to 224 x 224 with PIL's bilinear filter
+(antialiased when it shrinks) on 8-bit pixels. View sets, as in `jaxkd.data.views`:
   `none`       one view                                        -> [224, 224, 3]
   `rotations`  one crop + flip, then its rotations by k*90 degrees (HSAKD's ImageNet batches,
                which rotate the augmented tensor)                -> [4, 224, 224, 3]
   `two_crops`  two independent crop + flip views                 -> [2, 224, 224, 3]
-Images reach these functions still encoded: `sources.load_split` asks tfds not to decode the
-datasets whose `DatasetInfo.transform` is 'inception_crop', so a shard kept in memory holds JPEG
-bytes (about 110 KB per image) rather than decoded pixels.
+Images reach these functions still encoded: the data source leaves the images of datasets whose
+`DatasetInfo.transform` is 'inception_crop' undecoded (jaxkd.data.sources), so each is decoded
+once, where its views are made.
 """
 
+import functools
+import io
 import math
 from typing import Callable
 
-import tensorflow as tf
+import numpy as np
+from PIL import Image
 
+from jaxkd.data import keys
 from jaxkd.data import views as views_lib
-from jaxkd.data.sources import DatasetInfo
+from jaxkd.data.info import DatasetInfo
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -31,15 +36,10 @@ RESIZE = 256
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 ATTEMPTS = 10
-_ALG = 'philox'
 
 
-def _split(key: tf.Tensor, num: int) -> list[tf.Tensor]:
-  return tf.unstack(tf.random.experimental.stateless_split(key, num, alg=_ALG))
-
-
-def random_resized_crop_window(key: tf.Tensor, height, width, scale=SCALE,
-                               ratio=RATIO) -> tf.Tensor:
+def random_resized_crop_window(key: keys.Key, height: int, width: int, scale=SCALE,
+                               ratio=RATIO) -> np.ndarray:
   """(top, left, h, w) int32 of torchvision's RandomResizedCrop for an image of height x width.
 
   Try ATTEMPTS times: area a ~ U(scale) * H * W, aspect r = exp(U(log ratio)),
@@ -47,110 +47,98 @@ def random_resized_crop_window(key: tf.Tensor, height, width, scale=SCALE,
   wins, at top ~ U{0..H-h}, left ~ U{0..W-w}. If none fits: the largest centered window whose
   aspect is W/H clamped to `ratio`.
   """
-  height = tf.cast(height, tf.float32)
-  width = tf.cast(width, tf.float32)
-  area_key, ratio_key, top_key, left_key = _split(key, 4)
-  area = height * width * tf.random.stateless_uniform(
-      [ATTEMPTS], area_key, minval=scale[0], maxval=scale[1], alg=_ALG)
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [ATTEMPTS], ratio_key, minval=math.log(ratio[0]), maxval=math.log(ratio[1]), alg=_ALG))
-  # tf.round rounds half to even, like Python's round() in torchvision.
-  w = tf.round(tf.sqrt(area * aspect))
-  h = tf.round(tf.sqrt(area / aspect))
-  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  first = tf.argmax(tf.cast(fits, tf.int32))  # 0 when none fits; then `fits[first]` is False
-  h_try, w_try = h[first], w[first]
-  top_u = tf.random.stateless_uniform([ATTEMPTS], top_key, alg=_ALG)[first]
-  left_u = tf.random.stateless_uniform([ATTEMPTS], left_key, alg=_ALG)[first]
-  top_try = tf.floor(top_u * (height - h_try + 1))
-  left_try = tf.floor(left_u * (width - w_try + 1))
-
+  rng = keys.rng(key)
+  area = height * width * rng.uniform(scale[0], scale[1], ATTEMPTS)
+  aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), ATTEMPTS))
+  top_u, left_u = rng.random(ATTEMPTS), rng.random(ATTEMPTS)
+  # np.round rounds half to even, like Python's round() in torchvision.
+  w = np.round(np.sqrt(area * aspect))
+  h = np.round(np.sqrt(area / aspect))
+  fits = np.flatnonzero((w > 0) & (w <= width) & (h > 0) & (h <= height))
+  if len(fits):
+    i = fits[0]
+    top = math.floor(top_u[i] * (height - h[i] + 1))
+    left = math.floor(left_u[i] * (width - w[i] + 1))
+    return np.array([top, left, h[i], w[i]], np.int32)
   in_ratio = width / height
-  h_fb = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
-  w_fb = tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
-  top_fb = tf.floor((height - h_fb) / 2)
-  left_fb = tf.floor((width - w_fb) / 2)
-
-  found = fits[first]
-  window = tf.where(found, tf.stack([top_try, left_try, h_try, w_try]),
-                    tf.stack([top_fb, left_fb, h_fb, w_fb]))
-  return tf.cast(window, tf.int32)
+  h_fb = round(width / ratio[0]) if in_ratio < ratio[0] else height
+  w_fb = round(height * ratio[1]) if in_ratio > ratio[1] else width
+  return np.array([(height - h_fb) // 2, (width - w_fb) // 2, h_fb, w_fb], np.int32)
 
 
-def resize_shorter_side(height, width, size: int = RESIZE) -> tf.Tensor:
+def resize_shorter_side(height: int, width: int, size: int = RESIZE) -> np.ndarray:
   """(new_h, new_w) int32 of torchvision's Resize(size): shorter side -> size, the other
   int(size * long / short) (truncated)."""
-  height = tf.cast(height, tf.float32)
-  width = tf.cast(width, tf.float32)
-  short, long = tf.minimum(height, width), tf.maximum(height, width)
-  other = tf.floor(size * long / short)
-  return tf.cast(tf.where(height <= width, tf.stack([float(size), other]),
-                          tf.stack([other, float(size)])), tf.int32)
+  short, long = min(height, width), max(height, width)
+  other = int(size * long / short)
+  return np.array([size, other] if height <= width else [other, size], np.int32)
 
 
-def center_crop_offsets(height, width, size: int = CROP) -> tf.Tensor:
+def center_crop_offsets(height: int, width: int, size: int = CROP) -> np.ndarray:
   """(top, left) int32 of torchvision's CenterCrop(size): round((H - size) / 2), half to even."""
-  height = tf.cast(height, tf.float32)
-  width = tf.cast(width, tf.float32)
-  return tf.cast(tf.round(tf.stack([(height - size) / 2, (width - size) / 2])), tf.int32)
+  return np.round(np.array([(height - size) / 2, (width - size) / 2])).astype(np.int32)
 
 
-def _resize(image: tf.Tensor, size) -> tf.Tensor:
-  return tf.image.resize(image, size, method='bilinear', antialias=True)
+def decode(jpeg: bytes) -> Image.Image:
+  """The encoded image (JPEG, or any format PIL reads) as an RGB PIL image."""
+  image = Image.open(io.BytesIO(jpeg))
+  return image if image.mode == 'RGB' else image.convert('RGB')
 
 
-def _train_crop(jpeg: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-  """Random-resized crop + flip of one JPEG, float32 in [0, 1], [224, 224, 3]."""
-  crop_key, flip_key = _split(key, 2)
-  shape = tf.image.extract_jpeg_shape(jpeg)
-  window = random_resized_crop_window(crop_key, shape[0], shape[1])
-  image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-  image = _resize(views_lib.to_unit(image), [CROP, CROP])
-  image = tf.clip_by_value(image, 0.0, 1.0)  # Antialiased bilinear can overshoot slightly.
-  image = views_lib.random_flip(image, flip_key)
-  return tf.ensure_shape(image, [CROP, CROP, 3])
+def _train_crop(image: Image.Image, key: keys.Key) -> np.ndarray:
+  """Random-resized crop + flip of one decoded image: uint8 [224, 224, 3]."""
+  crop_key, flip_key = keys.split(key, 2)
+  top, left, h, w = (int(v) for v in random_resized_crop_window(crop_key, image.height,
+                                                                 image.width))
+  crop = np.asarray(image.resize((CROP, CROP), Image.BILINEAR,
+                                 box=(left, top, left + w, top + h)))
+  return views_lib.random_flip(crop, keys.rng(flip_key))
 
 
-def _eval_crop(jpeg: tf.Tensor) -> tf.Tensor:
-  """Resize(256) + CenterCrop(224) of one JPEG, float32 in [0, 1], [224, 224, 3]."""
-  image = views_lib.to_unit(tf.io.decode_jpeg(jpeg, channels=3))
-  shape = tf.shape(image)
-  size = resize_shorter_side(shape[0], shape[1])
-  image = tf.clip_by_value(_resize(image, size), 0.0, 1.0)
-  offsets = center_crop_offsets(size[0], size[1])
-  image = tf.slice(image, [offsets[0], offsets[1], 0], [CROP, CROP, 3])
-  return tf.ensure_shape(image, [CROP, CROP, 3])
+def _eval_crop(image: Image.Image) -> np.ndarray:
+  """Resize(256) + CenterCrop(224) of one decoded image: uint8 [224, 224, 3]."""
+  height, width = (int(v) for v in resize_shorter_side(image.height, image.width))
+  top, left = (int(v) for v in center_crop_offsets(height, width))
+  resized = np.asarray(image.resize((width, height), Image.BILINEAR))
+  return resized[top:top + CROP, left:left + CROP]
 
 
-def _rotations(image: tf.Tensor) -> tf.Tensor:
-  return tf.stack([tf.image.rot90(image, k) for k in range(4)])
+def _rotations(image: np.ndarray) -> np.ndarray:
+  return np.stack([np.rot90(image, k) for k in range(4)])
 
 
-def train_views(views: str, jpeg: tf.Tensor, key: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+def train_views(views: str, jpeg: bytes, key: keys.Key, info: DatasetInfo) -> np.ndarray:
   """Augmented, normalised float32 views of one JPEG (see the module docstring)."""
   views_lib.check_views(views, info)
+  image = decode(jpeg)
   if views == 'none':
-    return views_lib.normalize(_train_crop(jpeg, key), info)
+    return views_lib.normalized(_train_crop(image, key), info)
   if views == 'two_crops':
-    return views_lib.normalize(tf.stack([_train_crop(jpeg, k) for k in _split(key, 2)]), info)
-  return views_lib.normalize(_rotations(_train_crop(jpeg, key)), info)
+    return views_lib.normalized(np.stack([_train_crop(image, k) for k in keys.split(key, 2)]),
+                                info)
+  return views_lib.normalized(_rotations(_train_crop(image, key)), info)
 
 
-def eval_views(views: str, jpeg: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+def eval_views(views: str, jpeg: bytes, info: DatasetInfo) -> np.ndarray:
   """Resize + center crop, normalised; `two_crops` gives it twice, `rotations` rotated 4 ways."""
   views_lib.check_views(views, info)
-  image = views_lib.normalize(_eval_crop(jpeg), info)
+  image = views_lib.normalized(_eval_crop(decode(jpeg)), info)
   if views == 'none':
     return image
   if views == 'two_crops':
-    return tf.stack([image, image])
+    return np.stack([image, image])
   return _rotations(image)
 
 
 def make_views_fn(views: str, info: DatasetInfo,
-                  train: bool) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-  """fn(JPEG bytes (scalar string), key [2]) -> float32 views; eval ignores the key."""
+                  train: bool) -> Callable[[bytes, keys.Key], np.ndarray]:
+  """fn(JPEG bytes, key) -> float32 views; eval ignores the key."""
   views_lib.check_views(views, info)
   if train:
-    return lambda jpeg, key: train_views(views, jpeg, key, info)
-  return lambda jpeg, key: eval_views(views, jpeg, info)
+    return functools.partial(train_views, views, info=info)
+  return functools.partial(_eval_views_fn, views, info=info)
+
+
+def _eval_views_fn(views: str, jpeg: bytes, key: keys.Key, info: DatasetInfo) -> np.ndarray:
+  del key  # Eval views are not random.
+  return eval_views(views, jpeg, info)

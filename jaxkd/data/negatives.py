@@ -7,9 +7,9 @@ resumed run draws the same ones.
 """
 
 import numpy as np
-import tensorflow as tf
 
 from jaxkd import errors
+from jaxkd.data import keys
 
 
 class OtherClassSampler:
@@ -28,22 +28,19 @@ class OtherClassSampler:
           'training set has one')
     self.num_data = len(labels)
     self.num_negatives = num_negatives
-    self.order = tf.constant(np.argsort(labels, kind='stable'), tf.int64)
-    self.start = tf.constant(np.cumsum(counts) - counts, tf.int64)
-    self.count = tf.constant(counts, tf.int64)
+    self.order = np.argsort(labels, kind='stable')
+    self.start = np.cumsum(counts) - counts
+    self.count = counts
 
-  def __call__(self, index: tf.Tensor, label: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+  def __call__(self, index: int, label: int, key: keys.Key) -> np.ndarray:
     """int32 [K + 1]: `index`, then K examples of classes other than `label`."""
-    k = self.num_negatives
-    label = tf.cast(label, tf.int64)
+    k, label = self.num_negatives, int(label)
     start, count = self.start[label], self.count[label]
     others = self.num_data - count
-    positions = tf.cond(
-        k <= others,
-        lambda: tf.random.experimental.index_shuffle(tf.range(k, dtype=tf.int64), key,
-                                                     others - 1),
-        lambda: tf.random.stateless_uniform([k], key, 0, others, dtype=tf.int64))
-    positions = tf.where(positions < start, positions, positions + count)
-    negatives = tf.gather(self.order, positions)
-    return tf.cast(tf.concat([tf.reshape(tf.cast(index, tf.int64), [1]), negatives], 0),
-                   tf.int32)
+    rng = keys.rng(key)
+    if k <= others:
+      positions = rng.choice(others, k, replace=False, shuffle=False)
+    else:
+      positions = rng.integers(0, others, k)
+    positions = np.where(positions < start, positions, positions + count)
+    return np.concatenate([[int(index)], self.order[positions]]).astype(np.int32)

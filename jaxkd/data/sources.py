@@ -1,8 +1,10 @@
 """Supported datasets by config name, and how to open their tfds splits.
 
 Only the embedded digits are built automatically. Every other dataset must already be prepared in
-`dataset_config.data_dir`; when it is not, one `UserError` says how to get it there, instead of
-letting tfds try (and, offline, retry) a download.
+`dataset_config.data_dir`, as ArrayRecord files (`tfds build <name> --file_format=array_record`),
+which the pipeline reads by index; when it is not (or only as TFRecord), one `UserError` says how
+to get it there, instead of letting tfds try (and, offline, retry) a download.
+`data_source(dataset_config, split)` opens a split for reading by index (jaxkd.data.records).
 
 Besides the registry's names, a user's own data is named by its source:
   `tfds:<builder>[/<config>]`  any tfds image-classification dataset (features 'image' and
@@ -17,6 +19,7 @@ kept in `<workdir>/dataset_stats.json`.
 import dataclasses
 import json
 import os
+from typing import Any, Iterable
 
 import jax
 import ml_collections
@@ -29,26 +32,11 @@ from PIL import Image
 from jaxkd import errors
 from jaxkd import paths
 from jaxkd.data import digits
+from jaxkd.data import records
+from jaxkd.data.info import DatasetInfo
 from jaxkd.models.clip import CLIP_MEAN, CLIP_STD
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the pipeline, the models and the metrics need to know about a dataset."""
-  name: str  # Config name, e.g. 'cifar100'.
-  tfds_name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]  # (H, W, C)
-  num_train: int  # Training examples used, after `train_fraction` (0 in the registry).
-  num_eval: int
-  mean: tuple[float, ...]  # Per channel, on images scaled to [0, 1].
-  std: tuple[float, ...]
-  crop_padding: int  # Zero padding of the random crop back to image_shape.
-  flip: bool  # Random horizontal flips in training.
-  # How an example becomes views: 'pad_crop', the recipe of jaxkd/data/views.py (zero-pad, crop,
-  # flip) on decoded images; 'inception_crop', jaxkd/data/imagenet.py (random-resized crop or
-  # resize + center crop) on the still-encoded JPEG, which `load_split` then leaves undecoded.
-  transform: str = 'pad_crop'
 
 
 _REGISTRY = {
@@ -144,9 +132,23 @@ def _not_prepared(name: str, tfds_name: str,
   return errors.UserError(
       f'dataset {name!r} (tfds {tfds_name!r}) is not prepared in data_dir {root}; '
       'nothing is downloaded at run time. Run '
-      f'`tfds build {tfds_name} --data_dir {root}` on a machine with internet (or copy a '
+      f'`{_build_command(tfds_name, root)}` on a machine with internet (or copy a '
       f'prepared {builder.name}/ folder there), or point the dataset data_dir at it.'
       + _manual_download_note(builder))
+
+
+def _build_command(tfds_name: str, root) -> str:
+  """The command that prepares a tfds dataset as the pipeline reads it (ArrayRecord files)."""
+  return f'tfds build {tfds_name} --file_format=array_record --data_dir {root}'
+
+
+def _tfrecord_only(name: str, tfds_name: str,
+                   builder: tfds.core.DatasetBuilder) -> errors.UserError:
+  return errors.UserError(
+      f'dataset {name!r} (tfds {tfds_name!r}) is prepared in {builder.data_dir} as '
+      f'{builder.info.file_format.value} files, which cannot be read by index; prepare it as '
+      f'ArrayRecord: `{_build_command(tfds_name, "DIR")}` (a new DIR, or this data_dir once '
+      f'{builder.data_dir} is removed) and point the dataset data_dir at DIR')
 
 
 def _manual_download_note(builder: tfds.core.DatasetBuilder) -> str:
@@ -271,8 +273,8 @@ def folder_root(dataset_config: ml_collections.ConfigDict) -> str:
 def folder_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """An ImageFolder builder over `folder:<dir>`, its layout checked first (`folder_files`).
 
-  Its images are decoded at their stored size, or at any size (then resized by `load_split`)
-  when dataset.image_size is set.
+  Its images are decoded at their stored size, or at any size (then resized by the data
+  source) when dataset.image_size is set.
   """
   root = folder_root(dataset_config)
   size = _image_size(dataset_config)
@@ -523,7 +525,7 @@ def _check_given_statistics(info: DatasetInfo, dataset_config: ml_collections.Co
         'keep one (normalization=dataset, or mean=() std=())')
 
 
-def pixel_statistics(ds: tf.data.Dataset, channels: int
+def pixel_statistics(examples: Iterable[tuple[np.ndarray, Any]], channels: int
                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and std of every pixel of `(image uint8, label)` pairs scaled to [0, 1].
 
@@ -531,17 +533,12 @@ def pixel_statistics(ds: tf.data.Dataset, channels: int
   std, as the registry's CIFAR values). The sums are integers, so they do not depend on the
   order of the images, and every process gets the same numbers.
   """
-  def sums(image, label):
-    del label
-    x = tf.cast(tf.reshape(image, [-1, channels]), tf.int64)
-    return tf.reduce_sum(x, 0), tf.reduce_sum(x * x, 0), tf.shape(x, out_type=tf.int64)[0]
-
   total, total_sq, count = np.zeros(channels, np.int64), np.zeros(channels, np.int64), 0
-  for s, s2, n in ds.map(sums, num_parallel_calls=tf.data.AUTOTUNE).batch(1024
-                                                                        ).as_numpy_iterator():
-    total += s.sum(0)
-    total_sq += s2.sum(0)
-    count += int(n.sum())
+  for image, _ in examples:
+    x = np.asarray(image, np.int64).reshape(-1, channels)
+    total += x.sum(0)
+    total_sq += (x * x).sum(0)
+    count += len(x)
   if count == 0:
     raise errors.UserError('no images to compute the mean/std from; set dataset.mean and '
                            'dataset.std')
@@ -590,7 +587,8 @@ def _train_split_statistics(info: DatasetInfo, dataset_config: ml_collections.Co
   elif key not in _STATISTICS:
     print(f'dataset {info.name}: computing the mean/std of the {num_examples} images of split '
           f'{split!r}' + (f' (once: kept in {path})' if path else ''), flush=True)
-    _STATISTICS[key] = pixel_statistics(load_split(dataset_config, split), info.image_shape[-1])
+    _STATISTICS[key] = pixel_statistics(records.examples(data_source(dataset_config, split)),
+                                        info.image_shape[-1])
   mean, std = _STATISTICS[key]
   if path and key not in entries and jax.process_index() == 0:
     entries[key] = dict(mean=list(mean), std=list(std))
@@ -599,41 +597,72 @@ def _train_split_statistics(info: DatasetInfo, dataset_config: ml_collections.Co
   return mean, std
 
 
-def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """uint8 [h, w, C] -> uint8 [size, size, C]: the shorter side scaled to `size` (bilinear,
-  antialiased), then the central size × size square (torchvision's Resize + CenterCrop)."""
-  hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  scaled = tf.maximum(tf.cast(hw * size / tf.reduce_min(hw), tf.int32), size)
-  image = tf.image.resize(image, scaled, antialias=True)
-  image = tf.image.resize_with_crop_or_pad(image, size, size)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+resize = records.resize  # uint8 image -> its central size x size square (see there).
 
 
-def load_split(dataset_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
-  """The split in its stored order, as `(image uint8 [H, W, C], label int32)` pairs.
+def _folder_source(dataset_config: ml_collections.ConfigDict, builder: tfds.ImageFolder,
+                   split: str) -> records.FolderSource:
+  """The files of an ImageFolder split, in the order tfds' ImageFolder reads them (its own
+  deterministic shuffle of the sorted files), with their labels."""
+  features = builder.info.features
+  listed = builder._split_examples[split]  # pylint: disable=protected-access
+  return records.FolderSource(
+      paths=tuple(str(example.image_path) for example in listed),
+      label_of=np.array([features['label'].str2int(example.label) for example in listed],
+                        np.int32),
+      channels=features['image'].shape[-1], image_size=_image_size(dataset_config))
 
-  Images of a `tfds:`/`folder:` source are resized to dataset.image_size when it is set.
+
+def data_source(dataset_config: ml_collections.ConfigDict, split: str,
+                num_examples: int = -1) -> records.Source:
+  """The split (its first `num_examples` when > 0) for reading by index, in its stored order.
+
+  Images come decoded (uint8 [H, W, C], resized to dataset.image_size for a `tfds:`/`folder:`
+  source when it is set), except for datasets whose views decode them (ImageNet: the JPEG
+  bytes). A tfds dataset is read from its ArrayRecord files; one prepared only as TFRecord is
+  refused with the command that prepares it as ArrayRecord.
   """
   name, source = dataset_config.name, own_source(dataset_config.name)
   entry = _registry_entry(name) if source is None else None
   tfds_name = entry.tfds_name if entry else source[1]
-  transform = entry.transform if entry else 'pad_crop'
   builder = get_builder(dataset_config)
-  # Asking as_dataset (rather than checking the folder first) keeps tfds.testing.mock_data
-  # working: it patches as_dataset and points data_dir at a folder that does not exist.
-  try:
-    decoders = ({'image': tfds.decode.SkipDecoding()}
-                if transform == 'inception_crop' else None)
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-  except AssertionError as e:
-    if builder.is_prepared():
-      raise
-    raise _not_prepared(name, tfds_name, builder) from e
-  ds = ds.map(
-      lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32)),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  size = _image_size(dataset_config) if source is not None else 0
-  if size:
-    ds = ds.map(lambda image, label: (resize(image, size), label),
-                num_parallel_calls=tf.data.AUTOTUNE)
-  return ds
+  if isinstance(builder, tfds.ImageFolder):
+    opened = _folder_source(dataset_config, builder, split)
+  else:
+    encoded = entry is not None and entry.transform == 'inception_crop'
+    # Asking for the data source (rather than checking the folder first) keeps
+    # tfds.testing.mock_data working: it patches as_data_source and points data_dir at a folder
+    # that does not exist.
+    try:
+      opened = records.TfdsSource(
+          builder.as_data_source(
+              split=split, decoders={'image': tfds.decode.SkipDecoding()} if encoded else None),
+          image_size=_image_size(dataset_config) if source is not None else 0)
+    except (NotImplementedError, AssertionError) as e:
+      if builder.is_prepared():
+        if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+          raise _tfrecord_only(name, tfds_name, builder) from None
+        raise
+      raise _not_prepared(name, tfds_name, builder) from e
+  if num_examples > 0:
+    if len(opened) < num_examples:
+      raise errors.UserError(
+          f'dataset {name!r} split {split!r} has {len(opened)} examples but the config asks '
+          f'for {num_examples}; lower num_train_examples / num_eval_examples')
+    opened = records.Head(opened, num_examples)
+  return opened
+
+
+def load_split(dataset_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
+  """The split in its stored order, as a tf.data.Dataset of `(image uint8 [H, W, C], label
+  int32)` pairs (the JPEG bytes for ImageNet), read from `data_source`.
+
+  Images of a `tfds:`/`folder:` source are resized to dataset.image_size when it is set.
+  """
+  source = data_source(dataset_config, split)
+  first, _ = source[0]
+  image_spec = (tf.TensorSpec([], tf.string) if isinstance(first, bytes)
+                else tf.TensorSpec([None, None, np.shape(first)[-1]], tf.uint8))
+  return tf.data.Dataset.from_generator(
+      lambda: ((image, np.int32(label)) for image, label in records.examples(source)),
+      output_signature=(image_spec, tf.TensorSpec([], tf.int32)))

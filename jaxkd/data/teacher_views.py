@@ -1,34 +1,34 @@
 """Two views of one image, for a teacher that has its own input (EGA's CLIP teacher).
 
-From one uint8 image [H, W, C] and a stateless key, `train_views` gives
+From one uint8 image [H, W, C] and a key, `train_views` gives
   'image'          the student's view: the dataset's crop (zero padding) + flip, [H, W, C]
   'teacher_image'  the teacher's view: its own crop + flip, resized to the teacher's
                    resolution, normalised with the teacher's statistics, [S, S, C_t]
-with the randomness of the two drawn independently (separate sub-keys), as the reference's two
+with the randomness of the two drawn independently (separate keys), as the reference's two
 torchvision pipelines are. The teacher's view follows the reference order RandomCrop(padding) ->
-bicubic Resize(S) -> RandomHorizontalFlip -> Normalize(CLIP), and re-quantises to 8 bits after
-the resize as PIL does (tf's bicubic is Keys' a = −0.5 kernel, PIL's too; edges and rounding
-may differ by one level). Eval views: no crop, no flip; the teacher's still resized.
+bicubic Resize(S) -> RandomHorizontalFlip -> Normalize(CLIP), the resize being PIL's bicubic on
+8-bit pixels, as torchvision's on PIL images. Eval views: no crop, no flip; the teacher's still
+resized.
 
-All functions are pure TensorFlow of (image, key), like jaxkd.data.views, so the stream is a
-function of the seed. The pipeline stacks both into the batch: {'image', 'teacher_image',
-'label'}.
+All functions are pure NumPy of (image, key), like jaxkd.data.views, so the stream is a function
+of the seed. The pipeline stacks both into the batch: {'image', 'teacher_image', 'label'}.
 """
 
 import dataclasses
 import functools
 from typing import Callable
 
-import tensorflow as tf
+import numpy as np
+from PIL import Image
 
 from jaxkd import errors
+from jaxkd.data import keys
 from jaxkd.data import views
-from jaxkd.data.sources import DatasetInfo
+from jaxkd.data.info import DatasetInfo
 from jaxkd.models.clip import CLIP_MEAN, CLIP_STD  # noqa: F401 (re-exported)
 
 # CLIP's preprocessing statistics (also jaxkd.models.clip.CLIP_MEAN / CLIP_STD).
 
-_ALG = 'philox'
 STUDENT_NORMALIZATIONS = ('dataset', 'teacher')
 
 
@@ -69,18 +69,21 @@ def _teacher_stats(info: DatasetInfo, teacher: TeacherInput) -> tuple[tuple, tup
   return mean, std
 
 
-def _normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
-  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+def _normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
+  """uint8 pixels -> (x / 255 - mean) / std, float32."""
+  return (views.to_unit(pixels) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def _to_teacher_pixels(image: tf.Tensor, info: DatasetInfo, teacher: TeacherInput) -> tf.Tensor:
-  """[0, 1] float image -> teacher channels and size, quantised to 8 bits after a resize."""
+def _to_teacher_pixels(image: np.ndarray, info: DatasetInfo, teacher: TeacherInput
+                       ) -> np.ndarray:
+  """uint8 image -> the teacher's channels and size (PIL bicubic, 8-bit as PIL keeps it)."""
   if teacher.channels == 3 and image.shape[-1] == 1:
-    image = tf.image.grayscale_to_rgb(image)
+    image = np.repeat(image, 3, axis=-1)
   if teacher.size and (teacher.size, teacher.size) != tuple(info.image_shape[:2]):
-    image = tf.image.resize(image, [teacher.size, teacher.size], method='bicubic',
-                            antialias=True)
-    image = tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0) / 255.0
+    grey = image.shape[-1] == 1
+    resized = Image.fromarray(image[..., 0] if grey else image).resize(
+        (teacher.size, teacher.size), Image.BICUBIC)
+    image = np.asarray(resized)[..., None] if grey else np.asarray(resized)
   return image
 
 
@@ -98,50 +101,48 @@ def _student_stats(info: DatasetInfo, teacher: TeacherInput, student_normalizati
   return mean, std
 
 
-def train_views(image: tf.Tensor, key: tf.Tensor, info: DatasetInfo, teacher: TeacherInput,
-                student_normalization: str = 'dataset') -> dict[str, tf.Tensor]:
+def train_views(image: np.ndarray, key: keys.Key, info: DatasetInfo, teacher: TeacherInput,
+                student_normalization: str = 'dataset') -> dict[str, np.ndarray]:
   """{'image': student view, 'teacher_image': teacher view} of one uint8 image (training).
 
   Student: flip (if the dataset flips) then crop with the dataset's zero padding, as views
   'none'. Teacher: crop with the same padding -> resize to `teacher.size` -> flip -> normalise.
-  The two use independent sub-keys of `key`. `student_normalization`: 'dataset' (the dataset's
-  mean/std) or 'teacher' (the teacher's, which the EGA reference uses for its CIFAR student).
+  The two use independent keys split from `key`. `student_normalization`: 'dataset' (the
+  dataset's mean/std) or 'teacher' (the teacher's, which the EGA reference uses for its CIFAR
+  student).
   """
   t_mean, t_std = _teacher_stats(info, teacher)
   s_mean, s_std = _student_stats(info, teacher, student_normalization)
-  student_key, teacher_key = tf.unstack(
-      tf.random.experimental.stateless_split(key, 2, alg=_ALG))
-  image = views.to_unit(image)
+  image = np.asarray(image)
+  student_rng, teacher_rng = (keys.rng(k) for k in keys.split(key, 2))
 
-  flip_key, crop_key = tf.unstack(tf.random.experimental.stateless_split(student_key, 2, alg=_ALG))
   student = image
   if info.flip:
-    student = views.random_flip(student, flip_key)
-  student = views.random_crop(student, crop_key, info.crop_padding)
+    student = views.random_flip(student, student_rng)
+  student = views.random_crop(student, student_rng, info.crop_padding)
 
-  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(teacher_key, 2, alg=_ALG))
-  teacher_view = views.random_crop(image, crop_key, info.crop_padding)
+  teacher_view = views.random_crop(image, teacher_rng, info.crop_padding)
   teacher_view = _to_teacher_pixels(teacher_view, info, teacher)
   if info.flip:
-    teacher_view = views.random_flip(teacher_view, flip_key)
+    teacher_view = views.random_flip(teacher_view, teacher_rng)
   return {'image': _normalize(student, s_mean, s_std),
           'teacher_image': _normalize(teacher_view, t_mean, t_std)}
 
 
-def eval_views(image: tf.Tensor, info: DatasetInfo, teacher: TeacherInput,
-               student_normalization: str = 'dataset') -> dict[str, tf.Tensor]:
+def eval_views(image: np.ndarray, info: DatasetInfo, teacher: TeacherInput,
+               student_normalization: str = 'dataset') -> dict[str, np.ndarray]:
   """The two views without crop or flip (the teacher's resized and normalised)."""
   t_mean, t_std = _teacher_stats(info, teacher)
   s_mean, s_std = _student_stats(info, teacher, student_normalization)
-  image = views.to_unit(image)
+  image = np.asarray(image)
   return {'image': _normalize(image, s_mean, s_std),
           'teacher_image': _normalize(_to_teacher_pixels(image, info, teacher), t_mean, t_std)}
 
 
 def make_views_fn(info: DatasetInfo, teacher: TeacherInput, train: bool,
                   student_normalization: str = 'dataset'
-                  ) -> Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
-  """fn(image uint8 [H, W, C], key [2]) -> {'image', 'teacher_image'}; eval ignores the key.
+                  ) -> Callable[[np.ndarray, keys.Key], dict[str, np.ndarray]]:
+  """fn(image uint8 [H, W, C], key) -> {'image', 'teacher_image'}; eval ignores the key.
 
   Checks the statistics once, here, so that a bad combination fails before the pipeline runs.
   """
@@ -150,4 +151,11 @@ def make_views_fn(info: DatasetInfo, teacher: TeacherInput, train: bool,
   if train:
     return functools.partial(train_views, info=info, teacher=teacher,
                              student_normalization=student_normalization)
-  return lambda image, key: eval_views(image, info, teacher, student_normalization)
+  return functools.partial(_eval_views_fn, info=info, teacher=teacher,
+                           student_normalization=student_normalization)
+
+
+def _eval_views_fn(image: np.ndarray, key: keys.Key, info: DatasetInfo, teacher: TeacherInput,
+                   student_normalization: str) -> dict[str, np.ndarray]:
+  del key  # Eval views are not random.
+  return eval_views(image, info, teacher, student_normalization)

@@ -1,4 +1,4 @@
-"""Per-example views for the input pipeline: pure TensorFlow functions of (image, key).
+"""Per-example views for the input pipeline: pure NumPy functions of (image, key).
 
 A view set turns one uint8 image [H, W, C] into float32 normalised views:
   `none`       one augmented view               -> [H, W, C]
@@ -6,22 +6,23 @@ A view set turns one uint8 image [H, W, C] into float32 normalised views:
                (k = 0..3, `np.rot90(img, k)`), then an independent crop per view -> [4, H, W, C]
   `rotations_of_crop`  HSAKD's order: one crop + flip, then its four rotations -> [4, H, W, C]
   `two_crops`  two independent crop+flip augmentations (contrastive methods) -> [2, H, W, C]
-Eval views skip the crop and the flip. All randomness is stateless and comes from `key`, derived
-from (seed, epoch, example index), so the data stream is a pure function of the seed.
+Eval views skip the crop and the flip. All randomness comes from `key` (jaxkd.data.keys), derived
+from (seed, epoch, example index), so the data stream is a pure function of the seed. The crops
+and flips move uint8 pixels; the conversion to float happens once, at the end.
 """
 
 import functools
 from typing import Callable
 
-import tensorflow as tf
+import numpy as np
 
 from jaxkd import errors
-from jaxkd.data.sources import DatasetInfo
+from jaxkd.data import keys
+from jaxkd.data.info import DatasetInfo
+from jaxkd.data.keys import example_key  # noqa: F401 (the key of one example, re-exported)
 
 VIEWS = ('none', 'rotations', 'rotations_of_crop', 'two_crops')
 _ROTATED = ('rotations', 'rotations_of_crop')
-# Fixed rather than 'auto_select' so the stream does not depend on which device TF picks.
-_ALG = 'philox'
 
 
 def num_views(views: str) -> int:
@@ -45,97 +46,87 @@ def view_shape(views: str, info: DatasetInfo) -> tuple[int, ...]:
   return shape if check_views(views, info) == 'none' else (num_views(views),) + shape
 
 
-def example_key(seed, epoch, index) -> tf.Tensor:
-  """The stateless RNG key [2] of one example in one epoch."""
-  base = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
-  return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64), alg=_ALG)
-
-
-def _split(key: tf.Tensor, num: int) -> list[tf.Tensor]:
-  return tf.unstack(tf.random.experimental.stateless_split(key, num, alg=_ALG))
-
-
-def to_unit(image: tf.Tensor) -> tf.Tensor:
+def to_unit(image: np.ndarray) -> np.ndarray:
   """uint8 [0, 255] -> float32 [0, 1] (torchvision's ToTensor)."""
-  return tf.cast(image, tf.float32) / 255.0
+  return np.asarray(image, np.float32) / np.float32(255.0)
 
 
-def normalize(image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+def normalize(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
   """(x - mean) / std per channel, on a float image in [0, 1]."""
-  mean = tf.constant(info.mean, tf.float32)
-  std = tf.constant(info.std, tf.float32)
-  return (image - mean) / std
+  return (image - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
 
 
-def crop_offsets(key: tf.Tensor, padding: int) -> tf.Tensor:
-  """Top-left corner (y, x) int32 [2] of a crop of the padded image, each in [0, 2*padding]."""
-  return tf.random.stateless_uniform(
-      [2], key, minval=0, maxval=2 * padding + 1, dtype=tf.int32, alg=_ALG)
+def normalized(pixels: np.ndarray, info: DatasetInfo) -> np.ndarray:
+  """uint8 pixels -> normalised float32: normalize(to_unit(pixels))."""
+  return normalize(to_unit(pixels), info)
 
 
-def random_crop(image: tf.Tensor, key: tf.Tensor, padding: int) -> tf.Tensor:
+def crop_offsets(rng: np.random.Generator, padding: int) -> tuple[int, int]:
+  """Top-left corner (y, x) of a crop of the padded image, each uniform in [0, 2*padding]."""
+  y, x = rng.integers(0, 2 * padding + 1, size=2)
+  return int(y), int(x)
+
+
+def random_crop(image: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
   """Zero-pads H and W by `padding` and crops back to the original size at a random offset."""
   if padding == 0:
     return image
-  h, w, c = image.shape
-  padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-  offsets = crop_offsets(key, padding)
-  return tf.slice(padded, [offsets[0], offsets[1], 0], [h, w, c])
+  h, w = image.shape[:2]
+  y, x = crop_offsets(rng, padding)
+  padded = np.pad(image, [(padding, padding), (padding, padding), (0, 0)])
+  return padded[y:y + h, x:x + w]
 
 
-def random_flip(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Mirrors W with probability 1/2."""
-  flip = tf.random.stateless_uniform([], key, alg=_ALG) < 0.5
-  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  return image[:, ::-1] if rng.random() < 0.5 else image
 
 
-def _augment(image: tf.Tensor, key: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
-  flip_key, crop_key = _split(key, 2)
+def _augment(image: np.ndarray, rng: np.random.Generator, info: DatasetInfo) -> np.ndarray:
   if info.flip:
-    image = random_flip(image, flip_key)
-  return random_crop(image, crop_key, info.crop_padding)
+    image = random_flip(image, rng)
+  return random_crop(image, rng, info.crop_padding)
 
 
-def _rotations(image: tf.Tensor) -> list[tf.Tensor]:
-  # tf.image.rot90 turns counter-clockwise like np.rot90 on the H, W axes.
-  return [tf.image.rot90(image, k) for k in range(4)]
+def _rotations(image: np.ndarray) -> list[np.ndarray]:
+  return [np.rot90(image, k) for k in range(4)]
 
 
-def train_views(views: str, image: tf.Tensor, key: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+def train_views(views: str, image: np.ndarray, key: keys.Key, info: DatasetInfo) -> np.ndarray:
   """Augmented, normalised float32 views of one uint8 image (see the module docstring)."""
   check_views(views, info)
-  image = to_unit(image)
+  image = np.asarray(image)
+  rng = keys.rng(key)
   if views == 'none':
-    return normalize(_augment(image, key, info), info)
+    return normalized(_augment(image, rng, info), info)
   if views == 'two_crops':
-    return normalize(tf.stack([_augment(image, k, info) for k in _split(key, 2)]), info)
+    return normalized(np.stack([_augment(image, rng, info) for _ in range(2)]), info)
   if views == 'rotations_of_crop':
-    return normalize(tf.stack(_rotations(_augment(image, key, info))), info)
-  flip_key, *crop_keys = _split(key, 5)
+    return normalized(np.stack(_rotations(_augment(image, rng, info))), info)
   if info.flip:
-    image = random_flip(image, flip_key)  # One decision for all four views.
-  crops = [random_crop(view, k, info.crop_padding)
-           for view, k in zip(_rotations(image), crop_keys)]
-  return normalize(tf.stack(crops), info)
+    image = random_flip(image, rng)  # One decision for all four views.
+  return normalized(np.stack([random_crop(view, rng, info.crop_padding)
+                              for view in _rotations(image)]), info)
 
 
-def eval_views(views: str, image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+def eval_views(views: str, image: np.ndarray, info: DatasetInfo) -> np.ndarray:
   """Normalised views with no crop and no flip; `two_crops` gives the same image twice."""
   check_views(views, info)
-  image = normalize(to_unit(image), info)
+  image = normalized(image, info)
   if views == 'none':
     return image
   if views == 'two_crops':
-    return tf.stack([image, image])
-  return tf.stack(_rotations(image))
+    return np.stack([image, image])
+  return np.stack(_rotations(image))
 
 
 def make_views_fn(views: str, info: DatasetInfo,
-                  train: bool) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-  """fn(image uint8 [H, W, C], key [2]) -> float32 views; eval ignores the key.
+                  train: bool) -> Callable[[np.ndarray, keys.Key], np.ndarray]:
+  """fn(image uint8 [H, W, C], key) -> float32 views; eval ignores the key (None).
 
   Datasets whose `info.transform` is 'inception_crop' (ImageNet) get the functions of
-  jaxkd/data/imagenet.py instead, which take the encoded JPEG.
+  jaxkd/data/imagenet.py instead, which take the encoded JPEG. The function pickles (it is a
+  partial of module functions), so input workers in other processes can run it.
   """
   check_views(views, info)
   if info.transform == 'inception_crop':
@@ -143,4 +134,10 @@ def make_views_fn(views: str, info: DatasetInfo,
     return imagenet.make_views_fn(views, info, train)
   if train:
     return functools.partial(train_views, views, info=info)
-  return lambda image, key: eval_views(views, image, info)
+  return functools.partial(_eval_views_fn, views, info=info)
+
+
+def _eval_views_fn(views: str, image: np.ndarray, key: keys.Key, info: DatasetInfo
+                   ) -> np.ndarray:
+  del key  # Eval views are not random.
+  return eval_views(views, image, info)
