@@ -29,7 +29,7 @@ every label of the split once.
 
 import functools
 import math
-from typing import Any, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import ml_collections
 import numpy as np
