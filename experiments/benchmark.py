@@ -16,6 +16,19 @@ state donated, on random CIFAR-shaped inputs; the input pipeline is not part of 
 `--profile=DIR` traces two steps into DIR (TensorBoard/Perfetto) and prints the wall time per
 step of each kind of XLA op (fusions of one kind summed; on CPU, convolutions are not timed per
 op and make up most of the rest of the step).
+
+    # The input pipeline alone, per views mode, against the step that reads it (3-6 minutes on
+    # 2 CPU cores; mock CIFAR-100 and ImageNet datasets are written to a temporary data_dir):
+    python experiments/benchmark.py --input --out=runs/input.json
+
+`--input` measures jaxkd's training input pipeline (read by index from ArrayRecord files,
+augmented per example, batched by grain) with no step: CIFAR-100 views `none`, `rotations`,
+`rotations_of_crop`, `two_crops` (batch 64) and ImageNet's random-resized crop 224 from JPEG
+(batch 32). Per views mode: images/s per CPU core (images per CPU-second of the process, one
+thread making the batches) and with every core (one input worker process per core, wall clock);
+each beside the images/s of the step that reads those views here (KD, SSKD, HSAKD, SimCLR;
+KD resnet34 -> resnet18 at 224 px), and their ratio. CIFAR `none` and `rotations` are also read
+straight from the files (`in memory: no`) to compare with the in-memory path small splits take.
 """
 
 import collections
@@ -62,7 +75,11 @@ _XLA_DEFAULTS = flags.DEFINE_bool(
     "trainer's (jaxkd.parallel.step_compiler_options), to measure what they change.")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results ('' = print only).")
 
-VIEWS = {"none": 1, "rotations": 4, "two_crops": 2}
+_INPUT = flags.DEFINE_bool("input", False, "Benchmark the input pipeline per views mode.")
+_INPUT_SECONDS = flags.DEFINE_float("input_seconds", 8.0,
+                                    "Seconds of input per measurement (after a warm-up).")
+_INPUT_DATA_DIR = flags.DEFINE_string(
+    "input_data_dir", "", "Where the mock datasets are written ('' = a temporary folder).")
 
 
 def peak_host_memory_mb() -> float:
@@ -147,9 +164,11 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
   from jaxkd.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from jaxkd.state import TrainState  # pylint: disable=g-import-not-at-top
 
+  from jaxkd.data import views as views_lib  # pylint: disable=g-import-not-at-top
+
   method = get_method(method_name)
   hparams = method.hparams()
-  views = VIEWS[method.views]
+  views = views_lib.num_views(method.views)
   mesh = parallel.create_mesh()
   shape = (image_size, image_size, 3)
   teacher_heads = method.teacher.heads if method.teacher else None
@@ -172,7 +191,8 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
       "label": rng.integers(0, num_classes, size=batch).astype(np.int32)}, mesh)
 
   step = jax.jit(functools.partial(
-      step_fns.train_step, network=student, teacher_network=teacher, loss=method.loss,
+      step_fns.train_step, network=student,
+      teacher_network=teacher if method.uses_teacher else None, loss=method.loss,
       hparams=hparams, tx=tx, schedule=schedule, steps_per_epoch=1), donate_argnums=(0,),
       compiler_options=None if xla_defaults else parallel.step_compiler_options())
   start = time.perf_counter()
@@ -225,6 +245,11 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
 
 def main(argv):
   del argv
+  if _INPUT.value:
+    import input_benchmark  # pylint: disable=g-import-not-at-top
+    input_benchmark.run(_INPUT_SECONDS.value, _INPUT_DATA_DIR.value, _OUT.value, bench_one,
+                        machine_description)
+    return
   pairs, methods, batch = _PAIRS.value, _METHODS.value, _BATCH.value
   if _SHAPES.value == "issue":
     pairs, methods, batch = ISSUE_PAIRS, "sskd", 64
@@ -240,18 +265,13 @@ def main(argv):
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
   teacher_dtype = jnp.bfloat16 if _TEACHER_DTYPE.value == "bfloat16" else jnp.float32
 
-  device = jax.devices()[0]
   peak, peak_per_cpu_s = matmul_peak(dtype)
-  machine = {
-      "platform": device.platform, "device_kind": device.device_kind,
-      "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-      "processor": _cpu_name(), "python": platform.python_version(), "jax": jax.__version__,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  machine = dict(machine_description(), **{
       "step_compiler_options": None if _XLA_DEFAULTS.value else _step_options(),
-      "load_average_at_start": os.getloadavg(),
       "matmul_peak_flops_per_s": peak, "matmul_peak_flops_per_cpu_s": peak_per_cpu_s,
       "matmul_peak_dtype": _DTYPE.value,
-  }
+  })
+  device = jax.devices()[0]
   print(f"{machine['processor']} ({machine['cpu_count']} cores, {device.platform}); "
         f"matmul peak {peak / 1e9:.0f} GFLOP/s, {peak_per_cpu_s / 1e9:.0f} GFLOP per CPU-s "
         f"({_DTYPE.value}); "
@@ -278,6 +298,17 @@ def main(argv):
     with open(_OUT.value, "w") as f:
       json.dump({"machine": machine, "results": results}, f, indent=2)
     print(f"wrote {_OUT.value}")
+
+
+def machine_description() -> dict:
+  """The machine, its software and its load, for a results file."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return {"platform": device.platform, "device_kind": device.device_kind,
+          "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
+          "processor": _cpu_name(), "python": platform.python_version(),
+          "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "load_average_at_start": os.getloadavg()}
 
 
 def _row(r):

@@ -14,7 +14,7 @@ from jaxkd import models
 from jaxkd import parallel
 from jaxkd.data import sources
 from jaxkd.data import teacher_views
-from jaxkd.data import views
+from jaxkd.data.keys import example_key
 from jaxkd.errors import UserError
 from jaxkd.methods import ega, get_method
 from jaxkd.methods.base import Method
@@ -235,7 +235,7 @@ def image():
 
 
 def _keys(n, seed=0):
-  return [views.example_key(seed, 0, i) for i in range(n)]
+  return [example_key(seed, 0, i) for i in range(n)]
 
 
 def _views_of_keys(image, keys, teacher, normalization="dataset"):

@@ -29,7 +29,7 @@ every label of the split once.
 
 import functools
 import math
-from typing import Any, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import ml_collections
 import numpy as np
@@ -62,15 +62,11 @@ def num_eval_steps(info: DatasetInfo, global_batch_size: int) -> int:
   return math.ceil(info.num_eval / global_batch_size)
 
 
-def _image_only(views_fn: Callable, image: Any, key: Any) -> dict[str, np.ndarray]:
-  return {'image': views_fn(image, key)}
-
-
 def _views_fn(views: str, info: DatasetInfo, teacher_input: Optional[TeacherInput],
               train: bool):
   """fn(image, key) -> {'image': student views[, 'teacher_image': the teacher's view]}."""
   if teacher_input is None:
-    return functools.partial(_image_only, views_lib.make_views_fn(views, info, train))
+    return functools.partial(stream.image_only, views_lib.make_views_fn(views, info, train))
   if views != 'none' or info.transform != 'pad_crop':
     raise errors.UserError(
         f'a teacher with its own input needs views \'none\' on a decoded dataset; got views '

@@ -40,6 +40,12 @@ def position(step: int, row: int, global_batch_size: int, process_index: int,
   return step * global_batch_size + process_index * local_batch_size + row
 
 
+def image_only(views_fn: Callable[[Any, Optional[keys.Key]], np.ndarray], image: Any,
+               key: Optional[keys.Key]) -> dict[str, np.ndarray]:
+  """{'image': views_fn(image, key)}: a views function as the batch functions call it."""
+  return {'image': views_fn(image, key)}
+
+
 def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
