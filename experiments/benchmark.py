@@ -1,9 +1,9 @@
 """Throughput of jaxkd's distillation step: images/s, step time, compile time, peak host memory,
 and achieved FLOP/s (XLA's cost analysis) as a fraction of this machine's measured matmul peak.
 
-    # The issue's two shapes: SSKD, batch 64 x 4 rotated views = 256 rows, CIFAR-100 (2-4 minutes
+    # The standard shapes: SSKD, batch 64 x 4 rotated views = 256 rows, CIFAR-100 (2-4 minutes
     # on 2 CPU cores):
-    python experiments/benchmark.py --shapes=issue
+    python experiments/benchmark.py --shapes=sskd_cifar
     # Any pairs / methods / batch / precision:
     python experiments/benchmark.py --pairs=resnet32x4:resnet8x4 --methods=sskd,kd --batch=64 \
         --dtype=bfloat16 --teacher_dtype=bfloat16 --steps=5 --out=runs/benchmark.json
@@ -48,14 +48,14 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The issue's shapes: teacher -> student, SSKD (4 rotated views) at batch 64.
-ISSUE_PAIRS = "resnet32x4:resnet8x4,wrn_40_2:wrn_16_2"
+# The standard shapes: teacher -> student, SSKD (4 rotated views) at batch 64.
+SSKD_CIFAR_PAIRS = "resnet32x4:resnet8x4,wrn_40_2:wrn_16_2"
 # The reference PyTorch SSKD student step on the 2-core CPU this was written on (images/s).
 REFERENCE_IMAGES_PER_S = {"resnet32x4:resnet8x4": 11.5, "wrn_40_2:wrn_16_2": 28.8}
 
-_SHAPES = flags.DEFINE_enum("shapes", None, ["issue"],
-                            f"'issue': --pairs={ISSUE_PAIRS} --methods=sskd --batch=64.")
-_PAIRS = flags.DEFINE_string("pairs", ISSUE_PAIRS, "Comma-separated teacher:student pairs.")
+_SHAPES = flags.DEFINE_enum("shapes", None, ["sskd_cifar"],
+                            f"'sskd_cifar': --pairs={SSKD_CIFAR_PAIRS} --methods=sskd --batch=64.")
+_PAIRS = flags.DEFINE_string("pairs", SSKD_CIFAR_PAIRS, "Comma-separated teacher:student pairs.")
 _METHODS = flags.DEFINE_string("methods", "sskd", "Comma-separated registered methods.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per step (each brings its method's views).")
 _IMAGE = flags.DEFINE_integer("image_size", 32, "Square input size (CIFAR: 32).")
@@ -251,8 +251,8 @@ def main(argv):
                         machine_description)
     return
   pairs, methods, batch = _PAIRS.value, _METHODS.value, _BATCH.value
-  if _SHAPES.value == "issue":
-    pairs, methods, batch = ISSUE_PAIRS, "sskd", 64
+  if _SHAPES.value == "sskd_cifar":
+    pairs, methods, batch = SSKD_CIFAR_PAIRS, "sskd", 64
   extra_flags = _XLA_FLAGS.value
   if _PROFILE.value:
     # Per-op events on CPU; other backends ignore the flag.
