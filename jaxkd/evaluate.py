@@ -73,14 +73,11 @@ def load_network(model_name: str, path: str, info: Any, dtype: Any = None) -> tu
   """(network, variables): zoo (or registered) network `model_name` for dataset `info` (a
   `jaxkd.data.DatasetInfo`) computing in `dtype` (None: float32), and its variables read from
   file `path`, checked to fit it (a UserError names the first leaf that does not)."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxkd import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxkd import networks  # pylint: disable=g-import-not-at-top
   network = networks.build_network(model_name, info.num_classes, dtype=dtype or jnp.float32)
-  template = jax.eval_shape(lambda: network.init(
-      jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
-  return network, checkpoint.import_variables(path, template, what=f"{model_name} checkpoint")
+  return network, networks.read_variables(network, path, info.image_shape,
+                                          what=f"{model_name} checkpoint")
 
 
 def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,

@@ -37,8 +37,8 @@ from jaxkd.errors import UserError
 from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
                                 OnlineTeacherHead)
 from jaxkd.networks import (backbone_only, build_network, compute_dtype, feature_parameters,
-                            init_variables, run_once_options, teacher_output_shapes,
-                            without_bridge)
+                            init_variables, read_variables, run_once_options,
+                            teacher_output_shapes, without_bridge)
 from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.results import RESULT_FILE
 from jaxkd.state import Network, TrainState, variables_of
@@ -412,7 +412,7 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
       paths.check_free_space(stage_dir, 2 * checkpoint_bytes, (
           f"free some and run the same command again to resume from step "
           f"{mngr.latest_step() or 0}"))
-      checkpoint.save(mngr, step, state, record, force=bool(signum) or step == total_steps)
+      checkpoint.save(mngr, step, state, record, force=True)  # The loop decided: save now.
     if signum:
       mngr.wait_until_finished()
       writer.flush()
@@ -526,10 +526,8 @@ def load_teacher(network: Network, path: str, info: data.DatasetInfo,
 
   With `sha256` the file must have that checksum (see checkpoint.read_verified).
   """
-  template = jax.eval_shape(lambda: network.init(
-      jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
   variables = parallel.replicate(
-      checkpoint.import_variables(path, template, what, sha256, remedy), mesh)
+      read_variables(network, path, info.image_shape, what, sha256, remedy), mesh)
   return Teacher(network=network, variables=variables, path=path,
                  sha256=sha256 or checkpoint.file_sha256(path))
 

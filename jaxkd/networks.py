@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxkd import checkpoint
 from jaxkd import models
 from jaxkd import parallel
 from jaxkd.methods.base import HeadsFactory
@@ -99,3 +100,13 @@ def feature_parameters(backbone: nn.Module, variables: Any, image_shape: tuple[i
 
   grads = jax.jit(jax.grad(projection))(variables["params"])
   return jax.tree.map(lambda g: bool(jnp.any(g != 0)), grads)
+
+
+def read_variables(network: Network, path: str, image_shape: tuple[int, ...],
+                   what: str = "teacher checkpoint", sha256: Optional[str] = None,
+                   remedy: str = "") -> Any:
+  """The variables of `network` from a jaxkd variables file, checked to fit its tree (nothing is
+  initialised: the tree comes from `jax.eval_shape`); see checkpoint.import_variables."""
+  template = jax.eval_shape(lambda: network.init(
+      jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)), train=False))
+  return checkpoint.import_variables(path, template, what, sha256, remedy)
