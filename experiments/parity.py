@@ -435,6 +435,8 @@ def build_setup(traj: Trajectory) -> Setup:
   # The trainer's loop brings TensorFlow (its input pipeline): imported once the file is read.
   from jaxkd import loop  # pylint: disable=import-outside-toplevel
   from jaxkd import networks  # pylint: disable=import-outside-toplevel
+  from jaxkd import stage as stage_lib  # pylint: disable=import-outside-toplevel
+  from jaxkd import teachers  # pylint: disable=import-outside-toplevel
   method = get_method(traj.spec.name)
   image_shape = traj.images.shape[-2:] + traj.images.shape[-3:-2]   # (H, W, C)
   plan, why = learning_rate_plan(traj)
@@ -467,13 +469,17 @@ def build_setup(traj: Trajectory) -> Setup:
                                        hparams)
   teacher_variables = network_variables(traj, traj.teacher, traj.teacher_model, "teacher")
   check_fits(traj, teacher_network, teacher_variables, image_shape, "teacher")
-  teacher = loop.Teacher(network=teacher_network, variables=jax.device_put(teacher_variables),
-                         path=traj.path, sha256="")
-  stage = loop.Stage(name=f"student_{method.name}", model_name=traj.student_model,
-                     method_name=method.name, loss=method.loss, hparams=hparams,
-                     num_epochs=traj.num_steps, base_lr=config.optimizer.lr, views=method.views,
-                     heads=method.student_heads, teacher=teacher,
-                     eval_metrics=method.eval_metrics, preact=method.preact)
+  teacher = teachers.Teacher(network=teacher_network,
+                             variables=jax.device_put(teacher_variables), path=traj.path,
+                             sha256="")
+  inputs = loop.Inputs(teacher=teacher)
+  stage = stage_lib.Stage(name=f"student_{method.name}", config=config,
+                          model_name=traj.student_model, method_name=method.name,
+                          loss=method.loss, hparams=hparams, num_epochs=traj.num_steps,
+                          base_lr=config.optimizer.lr, views=method.views,
+                          heads=method.student_heads,
+                          teacher=stage_lib.TeacherSource(traj.teacher_model, path=traj.path),
+                          eval_metrics=method.eval_metrics, preact=method.preact)
   network = stage.network(traj.num_classes, networks.compute_dtype(config))
   init = network_variables(traj, traj.student_init, traj.student_model, "student")
   final = network_variables(traj, traj.student_final, traj.student_model, "final student")
@@ -485,8 +491,9 @@ def build_setup(traj: Trajectory) -> Setup:
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=jax.device_put(init.get("batch_stats", {})),
                      opt_state=jax.jit(tx.init)(params))
-  compiled = loop.compile_steps(stage, network, tx, schedule, None, steps_per_epoch)
-  teacher_apply = jax.jit(lambda v, x: stage.teacher_network().apply(v, x, train=False))
+  compiled = loop.compile_steps(stage, inputs, network, tx, schedule, None, steps_per_epoch)
+  teacher_apply = jax.jit(
+      lambda v, x: loop.teacher_network(stage, inputs).apply(v, x, train=False))
   return Setup(train=compiled.train, state=state, teacher_variables=teacher.variables,
                teacher_apply=teacher_apply, schedule=schedule, schedule_note=note,
                lr_jaxkd=lr_jaxkd, final_variables=final)

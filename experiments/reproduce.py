@@ -166,7 +166,8 @@ def commands(runs: Sequence[Run], refusals: dict[str, dict[str, str]], workdir: 
 
   first, second = [], []
   for run in runs:
-    teacher_method = next((m for m in run.methods if tables.uses_plain_teacher(m)), None)
+    teacher_method = next((m for m in run.methods
+                           if tables.reads_stage_teacher(run.table, run.pair, m)), None)
     for method in run.methods:
       (first if method == teacher_method else second).append(command(run, method))
   table = runs[0].table.name if runs else ""

@@ -54,6 +54,15 @@ def manager(directory: str, every_steps: int, keep: int) -> ocp.CheckpointManage
     return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The steps orbax has saved in `directory` (a stage's `checkpoints/`), oldest first; none
+  where it does not exist. Read without orbax: the plan lists them before anything runs."""
+  path = epath.Path(directory)
+  if not path.exists():
+    return []
+  return sorted(int(child.name) for child in path.iterdir() if child.name.isdigit())
+
+
 def _host_copy(x: Any) -> Any:
   """What this process holds of a leaf: the whole array for a replicated jax.Array (one of its
   copies, so no process has to talk to another), key data for a PRNG key."""

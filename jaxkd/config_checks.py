@@ -22,12 +22,13 @@ import ml_collections
 
 from jaxkd import models
 from jaxkd import optim
+from jaxkd import recipe
 from jaxkd.errors import UserError, unknown_name
-from jaxkd.methods import Method, canonical_name, get_method
+from jaxkd.methods import Method, get_method
 from jaxkd.models import clip
 
-# jaxkd.stages and jaxkd.data.sources bring TensorFlow (seconds to import): they are imported
-# where values are checked, so that a mistake in the command line itself is answered at once.
+# jaxkd.data.sources brings TensorFlow (seconds to import): it is imported where values are
+# checked, so that a mistake in the command line itself is answered at once.
 # pylint: disable=g-import-not-at-top
 
 _MISSING = object()
@@ -256,8 +257,7 @@ def check_schedule(config: ml_collections.ConfigDict) -> None:
 
 def check_linear_probe(config: ml_collections.ConfigDict) -> None:
   """The probe's dataset, epochs, learning rate and milestones, when there is a probe."""
-  from jaxkd import stages
-  if not stages.linear_probe_enabled(config):
+  if not recipe.linear_probe_enabled(config):
     return
   probe = config.linear_probe
   check_dataset_name("linear_probe.dataset", probe.dataset)
@@ -277,11 +277,10 @@ def check_names(config: ml_collections.ConfigDict,
                 method_lookup: Callable[[str], Method] = get_method) -> None:
   """Models, methods (found by `method_lookup`) and the teacher's options against their
   registries."""
-  from jaxkd import stages
   teacher = config.teacher.name
   for name in (config.student.name,) + (() if teacher in clip.CLIP_MODELS else (teacher,)):
     models.get_model(name, 10)
-  for name in stages.student_methods(config) + list(config.get("method_overrides", {}).keys()):
+  for name in recipe.student_methods(config) + list(config.get("method_overrides", {}).keys()):
     method_lookup(name)
   keep = config.teacher.get("keep", "last")
   if keep not in ("last", "best"):
@@ -300,7 +299,7 @@ def check_names(config: ml_collections.ConfigDict,
 
 def check_dataset(config: ml_collections.ConfigDict) -> None:
   """The dataset's name and normalisation, and its first-N example counts: -1 or 1 .. the size
-  of their split. (Sizes and statistics are read in train.validate, by data.get_dataset_info.)"""
+  of their split. (Sizes and statistics are read by jaxkd.plan, with data.get_dataset_info.)"""
   from jaxkd.data import sources
   dataset = config.dataset
   check_dataset_name("dataset", dataset.name)
@@ -359,17 +358,6 @@ def is_temperature(key: str) -> bool:
   return key == "T" or key.endswith("_T") or key == "temperature" or key.endswith("_temperature")
 
 
-def hparams_field(config: ml_collections.ConfigDict, method: Method) -> str:
-  """Where `method`'s hyper-parameters are set: 'method' or 'method_overrides.<key>' (as
-  stages.method_hparams reads them)."""
-  if method.name == canonical_name(config.method.name):
-    return "method"
-  for key in config.get("method_overrides", {}).keys():
-    if canonical_name(key) == method.name:
-      return f"method_overrides.{key}"
-  return f"method_overrides.{method.name}"
-
-
 def check_hparams(field: str, method: Method, hparams: ml_collections.ConfigDict) -> None:
   """The generic hyper-parameters: temperatures > 0, loss weights (*_weight) >= 0, tuples of
   numbers where the method's default is one; then the method's own check_hparams."""
@@ -393,15 +381,14 @@ def check_methods(config: ml_collections.ConfigDict,
                   method_lookup: Callable[[str], Method] = get_method) -> None:
   """The hyper-parameters of every method the run trains (method_hparams: the effective ones),
   and of the self-supervised method that pretrains the teacher."""
-  from jaxkd import stages
-  for name in stages.student_methods(config):
+  for name in recipe.student_methods(config):
     method = method_lookup(name)
-    check_hparams(hparams_field(config, method), method, stages.method_hparams(config, method))
+    check_hparams(recipe.hparams_field(config, method), method,
+                  recipe.method_hparams(config, method))
   pretrain = config.teacher.get("pretrain", "")
   if pretrain:
     method = method_lookup(pretrain)
-    overrides = config.get("method_overrides", {}).get(pretrain)
-    check_hparams(f"method_overrides.{pretrain}", method, method.hparams(overrides))
+    check_hparams(f"method_overrides.{pretrain}", method, recipe.pretrain_hparams(config, method))
 
 
 # ---------------------------------------------------------------------------- entry

@@ -6,7 +6,7 @@
         --config.dataset.name=cifar100 --config.dataset.data_dir=DIR
 
 prints the top-1 and top-5 (percent) of the network on the dataset's eval split, every example
-counted once, exactly as the trainer's evaluations count them (`jaxkd.loop.evaluate`). The file is
+counted once, as the trainer's evaluations count them (`jaxkd.evaluation.evaluate`). The file is
 any jaxkd variables file of a zoo (or registered) network: an imported or trained teacher
 (`<workdir>/teacher/teacher.msgpack`), or a student exported by a method without heads (KD, CE).
 
@@ -91,7 +91,7 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jaxkd import data  # pylint: disable=g-import-not-at-top
-  from jaxkd import loop  # pylint: disable=g-import-not-at-top
+  from jaxkd import evaluation  # pylint: disable=g-import-not-at-top
   from jaxkd import networks  # pylint: disable=g-import-not-at-top
   from jaxkd import parallel  # pylint: disable=g-import-not-at-top
   from jaxkd import steps  # pylint: disable=g-import-not-at-top
@@ -104,7 +104,7 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
   eval_fn = jax.jit(functools.partial(steps.eval_step, network=network))
   if progress is not None:
     eval_fn = with_progress(eval_fn, data.num_eval_steps(info, config.eval_batch_size), progress)
-  scores = loop.evaluate(network, variables, config, mesh, eval_fn)
+  scores = evaluation.evaluate(network, variables, config, mesh, eval_fn)
   return dict(scores, count=info.num_eval)
 
 

@@ -57,7 +57,7 @@ def template(arch: str, num_classes: int) -> Any:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxkd.models import get_model  # pylint: disable=g-import-not-at-top
-  from jaxkd.state import Network  # pylint: disable=g-import-not-at-top
+  from jaxkd.networks import Network  # pylint: disable=g-import-not-at-top
   network = Network(backbone=get_model(arch, num_classes))
   side = input_size(arch)
   captured = {}

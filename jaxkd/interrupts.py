@@ -83,3 +83,11 @@ def stop_requested(step: int, every: int) -> Optional[int]:
 
 def signal_name(signum: int) -> str:
   return signal.Signals(signum).name
+
+
+def stop_if_requested(stage_name: str, where: str) -> None:
+  """Raises Interrupted when a signal came while no stage was training (every process)."""
+  signum = stop_requested(0, 1)
+  if signum:
+    raise Interrupted(signum, f"[{stage_name}] {signal_name(signum)} {where}; run the same "
+                      "command again to go on")

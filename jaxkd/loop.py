@@ -1,16 +1,16 @@
-"""The loop that runs one stage: its network and state, the jitted steps, evaluation,
+"""The loop that runs one stage: its network and state, the jitted steps, evaluations,
 checkpoints, logs and the result record.
 
-A stage is data (`Stage`): which network learns with which loss, on which views, for how long,
-from which initial variables and beside which frozen teacher. `run_stage` trains it to the end,
-resuming from its last checkpoint, and writes `result.json` last.
+`run_stage` trains a `jaxkd.stage.Stage` to the end, resuming from its last checkpoint, beside
+the teacher and from the initial variables the executor loaded for it (`Inputs`), and writes
+`result.json` last. It decides nothing about which stages a run has (`jaxkd.plan`) and checks
+no config (the plan did).
 """
 
 import dataclasses
 import functools
 import itertools
 import os
-import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -32,107 +32,39 @@ from jaxkd import paths
 from jaxkd import results
 from jaxkd import stage_config
 from jaxkd import steps
-from jaxkd.data import teacher_views
 from jaxkd.errors import UserError
-from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
-                                OnlineTeacherHead)
-from jaxkd.networks import (backbone_only, build_network, compute_dtype, feature_parameters,
-                            init_variables, read_variables, run_once_options,
-                            teacher_output_shapes, without_bridge)
+from jaxkd.evaluation import evaluate
+from jaxkd.methods.base import OnlineTeacherHead
+from jaxkd.networks import (Network, backbone_only, compute_dtype, feature_parameters,
+                            init_variables, run_once_options, teacher_output_shapes,
+                            without_bridge)
 from jaxkd.optim import learning_rate_schedule, make_optimizer
-from jaxkd.results import RESULT_FILE
-from jaxkd.state import Network, TrainState, variables_of
+from jaxkd.progress import Progress, percent
+from jaxkd.stage import NO_CLASSIFIER_NOTE, Stage
+from jaxkd.state import TrainState, variables_of
 from jaxkd.steps import TeacherHeadStep
+from jaxkd.teachers import Teacher, teacher_image_shape
 
-TEACHER_FILE = "teacher.msgpack"
-STUDENT_FILE = "student.msgpack"
-BACKBONE_FILE = "backbone.msgpack"
 # Training batches transferred to the devices ahead of the step that reads them.
 PREFETCH_BATCHES = 2
-NO_CLASSIFIER_NOTE = ("no classifier is trained in this stage, so it has no top-1; its features "
-                      "are judged by the stages that use them (e.g. linear_probe)")
 
 
 @dataclasses.dataclass(frozen=True)
-class Teacher:
-  """A frozen teacher: its network, its variables (replicated) and where they came from.
-
-  `input`: how the teacher sees an image when it needs a view of its own (a CLIP tower: 224 px,
-  CLIP statistics); the pipeline then adds `teacher_image` to the batch. None: the student's.
-  """
-  network: Network
-  variables: Any
-  path: str
-  sha256: str
-  input: Optional[teacher_views.TeacherInput] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  """One training stage: which network learns with which loss, on which views, for how long.
-
-  `init_backbone`: variables loaded into the backbone before training and kept frozen (the
-  backbone then runs in inference mode and only the heads learn).
-  `online_teacher_head`: a head trained on the frozen `teacher` beside the student (its
-  parameters and optimiser state live in the train state's `teacher_head`).
-  `backbone_num_classes`: classes of the backbone's own classifier when they differ from the
-  stage's dataset (a linear probe on another dataset keeps the student's backbone as it is).
-  `scores_top1`: False for a stage that trains no classifier (self-supervised pretraining): the
-  top-1 of its network would mean nothing, so it is not evaluated and its result says so.
-  `bridge`, `num_negatives`: a method's bridge factory and negatives per example (Method.bridge,
-  Method.negatives).
-  `freeze_backbone`: False starts the backbone from `init_backbone` and trains it (a student
-  after its preparation stage).
-  `features_only`: only the backbone's parameters that its taps depend on learn (and the heads
-  and bridge); the classifier keeps its initial values (a student preparation stage).
-  `preact`: both networks give their stage taps before the last ReLU (Method.preact).
-  """
-  name: str
-  model_name: str
-  method_name: str
-  loss: LossFn
-  hparams: ml_collections.ConfigDict
-  num_epochs: int
-  base_lr: float
-  views: str = "none"
-  heads: Optional[HeadsFactory] = None
-  milestones: Optional[tuple[float, ...]] = None
+class Inputs:
+  """What a stage reads, loaded by the executor: the frozen teacher beside it, and the
+  variables its backbone starts from (`Stage.init_from`) with their checksum."""
   teacher: Optional[Teacher] = None
   init_backbone: Optional[Any] = None
   init_backbone_sha256: Optional[str] = None
-  eval_metrics: Optional[EvalMetricsFn] = None
-  select: Optional[Callable[[dict[str, float], ml_collections.ConfigDict], Optional[float]]] = None
-  online_teacher_head: Optional[OnlineTeacherHead] = None
-  backbone_num_classes: Optional[int] = None
-  scores_top1: bool = True
-  bridge: Optional[BridgeFactory] = None
-  num_negatives: int = 0
-  freeze_backbone: bool = True
-  features_only: bool = False
-  preact: bool = False
-
-  def network(self, num_classes: int, dtype: Any = jnp.float32,
-              num_train: Optional[int] = None) -> Network:
-    """The stage's network; the method's bridge too when `num_train` (training) is given."""
-    network = build_network(self.model_name, num_classes, self.heads, self.hparams, dtype,
-                            self.backbone_num_classes)
-    bridge = self.bridge(num_train, self.hparams) if self.bridge and num_train else None
-    frozen = self.init_backbone is not None and self.freeze_backbone
-    return network.clone(frozen_backbone=frozen, bridge=bridge, preact=self.preact)
-
-  def teacher_network(self) -> Optional[Network]:
-    """The frozen teacher's network as this stage runs it (its taps pre-activation with
-    `preact`)."""
-    if self.teacher is None:
-      return None
-    return self.teacher.network.clone(preact=self.preact) if self.preact else self.teacher.network
 
 
-def teacher_image_shape(teacher: Teacher, info: data.DatasetInfo) -> tuple[int, ...]:
-  """[H, W, C] of the images the teacher reads: its own view's, else the dataset's."""
-  if teacher.input is None:
-    return tuple(info.image_shape)
-  return teacher_views.teacher_view_shape(info, teacher.input)
+def teacher_network(stage: Stage, inputs: Inputs) -> Optional[Network]:
+  """The frozen teacher's network as this stage runs it (its taps pre-activation with
+  `preact`)."""
+  if inputs.teacher is None:
+    return None
+  network = inputs.teacher.network
+  return network.clone(preact=True) if stage.preact else network
 
 
 def init_teacher_head(head: OnlineTeacherHead, teacher: Teacher,
@@ -157,67 +89,12 @@ def init_teacher_head(head: OnlineTeacherHead, teacher: Teacher,
   return step, dict(init(jax.random.fold_in(jax.random.key(seed), 1)))
 
 
-def _eval_sums(fn: Callable, variables: Any, config: ml_collections.ConfigDict, views: str,
-               mesh: jax.sharding.Mesh) -> dict[str, float]:
-  totals: dict[str, float] = {}
-  threads = max(config.get("input_workers", 0), data.pipeline.THREADS)
-  for local in data.eval_batches(config.dataset, views, config.eval_batch_size,
-                                 jax.process_index(), jax.process_count(), num_threads=threads):
-    sums = jax.device_get(fn(variables, parallel.to_global(local, mesh)))
-    for key, value in sums.items():
-      totals[key] = totals.get(key, 0.0) + float(value)
-  return totals
-
-
-def evaluate(network: Network, variables: Any, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh, eval_fn: Callable,
-             method_eval: Optional[tuple[str, Callable]] = None) -> dict[str, float]:
-  """Top-1 / top-5 (percent) over the whole eval split, every example counted once, and the
-  method's own metrics (percent) when `method_eval` = (views, jitted method_eval_step)."""
-  totals = _eval_sums(eval_fn, variables, config, "none", mesh)
-  n = max(totals.pop("count"), 1.0)
-  scores = {key: 100.0 * value / n for key, value in totals.items()}
-  if method_eval is not None:
-    views, fn = method_eval
-    extra = _eval_sums(fn, variables, config, views, mesh)
-    n = max(extra.pop("count"), 1.0)
-    scores.update({key: 100.0 * value / n for key, value in extra.items()})
-  return scores
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-class Progress:
-  """One line per log interval: step, epoch, loss, steps/s, images/s and ETA."""
-
-  def __init__(self, stage: str, total_steps: int, steps_per_epoch: int, batch_size: int,
-               start_step: int):
-    self.stage, self.total, self.per_epoch = stage, total_steps, steps_per_epoch
-    self.batch_size = batch_size
-    self.last_step, self.last_time = start_step, time.perf_counter()
-
-  def line(self, step: int, scalars: dict[str, float]) -> str:
-    now = time.perf_counter()
-    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    epoch = (step - 1) // self.per_epoch + 1
-    eta = (self.total - step) / max(rate, 1e-9)
-    return (f"[{self.stage}] step {step}/{self.total} epoch {epoch}/"
-            f"{-(-self.total // self.per_epoch)} loss {scalars.get('loss', float('nan')):.4f} | "
-            f"{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s | ETA {_format_seconds(eta)}")
-
-
-def stage_description(stage: Stage, config: ml_collections.ConfigDict) -> dict[str, Any]:
+def stage_description(stage: Stage, inputs: Inputs) -> dict[str, Any]:
   """What identifies a finished stage; a workdir that holds another one is refused."""
   return {"model": stage.model_name, "method": stage.method_name,
-          "num_epochs": stage.num_epochs, "dataset": config.dataset.name,
-          "teacher_sha256": stage.teacher.sha256 if stage.teacher else None,
-          "backbone_sha256": stage.init_backbone_sha256}
+          "num_epochs": stage.num_epochs, "dataset": stage.config.dataset.name,
+          "teacher_sha256": inputs.teacher.sha256 if inputs.teacher else None,
+          "backbone_sha256": inputs.init_backbone_sha256}
 
 
 def frozen_parameters(stage: Stage, network: Network, variables: Any,
@@ -229,23 +106,24 @@ def frozen_parameters(stage: Stage, network: Network, variables: Any,
     frozen = {name: False for name in variables["params"]}
     frozen["backbone"] = jax.tree.map(lambda u: not u, used)
     return frozen
-  if stage.init_backbone is not None and stage.freeze_backbone:
+  if stage.init_from is not None and stage.freeze_backbone:
     return {name: name == "backbone" for name in variables["params"]}
   return None
 
 
-def initial_state(stage: Stage, network: Network, config: ml_collections.ConfigDict,
-                  schedule: optax.Schedule, mesh: jax.sharding.Mesh, info: data.DatasetInfo
+def initial_state(stage: Stage, inputs: Inputs, network: Network, schedule: optax.Schedule,
+                  mesh: jax.sharding.Mesh, info: data.DatasetInfo
                   ) -> tuple[TrainState, optax.GradientTransformation, Optional[TeacherHeadStep]]:
   """The stage's first train state (replicated), its optimiser and its online teacher head."""
+  config, teacher = stage.config, inputs.teacher
   teacher_out = None
-  if stage.bridge is not None and stage.teacher is not None and not stage.online_teacher_head:
-    teacher_out = teacher_output_shapes(stage.teacher_network(), stage.teacher.variables,
-                                        teacher_image_shape(stage.teacher, info))
+  if stage.bridge is not None and teacher is not None and not stage.online_teacher_head:
+    teacher_out = teacher_output_shapes(teacher_network(stage, inputs), teacher.variables,
+                                        teacher_image_shape(teacher, info))
   variables = init_variables(network, info.image_shape, config.seed, mesh, teacher_out)
-  if stage.init_backbone is not None:
+  if inputs.init_backbone is not None:
     # Copies: the train step donates the state, and the frozen teacher is used again later.
-    loaded = jax.tree.map(jnp.copy, backbone_only(stage.init_backbone))
+    loaded = jax.tree.map(jnp.copy, backbone_only(inputs.init_backbone))
     variables = {col: dict(tree, backbone=loaded[col]["backbone"])
                  for col, tree in variables.items()}
   tx = make_optimizer(config, schedule, frozen_parameters(stage, network, variables, info))
@@ -254,19 +132,19 @@ def initial_state(stage: Stage, network: Network, config: ml_collections.ConfigD
                      opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
   head = None
   if stage.online_teacher_head is not None:
-    head, head_state = init_teacher_head(stage.online_teacher_head, stage.teacher, stage.hparams,
+    head, head_state = init_teacher_head(stage.online_teacher_head, teacher, stage.hparams,
                                          info, config.seed, mesh)
     state = state.replace(teacher_head=head_state)
   return parallel.replicate(state, mesh), tx, head
 
 
-def restore(stage: Stage, mngr: Any, state: TrainState, stage_dir: str
+def restore(inputs: Inputs, mngr: Any, state: TrainState, stage_dir: str
             ) -> tuple[TrainState, dict[str, Any]]:
   """The newest intact checkpoint of the stage and its record, else `state` and a new record.
 
   A damaged newer checkpoint is reported and passed over (checkpoint.restore_latest).
   """
-  teacher = stage.teacher
+  teacher = inputs.teacher
   workdir = results.workdir_of(stage_dir)
   record = {"best_top1": 0.0, "history": [],
             "teacher_path": results.recorded_path(teacher.path, workdir) if teacher else None,
@@ -276,11 +154,11 @@ def restore(stage: Stage, mngr: Any, state: TrainState, stage_dir: str
   if restored is None:
     return state, record
   state, record = restored
-  if stage.teacher and record.get("teacher_sha256") != stage.teacher.sha256:
+  if teacher and record.get("teacher_sha256") != teacher.sha256:
     raise UserError(
         f"{stage_dir} was started with teacher {record.get('teacher_path')!r} "
-        f"(sha256 {record.get('teacher_sha256')}) but this run uses {stage.teacher.path!r} "
-        f"(sha256 {stage.teacher.sha256}); use a new --workdir")
+        f"(sha256 {record.get('teacher_sha256')}) but this run uses {teacher.path!r} "
+        f"(sha256 {teacher.sha256}); use a new --workdir")
   return state, record
 
 
@@ -295,13 +173,13 @@ class StageSteps:
   total_steps: int
 
 
-def compile_steps(stage: Stage, network: Network, tx: optax.GradientTransformation,
-                  schedule: optax.Schedule, head: Optional[TeacherHeadStep],
-                  steps_per_epoch: int) -> StageSteps:
+def compile_steps(stage: Stage, inputs: Inputs, network: Network,
+                  tx: optax.GradientTransformation, schedule: optax.Schedule,
+                  head: Optional[TeacherHeadStep], steps_per_epoch: int) -> StageSteps:
   """Jits the stage's train step (donating the state), its eval step and the method's own."""
   train = jax.jit(
       functools.partial(steps.train_step, network=network,
-                        teacher_network=stage.teacher_network(), loss=stage.loss,
+                        teacher_network=teacher_network(stage, inputs), loss=stage.loss,
                         hparams=stage.hparams, tx=tx, schedule=schedule,
                         steps_per_epoch=steps_per_epoch, teacher_head=head),
       donate_argnums=(0,), compiler_options=parallel.step_compiler_options())
@@ -316,63 +194,66 @@ def compile_steps(stage: Stage, network: Network, tx: optax.GradientTransformati
                     total_steps=stage.num_epochs * steps_per_epoch)
 
 
-def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
-              mesh: jax.sharding.Mesh, info: data.DatasetInfo,
-              export_file: Optional[str] = None) -> dict[str, Any]:
-  """Trains one stage to the end (resuming if interrupted) and returns its result record.
+def reuse_stage(stage: Stage, inputs: Inputs, workdir: str) -> dict[str, Any]:
+  """The record of a finished stage (its `result.json`), refused if it holds another stage."""
+  stage_dir = os.path.join(workdir, stage.name)
+  result = results.read_result(workdir, stage.name)
+  results.check_same_stage(result, stage_description(stage, inputs), stage_dir)
+  print(f"[{stage.name}] already done ({os.path.join(stage_dir, results.RESULT_FILE)}): top-1 "
+        f"{percent(result['top1_last'])}")
+  return result
+
+
+def run_stage(stage: Stage, inputs: Inputs, workdir: str, mesh: jax.sharding.Mesh,
+              info: data.DatasetInfo) -> dict[str, Any]:
+  """Trains one stage to the end (resuming if interrupted) and returns its result record; a
+  finished stage is not trained again (see reuse_stage).
 
   The record is also written to `<workdir>/<stage>/result.json`, last, so that its presence
-  means the stage is complete. With `export_file`, the final variables are first written to
-  that file in the stage directory (how a trained teacher is handed to the next stages).
+  means the stage is complete. With `stage.export_file`, the final variables are first written
+  to that file in the stage directory (how a trained network is handed to the next stages).
   """
   stage_dir = os.path.join(workdir, stage.name)
-  result_path = os.path.join(stage_dir, RESULT_FILE)
-  description = stage_description(stage, config)
-  stop_if_interrupted(stage.name, f"before stage {stage.name} started")
-  if epath.Path(result_path).exists():
-    result = results.read_result(workdir, stage.name)
-    results.check_same_stage(result, description, stage_dir)
-    stage_config.check(stage, config, stage_dir)
-    print(f"[{stage.name}] already done ({result_path}): top-1 {_percent(result['top1_last'])}")
-    return result
+  interrupts.stop_if_requested(stage.name, f"before stage {stage.name} started")
+  if epath.Path(os.path.join(stage_dir, results.RESULT_FILE)).exists():
+    return reuse_stage(stage, inputs, workdir)
   paths.check_writable(stage_dir, "stage directory",
                        "make it writable, or pass another --workdir")
-  stage_config.check_and_save(stage, config, stage_dir,
-                              started=_has_checkpoint(os.path.join(stage_dir, "checkpoints")))
+  stage_config.save(stage, stage_dir, started=bool(checkpoint.saved_steps(
+      os.path.join(stage_dir, "checkpoints"))))
 
+  config = stage.config
   network = stage.network(info.num_classes, compute_dtype(config), info.num_train)
   steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
   schedule = learning_rate_schedule(config, stage.base_lr, stage.num_epochs, steps_per_epoch,
                                     stage.milestones)
-  state, tx, head = initial_state(stage, network, config, schedule, mesh, info)
+  state, tx, head = initial_state(stage, inputs, network, schedule, mesh, info)
   mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"),
                             config.checkpoint_every_steps, config.keep_checkpoints)
-  state, record = restore(stage, mngr, state, stage_dir)
+  state, record = restore(inputs, mngr, state, stage_dir)
   start_step = int(jax.device_get(state.step))
   if start_step:
     print(f"[{stage.name}] resuming from step {start_step} ({mngr.directory})")
-  compiled = compile_steps(stage, network, tx, schedule, head, steps_per_epoch)
-  state = train_loop(stage, compiled, state, record, mngr, config, mesh, stage_dir, start_step,
-                     export_file)
-  return finish_stage(stage, compiled, state, record, mngr, config, mesh, stage_dir,
-                      description, export_file)
+  compiled = compile_steps(stage, inputs, network, tx, schedule, head, steps_per_epoch)
+  state = train_loop(stage, inputs, compiled, state, record, mngr, mesh, stage_dir, start_step)
+  return finish_stage(stage, inputs, compiled, state, record, mngr, mesh, stage_dir)
 
 
-def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: dict[str, Any],
-               mngr: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-               stage_dir: str, start_step: int, export_file: Optional[str]) -> TrainState:
-  """Steps `start_step + 1 … total_steps`: logs, evaluations and checkpoints on their cadence."""
-  teacher = stage.teacher
-  teacher_variables = teacher.variables if teacher else None
-  total_steps, steps_per_epoch = compiled.total_steps, compiled.steps_per_epoch
+def _writer(stage_dir: str, start_step: int) -> Any:
+  """The stage's metric writer: TensorBoard and `metrics.jsonl` (process 0), logging elsewhere."""
   writer = metric_writers.create_default_writer(
       stage_dir, just_logging=jax.process_index() > 0, asynchronous=False)
   if jax.process_index() == 0:
     writer = metric_writers.MultiWriter(
         [writer, metrics_log.JsonLinesWriter(stage_dir, resume_step=start_step)])
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps, every_secs=None)
-  progress = Progress(stage.name, total_steps, steps_per_epoch, config.batch_size, start_step)
+  return writer
+
+
+def _batches(stage: Stage, inputs: Inputs, mesh: jax.sharding.Mesh, start_step: int,
+             total_steps: int) -> Iterator[Any]:
+  """The stage's training batches from `start_step` on, on the devices ahead of the step that
+  reads them; none read past the stage's last step."""
+  config, teacher = stage.config, inputs.teacher
   local_batches = data.train_batches(config.dataset, stage.views, config.batch_size,
                                      seed=config.seed, start_step=start_step,
                                      process_index=jax.process_index(),
@@ -380,16 +261,28 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
                                      teacher_input=teacher.input if teacher else None,
                                      num_negatives=stage.num_negatives,
                                      num_workers=config.get("input_workers", 0))
-  # On the devices ahead of the step that reads them; none read past the stage's last step.
-  batches = parallel.prefetch_to_mesh(_take_then_close(local_batches, total_steps - start_step),
-                                      mesh, PREFETCH_BATCHES)
+  return parallel.prefetch_to_mesh(_take_then_close(local_batches, total_steps - start_step),
+                                   mesh, PREFETCH_BATCHES)
+
+
+def train_loop(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainState,
+               record: dict[str, Any], mngr: Any, mesh: jax.sharding.Mesh, stage_dir: str,
+               start_step: int) -> TrainState:
+  """Steps `start_step + 1 … total_steps`: logs, evaluations and checkpoints on their cadence."""
+  config = stage.config
+  teacher_variables = inputs.teacher.variables if inputs.teacher else None
+  total_steps, steps_per_epoch = compiled.total_steps, compiled.steps_per_epoch
+  writer = _writer(stage_dir, start_step)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)
+  progress = Progress(stage.name, total_steps, steps_per_epoch, config.batch_size, start_step)
+  batches = _batches(stage, inputs, mesh, start_step, total_steps)
   checkpoint_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   pending: list[dict[str, jax.Array]] = []  # Since the last log line.
   unchecked = divergence.Unchecked(stage.name, mngr)  # Since the last finiteness check.
   eval_every = max(config.eval_every_epochs, 1)
   for step in range(start_step + 1, total_steps + 1):
-    batch = next(batches)
-    state, metrics = compiled.train(state, teacher_variables, batch)
+    state, metrics = compiled.train(state, teacher_variables, next(batches))
     pending.append(metrics)
     unchecked.add(step, metrics)
     report(step)
@@ -403,8 +296,8 @@ def train_loop(stage: Stage, compiled: StageSteps, state: TrainState, record: di
     if stage.scores_top1 and (step == total_steps or (step % steps_per_epoch == 0
                                                       and epoch % eval_every == 0)):
       unchecked.check()  # A diverged network is never evaluated, selected or exported.
-      evaluate_and_record(stage, compiled, state, record, mngr, config, mesh, stage_dir, step,
-                          epoch, writer, export_file)
+      evaluate_and_record(stage, compiled, state, record, mngr, mesh, stage_dir, step, epoch,
+                          writer)
     signum = interrupts.stop_requested(step, config.log_every_steps)
     if signum or step == total_steps or mngr.should_save(step):
       unchecked.check()  # Only finite states are checkpointed.
@@ -435,17 +328,17 @@ def _take_then_close(batches: Iterator[Any], num: int) -> Iterator[Any]:
 
 
 def evaluate_and_record(stage: Stage, compiled: StageSteps, state: TrainState,
-                        record: dict[str, Any], mngr: Any, config: ml_collections.ConfigDict,
-                        mesh: jax.sharding.Mesh, stage_dir: str, step: int, epoch: int,
-                        writer: Any, export_file: Optional[str]) -> None:
+                        record: dict[str, Any], mngr: Any, mesh: jax.sharding.Mesh,
+                        stage_dir: str, step: int, epoch: int, writer: Any) -> None:
   """One evaluation: logged, added to the record, and the selected variables kept if best."""
   # A background checkpoint write must not overlap opening a split: tfds' mock data
   # redirects file access while it does.
   mngr.wait_until_finished()
-  scores = evaluate(compiled.network, variables_of(state), config, mesh, compiled.eval,
+  scores = evaluate(compiled.network, variables_of(state), stage.config, mesh, compiled.eval,
                     compiled.method_eval)
   record["best_top1"] = max(record["best_top1"], scores["top1"])
   record["history"].append({"step": step, "epoch": epoch, **scores})
+  export_file = stage.export_file
   selected = stage.select(scores, stage.hparams) if stage.select and export_file else None
   if selected is not None and selected > record.get("selected_score", -float("inf")):
     # Written before the checkpoint that records it, so a resumed run never loses it.
@@ -458,91 +351,49 @@ def evaluate_and_record(stage: Stage, compiled: StageSteps, state: TrainState,
         f"top-5 {scores['top5']:.2f} (best {record['best_top1']:.2f})", flush=True)
 
 
-def finish_stage(stage: Stage, compiled: StageSteps, state: TrainState, record: dict[str, Any],
-                 mngr: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                 stage_dir: str, description: dict[str, Any], export_file: Optional[str]
+def _scores(stage: Stage, compiled: StageSteps, state: TrainState, record: dict[str, Any],
+            mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """The result's top-1 fields: the last evaluation's (or one now), or none without a
+  classifier."""
+  if not stage.scores_top1:
+    return dict(top1_last=None, top5_last=None, top1_best=None, note=NO_CLASSIFIER_NOTE)
+  last = record["history"][-1] if record["history"] else evaluate(
+      compiled.network, variables_of(state), stage.config, mesh, compiled.eval,
+      compiled.method_eval)
+  return dict(top1_last=last["top1"], top5_last=last["top5"],
+              top1_best=max(record["best_top1"], last["top1"]),
+              eval_last={k: v for k, v in last.items() if k not in ("step", "epoch")})
+
+
+def finish_stage(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainState,
+                 record: dict[str, Any], mngr: Any, mesh: jax.sharding.Mesh, stage_dir: str
                  ) -> dict[str, Any]:
   """The stage's result record, written last (after the exported variables, if any).
 
   Returned with its paths as this run reaches them; written with those inside the workdir
   relative to it (jaxkd.results).
   """
-  common = dict(description, stage=stage.name, steps=compiled.total_steps,
-                checkpoints=os.path.join(stage_dir, "checkpoints"), logdir=stage_dir)
-  if stage.scores_top1:
-    last = record["history"][-1] if record["history"] else evaluate(
-        compiled.network, variables_of(state), config, mesh, compiled.eval,
-        compiled.method_eval)
-    result = dict(common, top1_last=last["top1"], top5_last=last["top5"],
-                  top1_best=max(record["best_top1"], last["top1"]),
-                  eval_last={k: v for k, v in last.items() if k not in ("step", "epoch")})
-  else:
-    result = dict(common, top1_last=None, top5_last=None, top1_best=None,
-                  note=NO_CLASSIFIER_NOTE)
-  if stage.teacher is not None:
-    result["teacher_path"] = stage.teacher.path
-  if export_file is not None:
-    result["export"] = os.path.join(stage_dir, export_file)
+  del mngr
+  result = dict(stage_description(stage, inputs), stage=stage.name,
+                steps=compiled.total_steps, checkpoints=os.path.join(stage_dir, "checkpoints"),
+                logdir=stage_dir, **_scores(stage, compiled, state, record, mesh))
+  if inputs.teacher is not None:
+    result["teacher_path"] = inputs.teacher.path
+  if stage.export_file is not None:
+    result["export"] = os.path.join(stage_dir, stage.export_file)
     result["export_sha256"] = checkpoint.export_variables(result["export"],
                                                           without_bridge(variables_of(state)))
     if "selected_step" in record:
-      result["export"] = os.path.join(stage_dir, "best_" + export_file)
+      result["export"] = os.path.join(stage_dir, "best_" + stage.export_file)
       result["export_sha256"] = checkpoint.file_sha256(result["export"])
       result.update(selected_score=record["selected_score"],
                     selected_step=record["selected_step"])
+  if stage.backbone_file is not None:
+    checkpoint.export_variables(os.path.join(stage_dir, stage.backbone_file),
+                                backbone_only(without_bridge(variables_of(state))))
   return results.write_result(stage_dir, result)
-
-
-def _percent(value: Optional[float]) -> str:
-  """A top-1 / top-5 for printing; '-' where a stage has none (no classifier trained)."""
-  return "-" if value is None else f"{value:.2f}"
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   host = jax.device_get(pending)
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-
-
-def _has_checkpoint(directory: str) -> bool:
-  """Whether orbax has saved any step in `directory` (a started stage)."""
-  path = epath.Path(directory)
-  return path.exists() and any(child.name.isdigit() for child in path.iterdir())
-
-
-def stop_if_interrupted(stage_name: str, where: str) -> None:
-  """Raises Interrupted when a signal came while no stage was training (every process)."""
-  signum = interrupts.stop_requested(0, 1)
-  if signum:
-    raise interrupts.Interrupted(signum, f"[{stage_name}] {interrupts.signal_name(signum)} "
-                                 f"{where}; run the same command again to go on")
-
-
-
-
-def load_teacher(network: Network, path: str, info: data.DatasetInfo,
-                 mesh: jax.sharding.Mesh, sha256: Optional[str] = None, remedy: str = "",
-                 what: str = "teacher checkpoint") -> Teacher:
-  """A frozen teacher from a jaxkd variables file, checked against the network's tree.
-
-  With `sha256` the file must have that checksum (see checkpoint.read_verified).
-  """
-  variables = parallel.replicate(
-      read_variables(network, path, info.image_shape, what, sha256, remedy), mesh)
-  return Teacher(network=network, variables=variables, path=path,
-                 sha256=sha256 or checkpoint.file_sha256(path))
-
-
-def load_export(network: Network, result: dict[str, Any], info: data.DatasetInfo,
-                mesh: jax.sharding.Mesh) -> Teacher:
-  """The variables a finished stage exported (its `result`, paths resolved), as a frozen
-  teacher; refused unless the file has the sha256 the stage recorded, with the rerun that
-  writes it again: the stage finished again from its last checkpoint, or (a `best_` file,
-  which no checkpoint keeps) trained again."""
-  stage_dir, export = result["logdir"], result["export"]
-  if os.path.basename(export).startswith("best_"):
-    remedy = f"remove {stage_dir} and rerun (stage {result['stage']} is trained again)"
-  else:
-    remedy = (f"remove {os.path.join(stage_dir, RESULT_FILE)} and rerun (stage "
-              f"{result['stage']} is finished again from its last checkpoint)")
-  return load_teacher(network, export, info, mesh, sha256=result.get("export_sha256"),
-                      remedy=remedy, what=f"stage {result['stage']}'s export")

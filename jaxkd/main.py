@@ -8,9 +8,15 @@ A config file may take an argument after a colon: `--config configs/demo.py:runl
 
     python -m jaxkd.main --config configs/demo.py:runlocal --print_config
 
-Every field is checked before anything is written (jaxkd/config_checks.py): a misspelt field
-(with the nearest name), a missing or broken config file, a value of the wrong type or out of its
-range ends with one line `error: …` and exit status 2.
+`--plan` checks everything and prints the run's plan (jaxkd/plan.py), one stage a line: its
+network, method, epochs, steps, images per step, learning rate, teacher and its state in the
+workdir (done, resume from step N, to run), and exits without writing anything:
+
+    python -m jaxkd.main --config configs/demo.py --workdir runs/demo --plan
+
+Every field is checked before anything is written (jaxkd/config_checks.py, called by the plan): a
+misspelt field (with the nearest name), a missing or broken config file, a value of the wrong type
+or out of its range ends with one line `error: …` and exit status 2.
 
 Several processes (hosts of a TPU pod slice, GPU nodes) run the same command with `--distributed`
 (TPU pods, SLURM, Open MPI detect the rest) or with `--coordinator_address=host:port
@@ -46,6 +52,7 @@ class Command:
   config: ml_collections.ConfigDict
   workdir: Optional[str]
   print_config: bool = False
+  show_plan: bool = False
   coordinator_address: Optional[str] = None
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
@@ -66,6 +73,9 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str],
                       flag_values=flag_values)
   flags.DEFINE_bool("print_config", False, "Print every config field after the overrides "
                     "(name = value) and exit.", flag_values=flag_values)
+  flags.DEFINE_bool("plan", False, "Check everything, print the run's stages (epochs, steps, "
+                    "teacher, state in the workdir) and exit without writing anything.",
+                    flag_values=flag_values)
   # Multi-process runs (jaxkd/distributed.py): all three flags, or --distributed to detect them.
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (default: "
                       "$JAX_COORDINATOR_ADDRESS).", flag_values=flag_values)
@@ -114,12 +124,13 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues) -> Command:
   command = Command(
       config=flag_values["config"].value, workdir=flag_values["workdir"].value,
       print_config=flag_values["print_config"].value,
+      show_plan=flag_values["plan"].value,
       coordinator_address=flag_values["coordinator_address"].value,
       num_processes=flag_values["num_processes"].value,
       process_id=flag_values["process_id"].value,
       distributed=flag_values["distributed"].value,
       verbosity_given="verbosity" in flag_values and flag_values["verbosity"].present)
-  if not command.workdir and not command.print_config:
+  if not command.workdir and not command.print_config and not command.show_plan:
     raise UserError("--workdir is required: the directory for checkpoints, logs and results")
   return command
 
@@ -142,13 +153,12 @@ def _parse_flags(parse_fn, argv: list[str], config: Optional[ml_collections.Conf
 
 
 def execute(command: Command) -> int:
-  """Runs a parsed command; returns its exit status. Every field is checked before the workdir
-  is touched; a UserError ends the run with one line `error: …`."""
+  """Runs a parsed command; returns its exit status. Every field is checked (by the plan)
+  before the workdir is touched; a UserError ends the run with one line `error: …`."""
   try:
     if command.print_config:
       print("\n".join(config_checks.field_lines(command.config)))
       return 0
-    config_checks.check_config(command.config)
     return _train(command)
   except UserError as e:
     return report(e)
@@ -173,6 +183,13 @@ def _train(command: Command) -> int:
     # Process 0 alone prints progress and the table; the others' errors still reach stderr.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     logging.set_verbosity(logging.ERROR)
+  if command.show_plan:
+    from jaxkd import parallel  # pylint: disable=g-import-not-at-top
+    from jaxkd import plan  # pylint: disable=g-import-not-at-top
+    run_plan = plan.make_plan(command.config, command.workdir, parallel.create_mesh(),
+                              cache=False)
+    print(plan.describe(run_plan))
+    return 0
   train.train_and_evaluate(command.config, command.workdir)
   return 0
 

@@ -65,37 +65,32 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
           or (key in saved) != (key in current)]
 
 
-def _changes(stage: Any, config: ml_collections.ConfigDict, stage_dir: str
-             ) -> tuple[dict[str, Any], Any, list[str]]:
-  """(this run's effective config, the saved record or None, the fields that differ)."""
+def check(stage: Any, stage_dir: str) -> None:
+  """Refuses a stage directory whose saved config.json holds other effective values than this
+  run's (resuming or reusing it would mix two configs), unless `allow_changed_config`."""
   path = epath.Path(os.path.join(stage_dir, CONFIG_FILE))
-  current = effective_config(stage, config)
-  saved = json.loads(path.read_text()) if path.exists() else None
-  changed = differences(saved["effective"], current) if saved is not None else []
-  if changed and not config.get("allow_changed_config", False):
+  if not path.exists():
+    return
+  changed = differences(json.loads(path.read_text())["effective"],
+                        effective_config(stage, stage.config))
+  if changed and not stage.config.get("allow_changed_config", False):
     shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
     raise UserError(
         f"{stage_dir} was trained with another config ({shown}); use a new --workdir, or "
         "--config.allow_changed_config=True to go on with the new values")
-  return current, saved, changed
 
 
-def check(stage: Any, config: ml_collections.ConfigDict, stage_dir: str) -> None:
-  """Refuses to reuse a finished stage trained under other effective values (its saved config
-  stays as it is: it describes the result beside it)."""
-  _changes(stage, config, stage_dir)
-
-
-def check_and_save(stage: Any, config: ml_collections.ConfigDict, stage_dir: str,
-                   started: bool) -> None:
-  """Refuses to resume a stage started under other effective values, then saves this run's
-  (process 0). `started`: the stage has a checkpoint (a fresh stage only saves)."""
-  current, saved, changed = _changes(stage, config, stage_dir) if started else (
-      effective_config(stage, config), None, [])
-  if saved is not None and not changed:
+def save(stage: Any, stage_dir: str, started: bool) -> None:
+  """Saves this run's effective config in the stage directory (process 0); where the stage
+  was `started` (it has a checkpoint) under other values, which the plan let through with
+  `allow_changed_config`, the old ones are kept in `history`."""
+  path = epath.Path(os.path.join(stage_dir, CONFIG_FILE))
+  current = effective_config(stage, stage.config)
+  saved = json.loads(path.read_text()) if started and path.exists() else None
+  if saved is not None and not differences(saved["effective"], current):
     return
   history = saved.get("history", []) + [saved["effective"]] if saved is not None else []
   if jax.process_index() == 0:
-    record = {"effective": current, "history": history, "run": _plain(config.to_dict())}
+    record = {"effective": current, "history": history, "run": _plain(stage.config.to_dict())}
     paths.write_atomically(os.path.join(stage_dir, CONFIG_FILE),
                            json.dumps(record, indent=1).encode())

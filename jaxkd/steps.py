@@ -16,7 +16,8 @@ import optax
 
 from jaxkd.methods.base import EvalMetricsFn, LossFn
 from jaxkd.methods.losses import topk_correct
-from jaxkd.state import Network, TrainState
+from jaxkd.networks import Network
+from jaxkd.state import TrainState
 
 
 def flatten_views(images: jax.Array) -> jax.Array:

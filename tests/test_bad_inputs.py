@@ -17,7 +17,7 @@ import helpers
 
 from configs import demo
 from jaxkd import main
-from jaxkd import train
+from jaxkd import plan
 from jaxkd.data import digits
 from jaxkd.errors import UserError
 
@@ -227,7 +227,7 @@ def test_print_config_lists_the_fields_after_overrides_and_writes_nothing(tmp_pa
 def test_validate_checks_every_field_first():
   config = helpers.set_fields(demo.get_config("runlocal"), {"keep_checkpoints": 0})
   with pytest.raises(UserError, match="keep_checkpoints is 0; it must be an integer >= 1"):
-    train.validate(config, jax.sharding.Mesh(jax.devices()[:1], ("data",)))
+    plan.make_plan(config, None, jax.sharding.Mesh(jax.devices()[:1], ("data",)))
 
 
 def test_the_real_entry_point_answers_the_same(files, tmp_path, capsys):

@@ -19,7 +19,7 @@ from configs import default
 from jaxkd import checkpoint
 from jaxkd import networks
 from jaxkd import parallel
-from jaxkd import stages
+from jaxkd import recipe
 from jaxkd import steps
 from jaxkd import train
 from jaxkd.data import sources
@@ -143,8 +143,8 @@ def test_repdistiller_names_are_aliases():
   config.method.name = "hint"
   config.baselines = "fitnet,attention,at"
   config.method_overrides = ml_collections.ConfigDict(dict(attention=dict(feat_weight=5.0)))
-  assert stages.student_methods(config) == ["fitnet", "at"]
-  assert stages.method_hparams(config, get_method("at")).feat_weight == 5.0
+  assert recipe.student_methods(config) == ["fitnet", "at"]
+  assert recipe.method_hparams(config, get_method("at")).feat_weight == 5.0
 
 
 def test_default_weights_are_the_reference_scripts():
@@ -264,15 +264,15 @@ def test_method_name_on_the_default_config_starts_from_that_methods_defaults():
   config = default.get_config()
   config.lock()
   config.method.name = "fitnet"
-  assert dict(stages.method_hparams(config, get_method("fitnet"))) == dict(
+  assert dict(recipe.method_hparams(config, get_method("fitnet"))) == dict(
       get_method("fitnet").defaults)
   config.method.name, config.method.T = "kd", 2.0
-  hparams = stages.method_hparams(config, get_method("kd"))
+  hparams = recipe.method_hparams(config, get_method("kd"))
   assert (hparams.T, hparams.ce_weight, hparams.kd_weight) == (2.0, 0.1, 0.9)
   # configs/default.py:<method> lists the method's fields; per-pair ones stay the pair's.
   config = default.get_config("dkd")
   assert set(config.method) == set(get_method("dkd").defaults) | {"name"}
   config.teacher.name, config.student.name = "resnet56", "resnet20"
-  assert stages.method_hparams(config, get_method("dkd")).beta == 2.0
+  assert recipe.method_hparams(config, get_method("dkd")).beta == 2.0
   config.method.beta = 3.0
-  assert stages.method_hparams(config, get_method("dkd")).beta == 3.0
+  assert recipe.method_hparams(config, get_method("dkd")).beta == 3.0

@@ -19,7 +19,7 @@ from jaxkd.errors import UserError
 from jaxkd.methods import ega, get_method
 from jaxkd.methods.base import Method
 from jaxkd.models import clip
-from jaxkd.state import Network
+from jaxkd.networks import Network
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 

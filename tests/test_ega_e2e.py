@@ -18,11 +18,13 @@ import helpers
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import data
-from jaxkd import loop
 from jaxkd import networks
 from jaxkd import models
 from jaxkd import parallel
-from jaxkd import stages
+from jaxkd import plan
+from jaxkd import results
+from jaxkd import stage as stage_lib
+from jaxkd import teachers
 from jaxkd import steps
 from jaxkd import train
 from jaxkd.data import teacher_views
@@ -117,7 +119,7 @@ def test_pretrain_student_and_linear_probe_stages(ega_run):
   table = train.results_table(results, workdir)
   assert table.splitlines()[2].split()[3:] == ["-", "-", "-"]
   # The teacher EGA reads is the pretrained backbone, without the projection head.
-  backbone_file = os.path.join(workdir, "pretrain", loop.BACKBONE_FILE)
+  backbone_file = os.path.join(workdir, "pretrain", stage_lib.BACKBONE_FILE)
   assert student["teacher_sha256"] == checkpoint.file_sha256(backbone_file)
   pretrained = networks.build_network("resnet8", 10, simclr.projection_heads,
                                    simclr.METHOD.hparams())
@@ -153,8 +155,10 @@ def test_a_zoo_teacher_of_an_online_head_sees_its_own_view(ega_run):
   config, workdir, _ = ega_run
   mesh = parallel.create_mesh()
   info = data.get_dataset_info(config.dataset)
-  teachers = stages.Teachers(config, workdir, mesh, info, [])
-  teacher = teachers.for_method(ega.METHOD, ega.METHOD.hparams())
+  run_plan = plan.make_plan(config, workdir, mesh)
+  source = run_plan.stage("student_ega").teacher
+  teacher = teachers.Teachers(config, info, mesh).get(
+      source, {"pretrain": results.read_result(workdir, "pretrain")})
   assert teacher.input == teacher_views.DATASET_INPUT
   batch = next(data.train_batches(config.dataset, "none", 8, seed=0,
                                   teacher_input=teacher.input))
@@ -181,7 +185,7 @@ def test_resumed_student_ends_with_the_same_teacher_head(ega_run, tmp_path, caps
   student and online teacher head alike. The pretrained teacher is imported from its file."""
   config, ref_workdir, _ = ega_run
   resumed = ega_config(config.dataset.data_dir, **{
-      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", loop.BACKBONE_FILE),
+      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", stage_lib.BACKBONE_FILE),
       "linear_probe.dataset": ""})
   workdir = str(tmp_path / "resumed")
   shutil.copytree(os.path.join(ref_workdir, "student_ega", "checkpoints", "2"),
@@ -203,7 +207,7 @@ def test_crd_comparison_trains_its_memory_and_exports_the_student_alone(ega_run,
   student leaves them out, and the linear probe reads it."""
   config, ref_workdir, _ = ega_run
   crd_config = ega_config(config.dataset.data_dir, **{
-      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", loop.BACKBONE_FILE),
+      "teacher.checkpoint": os.path.join(ref_workdir, "pretrain", stage_lib.BACKBONE_FILE),
       "method.name": "ega_crd", "method.distill": "crd", "method.nce_k": 8,
       "method.crd_feat_dim": 16, "linear_probe.num_epochs": 1})
   workdir = str(tmp_path / "crd")

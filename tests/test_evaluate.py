@@ -13,7 +13,7 @@ import pytest
 
 from jaxkd import checkpoint
 from jaxkd import evaluate
-from jaxkd import loop
+from jaxkd import evaluation
 from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import steps
@@ -32,14 +32,14 @@ def _config(data_dir, **fields):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   """A resnet8 for the digits with freshly initialised variables, as a jaxkd variables file,
-  and what `jaxkd.loop.evaluate` gives for it in this process."""
+  and what `jaxkd.evaluation.evaluate` gives for it in this process."""
   data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
   path = str(tmp_path_factory.mktemp("evaluate") / "resnet8.msgpack")
   mesh = parallel.create_mesh()
   network = networks.build_network("resnet8", 10)
   variables = networks.init_variables(network, (8, 8, 1), seed=3, mesh=mesh)
   checkpoint.export_variables(path, variables)
-  scores = loop.evaluate(network, variables, _config(data_dir), mesh,
+  scores = evaluation.evaluate(network, variables, _config(data_dir), mesh,
                          jax.jit(functools.partial(steps.eval_step, network=network)))
   return data_dir, path, scores
 

@@ -19,7 +19,7 @@ from jaxkd.interop.torch_layout import strip_prefix, torch_to_flax
 from jaxkd.methods import get_method, hsakd
 from jaxkd.models import auxiliary as aux
 from jaxkd.models import get_model
-from jaxkd.state import Network
+from jaxkd.networks import Network
 from jaxkd.tree_check import first_mismatch
 
 DATA = pathlib.Path(__file__).parent / "data"

@@ -12,6 +12,7 @@ import pytest
 import helpers
 
 from jaxkd import models
+from jaxkd import plan
 from jaxkd import train
 from jaxkd.data import sources
 from jaxkd.errors import UserError
@@ -77,10 +78,10 @@ def test_a_network_without_the_taps_a_method_reads_is_refused_by_name(tmp_path):
   # AT pairs the stage maps one to one: 3 against VGG's 4 is refused.
   config.student.name, config.teacher.name = "tiny_own_net", "vgg8"
   with pytest.raises(UserError, match="'tiny_own_net' gives 3 and teacher 'vgg8' 4"):
-    train.validate(config, jax.sharding.Mesh(jax.devices()[:1], ("data",)))
+    plan.make_plan(config, None, jax.sharding.Mesh(jax.devices()[:1], ("data",)))
   config.student.name, config.teacher.name = "tiny_pooled_only", "resnet8"
   # KD reads only the logits; a name already taken is refused.
   config.method.name = "kd"
-  train.validate(config, jax.sharding.Mesh(jax.devices()[:1], ("data",)))
+  plan.make_plan(config, None, jax.sharding.Mesh(jax.devices()[:1], ("data",)))
   with pytest.raises(UserError, match="'resnet8' is taken"):
     models.register("resnet8", TinyNet)

@@ -17,7 +17,7 @@ from experiments import report
 from experiments import reproduce
 from experiments import tables
 from jaxkd import methods
-from jaxkd import stages
+from jaxkd import recipe
 
 ROWS = ("kd", "ce")
 SEEDS = (0, 1)
@@ -205,8 +205,8 @@ def test_table_files(name):
     alone = module.get_config(f"{pair},{method}")
     assert alone.method.name == method and alone.baselines == ""
     spec = methods.get_method(method)
-    assert (stages.method_hparams(alone, spec).to_dict()
-            == stages.method_hparams(shared, spec).to_dict()), method
+    assert (recipe.method_hparams(alone, spec).to_dict()
+            == recipe.method_hparams(shared, spec).to_dict()), method
     for field in ("dataset", "teacher", "student", "optimizer", "schedule", "num_epochs",
                   "batch_size"):
       assert alone[field] == shared[field], field

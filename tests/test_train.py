@@ -19,11 +19,12 @@ import helpers
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import data
-from jaxkd import loop
 from jaxkd import networks
 from jaxkd import metrics_log
 from jaxkd import parallel
+from jaxkd import plan
 from jaxkd import steps
+from jaxkd import teachers
 from jaxkd import train
 from jaxkd.errors import UserError
 from jaxkd.methods import get_method
@@ -334,7 +335,7 @@ def _toy_method(frozen_backbone):
 def test_teacher_preparation_stage(demo_run, tmp_path, monkeypatch, frozen):
   config, workdir, results = demo_run
   toy = _toy_method(frozen)
-  monkeypatch.setattr(train, "get_method", lambda name: toy if name == "toy" else get_method(name))
+  monkeypatch.setattr(plan, "get_method", lambda name: toy if name == "toy" else get_method(name))
   cfg = smoke_config(**{"method.name": "toy", "baselines": "",
                         "dataset.data_dir": config.dataset.data_dir,
                         "teacher.checkpoint": results[0]["export"] if frozen else ""})
@@ -342,7 +343,7 @@ def test_teacher_preparation_stage(demo_run, tmp_path, monkeypatch, frozen):
   assert [r["stage"] for r in out] == (["teacher", "teacher_toy", "student_toy"] if frozen
                                        else ["teacher_toy", "student_toy"])
   prepared = checkpoint.import_variables(
-      out[-2]["export"], loop.load_teacher(
+      out[-2]["export"], teachers.load_teacher(
           networks.build_network("resnet20", 10, toy.teacher.heads, toy.hparams()),
           out[-2]["export"], data.get_dataset_info(cfg.dataset),
           parallel.create_mesh()).variables)

@@ -23,6 +23,7 @@ from jaxkd import checkpoint
 from jaxkd import loop
 from jaxkd import results
 from jaxkd import paths
+from jaxkd import stage as stage_lib
 from jaxkd import train
 from jaxkd.errors import UserError
 from jaxkd.methods import get_method
@@ -70,13 +71,13 @@ def test_variables_file_round_trip_on_a_url(ram_bucket):
   assert not os.listdir(cwd)
 
 
-def _stage(num_epochs: int = 1) -> loop.Stage:
+def _stage(config, num_epochs: int = 1) -> stage_lib.Stage:
   ce = get_method("ce")
-  return loop.Stage(name="teacher", model_name="resnet8", method_name="ce", loss=ce.loss,
-                     hparams=ce.hparams(), num_epochs=num_epochs, base_lr=0.1)
+  return stage_lib.Stage(name="teacher", config=config, model_name="resnet8", method_name="ce",
+                         loss=ce.loss, hparams=ce.hparams(), num_epochs=num_epochs, base_lr=0.1)
 
 
-def _finished_result(stage: loop.Stage, dataset: str) -> dict:
+def _finished_result(stage: stage_lib.Stage, dataset: str) -> dict:
   """What run_stage records for a finished `stage` (its description and some scores)."""
   return {"model": stage.model_name, "method": stage.method_name,
           "num_epochs": stage.num_epochs, "dataset": dataset, "teacher_sha256": None,
@@ -90,15 +91,15 @@ def test_stage_result_round_trip_on_a_url(ram_bucket):
   train.check_workdir(workdir)
   assert not tf.io.gfile.listdir(workdir)  # The write probe is gone.
   config = demo.get_config("runlocal")
-  stage = _stage()
+  stage = _stage(config)
   result = _finished_result(stage, config.dataset.name)
   tf.io.gfile.makedirs(f"{workdir}/teacher")
   results.write_result(f"{workdir}/teacher", result)
   assert tf.io.gfile.listdir(f"{workdir}/teacher") == ["result.json"]
   # A finished stage is read back instead of trained again (no mesh or data needed).
-  assert loop.run_stage(stage, config, workdir, mesh=None, info=None) == result
+  assert loop.run_stage(stage, loop.Inputs(), workdir, mesh=None, info=None) == result
   with pytest.raises(UserError, match="already holds a finished stage with num_epochs=1"):
-    loop.run_stage(_stage(num_epochs=2), config, workdir, mesh=None, info=None)
+    loop.run_stage(_stage(config, num_epochs=2), loop.Inputs(), workdir, mesh=None, info=None)
   assert not os.listdir(cwd)
 
 

@@ -219,10 +219,13 @@ def refused(table: Table, pair: str, methods: Sequence[str]) -> dict[str, str]:
   return reasons
 
 
-def uses_plain_teacher(name: str) -> bool:
-  """Whether method `name` reads stage `teacher` (HSAKD* trains its own teacher from scratch)."""
-  method = get_method(name)
-  return method.uses_teacher and (method.teacher is None or method.teacher.frozen_backbone)
+def reads_stage_teacher(table: "Table", pair: str, name: str) -> bool:
+  """Whether the run of method `name` on `pair` has stage `teacher` (its plan says; HSAKD*
+  trains its own teacher from scratch instead)."""
+  from jaxkd import plan  # pylint: disable=g-import-not-at-top
+  config = run_config(table, pair, [name])
+  stages = plan.stage_list(config, num_classes(config))
+  return any(stage.name == "teacher" for stage in stages)
 
 
 # --- configs ----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ tap l and runs
 so every branch ends at the backbone's last width and resolution. The copies reuse the families'
 block modules; initialisers follow the reference classifiers (not always their backbones').
 
-A classifier set is a heads module for `jaxkd.state.Network`:
+A classifier set is a heads module for `jaxkd.networks.Network`:
 
   heads(outputs, train=...) -> {'aux_logits': [L, R, 4N]}
 

@@ -1,0 +1,36 @@
+"""The progress line of a training stage: step, epoch, loss, rate and ETA."""
+
+import time
+from typing import Optional
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def percent(value: Optional[float]) -> str:
+  """A top-1 / top-5 for printing; '-' where a stage has none (no classifier trained)."""
+  return "-" if value is None else f"{value:.2f}"
+
+
+class Progress:
+  """One line per log interval: step, epoch, loss, steps/s, images/s and ETA."""
+
+  def __init__(self, stage: str, total_steps: int, steps_per_epoch: int, batch_size: int,
+               start_step: int):
+    self.stage, self.total, self.per_epoch = stage, total_steps, steps_per_epoch
+    self.batch_size = batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def line(self, step: int, scalars: dict[str, float]) -> str:
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    epoch = (step - 1) // self.per_epoch + 1
+    eta = (self.total - step) / max(rate, 1e-9)
+    return (f"[{self.stage}] step {step}/{self.total} epoch {epoch}/"
+            f"{-(-self.total // self.per_epoch)} loss {scalars.get('loss', float('nan')):.4f} | "
+            f"{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s | ETA {format_seconds(eta)}")
