@@ -37,10 +37,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The distillation method and its hyper-parameters. None = the method's own default (KD:
   # T 4, ce_weight 0.1, kd_weight 0.9; the baselines: RepDistiller's `-r -a -b`, see the README),
   # so that --config.method.name=<another method> starts from that method's defaults.
-  # `configs/default.py:<method>` lists every hyper-parameter of <method> here instead.
+  # `logit_standardize=True` standardizes the logits of KD, DKD and CTKD and brings its own
+  # defaults (KD: T 2, kd_weight 9). `configs/default.py:<method>` lists every hyper-parameter
+  # of <method> here instead.
   config.method = ml_collections.ConfigDict(dict(
       name="kd", T=placeholder(float), ce_weight=placeholder(float),
-      kd_weight=placeholder(float), feat_weight=placeholder(float)))
+      kd_weight=placeholder(float), feat_weight=placeholder(float),
+      logit_standardize=placeholder(bool)))
   # Comma-separated methods also trained on the student for the closing table ('ce' = alone).
   config.baselines = ""
   # Hyper-parameters of baseline methods that differ from their defaults: {method: {field: v}}.
@@ -129,11 +132,15 @@ def cifar100_recipe(teacher: str, student: str, lr: float, nesterov: bool
 
 def method_fields(name: str, teacher: str, student: str) -> ml_collections.ConfigDict:
   """`config.method` holding every hyper-parameter of method `name` at its default; the ones
-  whose default depends on the teacher/student pair (e.g. DKD's β) are None placeholders, so
-  the run's own pair decides them unless they are set."""
+  whose default depends on the teacher/student pair (e.g. DKD's β) or on a switch (e.g. KD's T
+  under `logit_standardize`) are None placeholders, so the run's own pair and switches decide
+  them unless they are set; a switch's own field is a None placeholder too (off)."""
   method = methods.get_method(name)
   per_pair = method.pair_defaults(teacher, student) if method.pair_defaults else {}
-  fields = {key: placeholder(type(value)) if key in per_pair else value
+  undecided = set(per_pair) | method.switched_fields()
+  fields = {key: placeholder(type(value)) if key in undecided else value
             for key, value in method.defaults.items()}
+  for key, kind in method.switches().items():
+    fields.setdefault(key, placeholder(kind))
   return ml_collections.ConfigDict(dict(fields, name=method.name))
 

@@ -271,7 +271,8 @@ def test_method_name_on_the_default_config_starts_from_that_methods_defaults():
   assert (hparams.T, hparams.ce_weight, hparams.kd_weight) == (2.0, 0.1, 0.9)
   # configs/default.py:<method> lists the method's fields; per-pair ones stay the pair's.
   config = default.get_config("dkd")
-  assert set(config.method) == set(get_method("dkd").defaults) | {"name"}
+  assert set(config.method) == (set(get_method("dkd").defaults) | {"name"}
+                                | set(get_method("dkd").switches()))
   config.teacher.name, config.student.name = "resnet56", "resnet20"
   assert recipe.method_hparams(config, get_method("dkd")).beta == 2.0
   config.method.beta = 3.0

@@ -41,6 +41,9 @@ _MODULES = {
     "crd": "crd",
     "crd_kd": "crd",
     "dkd": "dkd",
+    # Methods after the CRD/SSKD/HSAKD tables.
+    "ctkd": "ctkd",
+    "ctkd_dkd": "ctkd",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)

@@ -12,7 +12,7 @@ Every metric a loss returns is a scalar mean over the step and is logged as `tra
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import ml_collections
@@ -132,6 +132,26 @@ class OnlineTeacherHead:
 
 
 @dataclasses.dataclass(frozen=True)
+class SwitchDefaults:
+  """Defaults that replace some of a method's own while hyper-parameter `field` equals `value`
+  (e.g. logit standardization's temperature and weights while `logit_standardize` is True).
+
+  `defaults` is a mapping {field: value}, or a function of the method's defaults so far (its
+  own, those of the teacher/student pair, and those of the switches listed before this one)
+  returning one, for defaults derived from them (DKD's α, β ×9). Fields that a config sets
+  are never replaced: a switch only moves defaults.
+  """
+  field: str
+  value: Any
+  defaults: Union[Mapping[str, Any],
+                  Callable[[ml_collections.ConfigDict], Mapping[str, Any]]]
+
+  def resolve(self, base: ml_collections.ConfigDict) -> Mapping[str, Any]:
+    """The switch's defaults given the method's defaults so far."""
+    return self.defaults(base) if callable(self.defaults) else self.defaults
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A registered distillation method.
 
@@ -174,6 +194,11 @@ class Method:
       StudentPreparation).
     preact: the taps of both networks are taken before the last ReLU of each stage, in every
       stage of the method (RepDistiller's `preact=True`, used by AB).
+    switch_defaults: defaults that depend on another hyper-parameter's value (see
+      SwitchDefaults), applied in order after `defaults` and `pair_defaults`, before the
+      config's fields. A switch's field may be absent from `defaults` (the switch is then off
+      unless a config sets it), so that turning a switch on adds a field without changing
+      the hyper-parameters of runs that leave it off.
   """
   name: str
   loss: LossFn
@@ -193,17 +218,32 @@ class Method:
   pair_defaults: Optional[Callable[[str, str], Mapping[str, Any]]] = None
   student_preparation: Optional[StudentPreparation] = None
   preact: bool = False
+  switch_defaults: Sequence[SwitchDefaults] = ()
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None,
               pair: Optional[tuple[str, str]] = None) -> ml_collections.ConfigDict:
-    """The method's defaults, then its defaults for the (teacher, student) `pair`, updated with
-    the fields of `overrides` (except `name`, and fields left None: a config's placeholders for
-    "the method's default")."""
+    """The method's defaults, then its defaults for the (teacher, student) `pair`, then those
+    of each switch whose field has its value (the config's value of that field when it sets
+    one, else the default), updated with the fields of `overrides` (except `name`, and fields
+    left None: a config's placeholders for "the method's default")."""
     merged = ml_collections.ConfigDict(dict(self.defaults))
     if pair is not None and self.pair_defaults is not None:
       merged.update(dict(self.pair_defaults(*pair)))
-    if overrides is not None:
-      for key, value in overrides.items():
-        if key != "name" and value is not None:
-          merged[key] = value
+    given = {} if overrides is None else {
+        key: value for key, value in overrides.items() if key != "name" and value is not None}
+    for switch in self.switch_defaults:
+      if given.get(switch.field, merged.get(switch.field)) == switch.value:
+        merged.update(dict(switch.resolve(ml_collections.ConfigDict(merged.to_dict()))))
+    for key, value in given.items():
+      merged[key] = value
     return merged
+
+  def switched_fields(self) -> frozenset[str]:
+    """The fields whose default some switch may replace (a config leaves them None so that
+    the switch can decide them)."""
+    base = ml_collections.ConfigDict(dict(self.defaults))
+    return frozenset(key for switch in self.switch_defaults for key in switch.resolve(base))
+
+  def switches(self) -> dict[str, type]:
+    """{field: type} of the switches' own fields (a config's placeholders for them)."""
+    return {switch.field: type(switch.value) for switch in self.switch_defaults}

@@ -15,8 +15,14 @@ The paper shows that, per example, classical KD is TCKD + (1 − q_g) · NCKD: t
 suppressed where the teacher is confident. DKD decouples the two weights (α, β).
 
 The training objective is `ce_weight · CE(z_s, y) + min(epoch / warmup, 1) · L_DKD`, the
-warm-up factor (`dkd_warmup`) applied outside `dkd_loss`. The teacher side is a constant.
+warm-up factor (`dkd_warmup`) applied outside `dkd_loss`. The teacher's logits are constants
+(a temperature that is learned, as CTKD's, still gets the gradient through the teacher side).
 The reference's numbers are reproduced in tests (tests/data/golden_baselines.npz).
+
+With `logit_standardize` (jaxkd.methods.logit_standardization; the authors' fork
+sunshangquan/logit-standardization-KD @ f6e5aa5, mdistiller/distillers/DKD.py) both sides'
+logits are standardized before /T and the −1000 · 1_g, and the defaults become α = 9 · α,
+β = 9 · β (of the pair), T = 2 (the fork's `--logit-stand` block); CE reads the raw logits.
 """
 
 from typing import Union
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxkd.methods import logit_standardization
 from jaxkd.methods.base import Method, Outputs
 from jaxkd.methods.losses import cross_entropy, topk_correct
 
@@ -73,7 +80,12 @@ def target_mask(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _kl_sum(p_t: jax.Array, log_p_s: jax.Array) -> jax.Array:
   """Σ p_t (log p_t − log p_s) over all entries, an entry with p_t = 0 counting 0 (kl_div's
-  `size_average=False`; p_t a constant)."""
+  `size_average=False`).
+
+  Where p_t = 0 the gradient with respect to p_t is 0, as torch ≤ 1.12's `kl_div` gave it
+  (pytorch/pytorch#89558): the derivative of p log p is not taken there (it is NaN in torch ≥
+  1.13). It matters only when p_t depends on a learned parameter, as CTKD's temperature.
+  """
   positive = p_t > 0
   log_p_t = jnp.log(jnp.where(positive, p_t, 1.0))
   return jnp.sum(jnp.where(positive, p_t * (log_p_t - log_p_s), 0.0))
@@ -93,7 +105,7 @@ def tckd(logits_s: jax.Array, logits_t: jax.Array, labels: jax.Array, temperatur
     return jnp.stack([jnp.sum(p * mask, axis=-1), jnp.sum(p * (1.0 - mask), axis=-1)], axis=-1)
 
   b_s = bins(logits_s)
-  b_t = jax.lax.stop_gradient(bins(logits_t))
+  b_t = bins(jax.lax.stop_gradient(logits_t))
   return _kl_sum(b_t, jnp.log(b_s)) * temperature ** 2 / labels.shape[0]
 
 
@@ -117,11 +129,13 @@ def dkd_loss(logits_s: jax.Array, logits_t: jax.Array, labels: jax.Array, alpha:
 def dkd_objective(student_out: Outputs, teacher_out: Outputs, labels: jax.Array,
                   hparams: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L = ce_weight · CE(z_s, y) + min(epoch / warmup, 1) · L_DKD (mdistiller's DKD distiller),
-  with the 1-based epoch of the step."""
+  with the 1-based epoch of the step; L_DKD on standardized logits with `logit_standardize`."""
   s, t = student_out["logits"], teacher_out["logits"]
   loss_ce = cross_entropy(s, labels)
-  loss_tckd = tckd(s, t, labels, hparams.T)
-  loss_nckd = nckd(s, t, labels, hparams.T)
+  z_s = logit_standardization.maybe_standardize(s, hparams)
+  z_t = logit_standardization.maybe_standardize(t, hparams)
+  loss_tckd = tckd(z_s, z_t, labels, hparams.T)
+  loss_nckd = nckd(z_s, z_t, labels, hparams.T)
   loss_dkd = hparams.alpha * loss_tckd + hparams.beta * loss_nckd
   ramp = dkd_warmup(student_out["epoch"], hparams.warmup)
   loss = hparams.ce_weight * loss_ce + ramp * loss_dkd
@@ -130,5 +144,14 @@ def dkd_objective(student_out: Outputs, teacher_out: Outputs, labels: jax.Array,
                 "top1": topk_correct(s, labels, 1).mean()}
 
 
+def standardized_defaults(hparams: ml_collections.ConfigDict) -> dict[str, float]:
+  """The defaults under logit standardization: α and β (the pair's) ×9, T = 2 (the
+  `--logit-stand` block of the authors' tools/train.py with `--base-temp 2 --kd-weight 9`)."""
+  weight = logit_standardization.KD_WEIGHT
+  return {"alpha": hparams.alpha * weight, "beta": hparams.beta * weight,
+          "T": logit_standardization.BASE_TEMPERATURE}
+
+
 METHOD = Method(name="dkd", loss=dkd_objective, defaults=DKD_DEFAULTS,
-                pair_defaults=lambda teacher, student: {"beta": dkd_beta(teacher, student)})
+                pair_defaults=lambda teacher, student: {"beta": dkd_beta(teacher, student)},
+                switch_defaults=(logit_standardization.switch(standardized_defaults),))
