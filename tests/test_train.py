@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,27 @@ def test_finished_stages_are_skipped(demo_run, capsys):
   again = train.train_and_evaluate(config, workdir)
   assert [r["top1_last"] for r in again] == [r["top1_last"] for r in results]
   assert capsys.readouterr().out.count("already done") == 3
+
+
+def test_the_plan_reads_each_stage_state_in_the_workdir(demo_run, tmp_path):
+  """Finished stages are 'done'; a stage with checkpoints but no result resumes from the last;
+  a stage trained under another config is refused by the plan, before anything runs."""
+  config, workdir, _ = demo_run
+  mesh = parallel.create_mesh()
+  made = plan.make_plan(config, workdir, mesh, cache=False)
+  assert made.states == {"teacher": "done", "student_kd": "done", "student_ce": "done"}
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  os.remove(os.path.join(copy, "student_ce", "result.json"))
+  last = max(int(d) for d in os.listdir(os.path.join(copy, "student_ce", "checkpoints"))
+             if d.isdigit())
+  made = plan.make_plan(config, copy, mesh, cache=False)
+  assert made.states["student_ce"] == f"resume from step {last}"
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.optimizer.momentum = 0.5
+  with pytest.raises(UserError, match=r"teacher was trained with another config "
+                                      r"\(optimizer.momentum 0.9 -> 0.5\)"):
+    plan.make_plan(other, copy, mesh, cache=False)
 
 
 def test_finished_stage_with_another_config_is_refused(demo_run):

@@ -126,7 +126,7 @@ def test_local_paths_are_resolved_and_written_as_before(tmp_path, monkeypatch):
   assert str(mngr.directory) == os.path.join(cwd, "run", "teacher", "checkpoints")
   mngr.close()
   train.check_workdir("run")
-  result = _finished_result(_stage(), "digits")
+  result = _finished_result(_stage(demo.get_config("runlocal")), "digits")
   results.write_result(os.path.join("run", "teacher"), result)
   with open(os.path.join(cwd, "run", "teacher", "result.json")) as f:
     assert f.read() == json.dumps(result, indent=2)
