@@ -31,7 +31,7 @@ from etils import epath  # noqa: E402
 
 from experiments import tables  # noqa: E402
 from jaxkd import metrics_log  # noqa: E402
-from jaxkd.loop import RESULT_FILE  # noqa: E402
+from jaxkd.results import RESULT_FILE  # noqa: E402
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"

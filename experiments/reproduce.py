@@ -45,7 +45,7 @@ from etils import epath  # noqa: E402
 
 from experiments import tables  # noqa: E402
 from jaxkd.errors import UserError  # noqa: E402
-from jaxkd.loop import RESULT_FILE  # noqa: E402
+from jaxkd.results import RESULT_FILE  # noqa: E402
 
 # Set per row in the table files, or by the runs themselves: not from the command line.
 RESERVED = ("method", "method_overrides", "baselines", "seed")

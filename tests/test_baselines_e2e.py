@@ -245,14 +245,14 @@ def test_in_batch_terms_do_not_depend_on_the_device_count(name):
 
 
 def test_the_trainer_names_no_method():
-  """Stages, the loop and the steps read what a method needs from its Method record: they
+  """The plan, the executor, the loop and the steps read what a method needs from its Method record: they
   never compare with, look up or key on a registered method name (or a RepDistiller alias);
   only 'ce', the cross-entropy that trains a teacher, is fetched by name."""
   import re  # pylint: disable=g-import-not-at-top
   from jaxkd.methods import ALIASES, METHOD_NAMES  # pylint: disable=g-import-not-at-top
   names = "|".join(sorted((set(METHOD_NAMES) | set(ALIASES)) - {"ce"}))
   branch = re.compile(rf"""(==|!=|\bin|get_method\(|\[)\s*\(?\s*["']({names})["']""")
-  for module in ("train", "stages", "loop", "steps"):
+  for module in ("train", "plan", "recipe", "stage", "executor", "teachers", "loop", "steps"):
     source = (helpers.REPO / "jaxkd" / f"{module}.py").read_text()
     assert not branch.findall(source), (module, branch.findall(source))
   assert branch.findall('if method.name == "sskd":') and branch.findall('get_method("fitnet")')

@@ -18,7 +18,8 @@ from jaxkd.errors import UserError
 from jaxkd.methods import ctkd, get_method
 from jaxkd.methods import logit_standardization as ls
 from jaxkd.optim import learning_rate_schedule, make_optimizer
-from jaxkd.state import Network, TrainState
+from jaxkd.networks import Network
+from jaxkd.state import TrainState
 
 GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
 

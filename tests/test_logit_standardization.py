@@ -13,7 +13,7 @@ import numpy as np
 import helpers
 
 from configs import default
-from jaxkd import stages
+from jaxkd import recipe
 from jaxkd.methods import base, get_method
 from jaxkd.methods import logit_standardization as ls
 from jaxkd.methods.losses import distill_kl
@@ -197,17 +197,17 @@ def test_configs_leave_the_switched_fields_to_the_switch():
   config = default.get_config()
   config.lock()
   config.method.logit_standardize = True
-  hparams = stages.method_hparams(config, get_method("kd"))
+  hparams = recipe.method_hparams(config, get_method("kd"))
   assert (hparams.T, hparams.ce_weight, hparams.kd_weight) == (2.0, 0.1, 9.0)
   config.method.T = 3.0
-  assert stages.method_hparams(config, get_method("kd")).T == 3.0
+  assert recipe.method_hparams(config, get_method("kd")).T == 3.0
 
   config = default.get_config("dkd")
   assert {k for k, v in config.method.items() if v is None} == {
       "alpha", "beta", "T", "logit_standardize"}
   config.teacher.name, config.student.name = "resnet56", "resnet20"
-  assert stages.method_hparams(config, get_method("dkd")) == get_method("dkd").hparams(
+  assert recipe.method_hparams(config, get_method("dkd")) == get_method("dkd").hparams(
       pair=("resnet56", "resnet20"))
   config = helpers.set_fields(config, {"method.logit_standardize": True})
-  hparams = stages.method_hparams(config, get_method("dkd"))
+  hparams = recipe.method_hparams(config, get_method("dkd"))
   assert (hparams.alpha, hparams.beta, hparams.T, hparams.warmup) == (9.0, 18.0, 2.0, 20)
