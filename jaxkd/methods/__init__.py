@@ -44,6 +44,7 @@ _MODULES = {
     # Methods after the CRD/SSKD/HSAKD tables.
     "ctkd": "ctkd",
     "ctkd_dkd": "ctkd",
+    "dist": "dist",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)
