@@ -45,6 +45,7 @@ _MODULES = {
     "ctkd": "ctkd",
     "ctkd_dkd": "ctkd",
     "dist": "dist",
+    "nkd": "nkd",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)
