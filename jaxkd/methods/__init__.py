@@ -46,6 +46,8 @@ _MODULES = {
     "ctkd_dkd": "ctkd",
     "dist": "dist",
     "nkd": "nkd",
+    "ickd": "ickd",
+    "ickd_kd": "ickd",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)
