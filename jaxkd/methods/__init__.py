@@ -48,6 +48,7 @@ _MODULES = {
     "nkd": "nkd",
     "ickd": "ickd",
     "ickd_kd": "ickd",
+    "srd": "srd",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)
