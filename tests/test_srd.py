@@ -28,7 +28,8 @@ def nhwc(x):
 
 
 def _out(f, logits):
-  """A network's outputs: logits, and the taps with the layer4 map as taps[-2]."""
+  """A network's outputs: logits, and the taps with the layer4 map and, last, its spatial mean
+  (the classifier's input, which the reference computes from the map)."""
   return {"logits": logits,
           "feats": collections.OrderedDict([("stage4", f), ("pooled", jnp.mean(f, (1, 2)))])}
 
@@ -156,7 +157,7 @@ def test_rep_term_is_the_log_of_a_sum_over_batch_and_features():
   f_s, f_t, _, _, _ = _inputs()
   got = srd.rep_loss(srd.AffineFreeBatchNorm().apply({}, jnp.asarray(e_s, jnp.float32),
                                                      train=True, mutable=["batch_stats"])[0],
-                     srd.AffineFreeBatchNorm().apply({}, srd.spatial_mean(f_t), train=True,
+                     srd.AffineFreeBatchNorm().apply({}, jnp.mean(f_t, (1, 2)), train=True,
                                                      mutable=["batch_stats"])[0], 2.0, 4.0)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -186,6 +187,7 @@ def test_training_steps_do_not_depend_on_the_device_count():
                                            "grad_norm"])
   state, metrics = one
   assert set(state.params["bridge"]) == {"embed"}
+  # resnet8's pooled 64 → resnet8x4's 256.
   assert state.params["bridge"]["embed"]["kernel"].shape == (64, 256)
   assert set(state.batch_stats["bridge"]) == {"bn_s", "bn_t"}
   assert not np.allclose(state.batch_stats["bridge"]["bn_t"]["mean"], 0.0)

@@ -3,13 +3,14 @@ Distillation" (Miles and Mikolajczyk, AAAI 2024).
 
 As the authors' code computes it: roymiles/Simple-Recipe-Distillation @ 31e8477,
 `imagenet/torchdistill/losses/single.py::OurDistillationLoss`, with the objective of
-`imagenet/configs/ilsvrc2012/ours/res3418.yaml` (CE and the loss, factors 1 and 1). On the last
-stage maps of both networks (the reference's `layer4` outputs, taps[-2] here), averaged over the
-positions, z_s [B, s_C] and z_t [B, t_C]:
+`imagenet/configs/ilsvrc2012/ours/res3418.yaml` (CE and the loss, factors 1 and 1). On the
+features the two classifiers read, z_s [B, s_C] and z_t [B, t_C] (the pooled vectors, taps[-1];
+the reference averages its ResNets' `layer4` outputs over the positions, which is their
+classifiers' input):
 
-  e_s = Linear(z_s)                                       (the projector, trained with the student)
+  e_s = Linear(z_s)                                 (the projector, trained with the student)
   L_rep   = rep_weight · log Σ_{b,d} |BN_s(e_s) − BN_t(z_t)|^exponent
-  L_logit = T² / B · Σ_b KL(softmax(z_t,b / T) ‖ softmax(z_s,b / T))
+  L_logit = T² / B · Σ_b KL(softmax(y_t,b / T) ‖ softmax(y_s,b / T))   (y: the logits)
   L_SRD   = L_rep + L_logit
 
 BN_s and BN_t are affine-free BatchNorm1d's (eps 1e-4) in training mode: batch statistics over
@@ -21,10 +22,14 @@ and the teacher's logits are constants. The sum in L_rep runs over the batch and
 
 Where this differs from the reference: its `__init__` hard-codes the ResNet-34/18 width
 (Linear(512, 512), BatchNorm1d(512)); here the projector maps the student's width to the
-teacher's, whatever the pair. The repository has no CIFAR-100 configuration: the defaults are its
-loss's constants (`rep_weight` 2, `exponent` 4, `bn_eps` 1e-4, `T` 1) and res3418.yaml's factors
-(`ce_weight` 1, `srd_weight` 1). The reference's numbers are reproduced in tests
-(tests/data/golden_modern.npz, prefix srd).
+teacher's, whatever the pair. And it reads the classifier's input of every zoo network, which
+for networks other than ResNets is not the mean of the last stage map (WRN: after a last
+BatchNorm and ReLU; MobileNetV2: after a 1×1 head convolution).
+
+The repository has no CIFAR-100 configuration: the defaults are its loss's constants
+(`rep_weight` 2, `exponent` 4, `bn_eps` 1e-4, `T` 1) and res3418.yaml's factors (`ce_weight` 1,
+`srd_weight` 1). The reference's numbers are reproduced in tests (tests/data/golden_modern.npz,
+prefix srd).
 """
 
 from typing import Any, Optional
@@ -37,7 +42,7 @@ import ml_collections
 from jaxkd.errors import UserError
 from jaxkd.methods.base import Method, Outputs
 from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
-from jaxkd.methods.objective import LAST_MAP, paired_taps
+from jaxkd.methods.objective import POOLED, paired_taps
 from jaxkd.models import layers
 
 # OurDistillationLoss's constants and res3418.yaml's factors (no CIFAR-100 config exists).
@@ -81,16 +86,9 @@ def rep_loss(normed_s: jax.Array, normed_t: jax.Array, rep_weight: float, expone
   return rep_weight * jnp.log(jnp.sum(diff ** exponent))
 
 
-def spatial_mean(f: jax.Array) -> jax.Array:
-  """[B, H, W, C] -> [B, C] (the reference's `.mean(-1).mean(-1)` of an NCHW map); a vector
-  [B, C] is returned as it is."""
-  f = f.astype(jnp.float32)
-  return jnp.mean(f, axis=(1, 2)) if f.ndim == 4 else f
-
-
 class SRDBridge(nn.Module):
   """SRD's projector and its two BatchNorms as a bridge: `bridge(student_out, teacher_out,
-  batch, train)` -> {'loss_srd_rep': L_rep} on the spatial means of taps[-2] of both sides.
+  batch, train)` -> {'loss_srd_rep': L_rep} on the pooled vectors (taps[-1]) of both sides.
 
   Submodules `embed` (`layers.Linear` s_C → t_C, PyTorch's default init, trained with the
   student), `bn_s`, `bn_t` (`AffineFreeBatchNorm`, batch statistics when `train`). `teacher_out`
@@ -105,7 +103,8 @@ class SRDBridge(nn.Module):
                train: bool = False) -> dict[str, jax.Array]:
     del batch
     taps_s, taps_t = paired_taps(student_out, teacher_out, "SRDBridge")
-    z_s, z_t = spatial_mean(taps_s[-2]), spatial_mean(taps_t[-2])
+    z_s, z_t = (f.reshape(f.shape[0], -1).astype(jnp.float32)
+                for f in (taps_s[-1], taps_t[-1]))
     e_s = layers.Linear(z_t.shape[-1], name="embed")(z_s)
     normed_s = AffineFreeBatchNorm(self.bn_eps, name="bn_s")(e_s, train)
     normed_t = AffineFreeBatchNorm(self.bn_eps, name="bn_t")(z_t, train)
@@ -149,4 +148,4 @@ def check_hparams(hparams: ml_collections.ConfigDict) -> None:
 
 
 METHOD = Method(name="srd", loss=srd_objective, defaults=SRD_DEFAULTS, bridge=srd_bridge,
-                taps=LAST_MAP, check_hparams=check_hparams)
+                taps=POOLED, check_hparams=check_hparams)
