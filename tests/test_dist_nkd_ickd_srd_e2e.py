@@ -4,6 +4,7 @@ the teacher's shapes, the steps, evaluation); what each stage logs."""
 
 import os
 
+import flax
 import numpy as np
 import pytest
 
@@ -48,3 +49,14 @@ def test_every_method_trains_a_student_stage(run):
     logged = _last_logged(os.path.join(workdir, f"student_{name}"))
     for term in TERMS[name] + ("loss", "grad_norm"):
       assert np.isfinite(logged[f"train/{term}"]), (name, term)
+
+
+@pytest.mark.parametrize("name", ["ickd", "srd"])
+def test_the_bridge_is_left_out_of_the_exported_student(run, name):
+  """ICKD's embedding and SRD's projector train beside the student; the exported student is
+  the zoo network alone."""
+  _, results = run
+  with open(results[f"student_{name}"]["export"], "rb") as f:
+    exported = flax.serialization.msgpack_restore(f.read())
+  assert set(exported["params"]) == {"backbone"}
+  assert set(exported["batch_stats"]) == {"backbone"}
