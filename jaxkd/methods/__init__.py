@@ -44,6 +44,11 @@ _MODULES = {
     # Methods after the CRD/SSKD/HSAKD tables.
     "ctkd": "ctkd",
     "ctkd_dkd": "ctkd",
+    "dist": "dist",
+    "nkd": "nkd",
+    "ickd": "ickd",
+    "ickd_kd": "ickd",
+    "srd": "srd",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)
