@@ -44,6 +44,9 @@ _MODULES = {
     # Methods after the CRD/SSKD/HSAKD tables.
     "ctkd": "ctkd",
     "ctkd_dkd": "ctkd",
+    # Feature distillation of mdistiller's CIFAR-100 table.
+    "reviewkd": "reviewkd",
+    "ofd": "ofd",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)
