@@ -6,11 +6,11 @@ f_1 … f_n (after their ReLU; mdistiller's `STU_PREACT` False) and its pooled v
 (a 1×1 map) are reviewed from coarse to fine by attention-based fusion (ABF) modules, one per
 level, trained with the student. With r_{n+2} = none, for k = n+1 … 1:
 
-  x   = BN(conv1×1(f_k))                                  (to `mid` channels)
-  x   = x·a_0 + up(r_{k+1})·a_1,  a = σ(conv1×1([x, up(r_{k+1})]))   (k ≤ n: fusion with the
-                                                            coarser level, `up` nearest to f_k's size)
-  x   = nearest(x, size of the teacher's level k)          (when the sizes differ)
-  r_k = x,   y_k = BN(conv3×3(x))                          (to the teacher's channels)
+  x   = BN(conv1×1(f_k))                                (to `mid` channels)
+  x   = x·a_0 + u·a_1,  a = σ(conv1×1([x, u])),          (k ≤ n: fusion with the coarser
+        u = nearest(r_{k+1}, size of f_k)                  level)
+  x   = nearest(x, size of the teacher's level k)        (when the sizes differ)
+  r_k = x,   y_k = BN(conv3×3(x))                        (to the teacher's channels)
 
 with mid = min(512, width of f_{n+1}). The teacher's levels t_1 … t_n are its stage maps
 *before* their last ReLU (mdistiller's `preact_feats[1:]`) and t_{n+1} its pooled vector. The
