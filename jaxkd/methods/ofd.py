@@ -84,8 +84,16 @@ def teacher_margins(teacher_name: str, teacher_variables: Any,
   """Method.teacher_constants of OFD: {'margins': [m per stage map of the teacher]}, from the
   BatchNorm before each stage's last ReLU (`jaxkd.models.bn_before_relu`)."""
   del hparams
-  bns = models.bn_before_relu(teacher_name, jax.device_get(teacher_variables))
-  return {"margins": [ofd_margin(bn["scale"], bn["bias"]) for bn in bns]}
+  bns = models.bn_before_relu(teacher_name, teacher_variables)
+  return {"margins": [ofd_margin(_host(bn["scale"]), _host(bn["bias"])) for bn in bns]}
+
+
+def _host(x: Any) -> np.ndarray:
+  """A replicated array's value on the host (from this process's first shard when the array
+  spans several processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.asarray(x)
 
 
 def feat_loss(source: jax.Array, target: jax.Array, margin: jax.Array) -> jax.Array:
