@@ -60,11 +60,19 @@ class Inputs:
 
 def teacher_network(stage: Stage, inputs: Inputs) -> Optional[Network]:
   """The frozen teacher's network as this stage runs it (its taps pre-activation with
-  `preact`)."""
+  `teacher_preact`)."""
   if inputs.teacher is None:
     return None
   network = inputs.teacher.network
-  return network.clone(preact=True) if stage.preact else network
+  return network.clone(preact=True) if stage.teacher_preact else network
+
+
+def teacher_constants(stage: Stage, inputs: Inputs) -> Optional[Any]:
+  """The constants the method reads from its frozen teacher's variables, computed once."""
+  if stage.teacher_constants is None or inputs.teacher is None:
+    return None
+  return stage.teacher_constants(stage.teacher.model_name, inputs.teacher.variables,
+                                 stage.hparams)
 
 
 def init_teacher_head(head: OnlineTeacherHead, teacher: Teacher,
@@ -181,7 +189,9 @@ def compile_steps(stage: Stage, inputs: Inputs, network: Network,
       functools.partial(steps.train_step, network=network,
                         teacher_network=teacher_network(stage, inputs), loss=stage.loss,
                         hparams=stage.hparams, tx=tx, schedule=schedule,
-                        steps_per_epoch=steps_per_epoch, teacher_head=head),
+                        steps_per_epoch=steps_per_epoch, teacher_head=head,
+                        teacher_train_mode=stage.teacher_train_mode,
+                        teacher_constants=teacher_constants(stage, inputs)),
       donate_argnums=(0,), compiler_options=parallel.step_compiler_options())
   method_eval = None
   if stage.eval_metrics is not None:

@@ -152,7 +152,10 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       heads=method.student_heads, teacher=teacher, eval_metrics=method.eval_metrics,
       online_teacher_head=method.online_teacher_head if teacher else None,
       bridge=method.bridge, num_negatives=method.negatives(hparams) if method.negatives else 0,
-      preact=method.preact, export_file=STUDENT_FILE)
+      preact=method.preact,
+      teacher_preact=method.preact if method.teacher_preact is None else method.teacher_preact,
+      teacher_train_mode=method.teacher_train_mode, teacher_constants=method.teacher_constants,
+      export_file=STUDENT_FILE)
   prep = method.student_preparation
   if prep is None:
     return [student]

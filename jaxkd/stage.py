@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
-                                OnlineTeacherHead)
+                                OnlineTeacherHead, TeacherConstantsFn)
 from jaxkd.networks import Network, build_network
 
 TEACHER_FILE = "teacher.msgpack"
@@ -89,7 +89,11 @@ class Stage:
   Method.negatives).
   `features_only`: only the backbone's parameters that its taps depend on learn (and the heads
   and bridge); the classifier keeps its initial values (a student preparation stage).
-  `preact`: both networks give their stage taps before the last ReLU (Method.preact).
+  `preact`, `teacher_preact`: the student's / the teacher's stage taps are taken before their
+  last ReLU (Method.preact, Method.teacher_preact).
+  `teacher_train_mode`, `teacher_constants`: the teacher's BatchNorms run on the batch's
+  statistics; constants computed once from the teacher's variables reach the loss
+  (Method.teacher_train_mode, Method.teacher_constants).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   """
@@ -118,6 +122,9 @@ class Stage:
   freeze_backbone: bool = True
   features_only: bool = False
   preact: bool = False
+  teacher_preact: bool = False
+  teacher_train_mode: bool = False
+  teacher_constants: Optional[TeacherConstantsFn] = None
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,
               num_train: Optional[int] = None) -> Network:

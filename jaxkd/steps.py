@@ -61,7 +61,8 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
                network: Network, teacher_network: Optional[Network], loss: LossFn,
                hparams: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                schedule: optax.Schedule, steps_per_epoch: int,
-               teacher_head: Optional[TeacherHeadStep] = None
+               teacher_head: Optional[TeacherHeadStep] = None,
+               teacher_train_mode: bool = False, teacher_constants: Optional[Any] = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of the student on a global batch; the teacher runs in inference mode.
 
@@ -71,17 +72,29 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
   The teacher reads `batch['teacher_image']` when the pipeline gives it its own view, else the
   student's images. With `teacher_head`, the head on the frozen teacher gives the teacher
   outputs and takes its own step (see teacher_head_step), in the same step as the student.
+
+  A method's needs of its teacher (jaxkd.methods.base.Method): `teacher_train_mode` runs the
+  teacher's BatchNorms on the batch's statistics, discarding their running-statistics update
+  (Method.teacher_train_mode); `teacher_constants`, a pytree of arrays computed once from the
+  teacher's variables (Method.teacher_constants), reaches the bridge and the loss as
+  `teacher_out['constants']`.
   """
   images = flatten_views(batch["image"])
   teacher_out = None
   head_state, head_metrics = state.teacher_head, {}
   if teacher_network is not None:
     teacher_images = flatten_views(batch.get("teacher_image", batch["image"]))
-    teacher_out = jax.lax.stop_gradient(
-        teacher_network.apply(teacher_variables, teacher_images, train=False))
+    if teacher_train_mode:
+      teacher_out, _ = teacher_network.apply(teacher_variables, teacher_images, train=True,
+                                             mutable=["batch_stats"])
+    else:
+      teacher_out = teacher_network.apply(teacher_variables, teacher_images, train=False)
+    teacher_out = jax.lax.stop_gradient(teacher_out)
     if teacher_head is not None:
       teacher_out, head_state, head_metrics = teacher_head_step(
           teacher_head, state.teacher_head, teacher_out, batch["label"], hparams)
+    if teacher_constants is not None:
+      teacher_out = dict(teacher_out, constants=jax.tree.map(jnp.asarray, teacher_constants))
 
   def loss_fn(params):
     out, updates = network.apply({"params": params, "batch_stats": state.batch_stats}, images,

@@ -49,6 +49,9 @@ _MODULES = {
     "ickd": "ickd",
     "ickd_kd": "ickd",
     "srd": "srd",
+    # Feature distillation of mdistiller's CIFAR-100 table.
+    "reviewkd": "reviewkd",
+    "ofd": "ofd",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)

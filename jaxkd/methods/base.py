@@ -30,6 +30,9 @@ EvalMetricsFn = Callable[[Outputs, jax.Array, ml_collections.ConfigDict, jax.Arr
                          dict[str, jax.Array]]
 # bridge(num_train_examples, hparams) -> nn.Module or None; see Method.bridge.
 BridgeFactory = Callable[[int, ml_collections.ConfigDict], Any]
+# teacher_constants(teacher_model_name, teacher_variables, hparams) -> pytree of arrays; see
+# Method.teacher_constants.
+TeacherConstantsFn = Callable[[str, Any, ml_collections.ConfigDict], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +202,19 @@ class Method:
       config's fields. A switch's field may be absent from `defaults` (the switch is then off
       unless a config sets it), so that turning a switch on adds a field without changing
       the hyper-parameters of runs that leave it off.
+    teacher_preact: whether the teacher's stage taps are taken before their last ReLU; None:
+      as `preact`. The plan resolves it per stage and the loop builds the teacher so;
+      ReviewKD reads the student's stage maps after their ReLU and the teacher's before it.
+    teacher_train_mode: the frozen teacher runs its BatchNorms on the statistics of the step's
+      batch (training mode) in the student's training steps; its running statistics are not
+      kept and it still passes no gradient (`steps.train_step(teacher_train_mode=...)`;
+      mdistiller's OFD leaves its teacher in train mode).
+    teacher_constants: optional `(teacher_model_name, teacher_variables, hparams) -> pytree` of
+      constants that depend only on the frozen teacher, computed once per stage on the host
+      from its variables as the trainer holds them (the Network's: `{'params': {'backbone':
+      ...}, 'batch_stats': ...}`); the training step hands them to the bridge and the loss as
+      `teacher_out['constants']` (`steps.train_step(teacher_constants=...)`; OFD's margins,
+      read from the teacher's BatchNorms).
   """
   name: str
   loss: LossFn
@@ -219,6 +235,9 @@ class Method:
   student_preparation: Optional[StudentPreparation] = None
   preact: bool = False
   switch_defaults: Sequence[SwitchDefaults] = ()
+  teacher_preact: Optional[bool] = None
+  teacher_train_mode: bool = False
+  teacher_constants: Optional[TeacherConstantsFn] = None
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None,
               pair: Optional[tuple[str, str]] = None) -> ml_collections.ConfigDict:

@@ -10,10 +10,13 @@ reference's f0, the last the pooled vector, the ones between the spatial maps.
 Variables are `{'params', 'batch_stats'}`; pass `mutable=['batch_stats']` when `train=True`.
 
 Adding a family: write `jaxkd/models/<family>.py` exposing `MODELS = {name: build}` where
-`build(num_classes, dtype)` returns the module, then add the module to `_FAMILIES` below.
+`build(num_classes, dtype)` returns the module, then add the module to `_FAMILIES` below. A
+family may also expose `BN_BEFORE_RELU = {name: paths}`: for each stage tap (taps[1:-1], in
+order), the path in the network's params of the BatchNorm whose output feeds that stage's last
+ReLU (what `bn_before_relu` reads; OFD's margins come from it).
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -53,11 +56,18 @@ def _collect(families) -> dict[str, Callable[..., nn.Module]]:
 
 _REGISTRY = _collect(_FAMILIES)
 
+# name -> BN_BEFORE_RELU paths (module paths in the params, one per stage tap).
+BnPaths = tuple[tuple[str, ...], ...]
+_BN_BEFORE_RELU: dict[str, BnPaths] = {
+    name: tuple(tuple(path) for path in paths)
+    for family in _FAMILIES for name, paths in getattr(family, "BN_BEFORE_RELU", {}).items()}
+
 # The zoo's own names (registered networks come after them in the registry).
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def register(name: str, build: Callable[..., nn.Module]) -> None:
+def register(name: str, build: Callable[..., nn.Module],
+             bn_before_relu: Optional[Sequence[Sequence[str]]] = None) -> None:
   """Adds a network of your own under `name`, for every config and method (teacher or student).
 
   `build(num_classes, dtype=jnp.float32)` returns a Flax Linen module called as
@@ -71,10 +81,48 @@ def register(name: str, build: Callable[..., nn.Module]) -> None:
   stage maps (AT, NST, VID, AB, KDSVD, FitNet's `hint_layer`, SP's and FT's last map, FSP from
   the stem on); a run whose method needs a tap the network does not give is refused before any
   work, naming what is missing.
+
+  `bn_before_relu` (optional): for each stage map, in order, the path in the module's params of
+  the BatchNorm whose output feeds that stage's last ReLU (e.g. `(('layer1_2', 'bn2'), ...)`);
+  OFD needs it of a network it takes as a teacher (see `bn_before_relu`).
   """
   if name in _REGISTRY:
     raise errors.UserError(f"model name {name!r} is taken; register yours under another name")
   _REGISTRY[name] = build
+  if bn_before_relu is not None:
+    _BN_BEFORE_RELU[name] = tuple(tuple(path) for path in bn_before_relu)
+
+
+def bn_before_relu_paths(name: str) -> Optional[BnPaths]:
+  """For each stage tap of network `name` (taps[1:-1], in order), the path in its params of the
+  BatchNorm before that stage's last ReLU; None when none is known (ShuffleV2, whose
+  pre-activation taps join an untouched half to the last BN's output, and networks registered
+  without it)."""
+  return _BN_BEFORE_RELU.get(name)
+
+
+def bn_before_relu(name: str, variables: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """`{'scale', 'bias'}` of the BatchNorm before each stage's last ReLU of network `name`
+  (`bn_before_relu_paths`), read from its variables — a bare network's
+  (`{'params': {...}}`) or the trainer's (`{'params': {'backbone': {...}}}`).
+
+  Raises `jaxkd.errors.UserError` when no paths are known for `name`.
+  """
+  paths = bn_before_relu_paths(name)
+  if paths is None:
+    raise errors.UserError(
+        f"model {name!r} has no BatchNorm-before-ReLU list (jaxkd.models.bn_before_relu_paths); "
+        "register the network with `bn_before_relu=` to use it as this method's teacher")
+  params = variables["params"]
+  if "backbone" in params:
+    params = params["backbone"]
+  found = []
+  for path in paths:
+    node = params
+    for key in path:
+      node = node[key]
+    found.append({"scale": node["scale"], "bias": node["bias"]})
+  return found
 
 
 def get_model(name: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:

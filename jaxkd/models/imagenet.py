@@ -130,3 +130,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50_imagenet": _resnet((3, 4, 6, 3), bottleneck=True),
     "mobilenetv1_imagenet": _mobilenetv1,
 }
+
+_RESNET_BLOCKS = {"resnet18_imagenet": ((2, 2, 2, 2), "bn2"),
+                  "resnet34_imagenet": ((3, 4, 6, 3), "bn2"),
+                  "resnet50_imagenet": ((3, 4, 6, 3), "bn3")}
+
+# name -> the BatchNorm before the last ReLU of each stage tap stage1..4 (module paths in the
+# params): the last BN of the stage's last block for the ResNets, `model_K_4` for MobileNetV1
+# (mdistiller's `get_bn_before_relu`, models/imagenet/resnet.py and mobilenetv1.py; its ResNets
+# list stages 2..4 only, which its OFD pairs with the last three taps).
+BN_BEFORE_RELU: dict[str, tuple[tuple[str, ...], ...]] = {
+    **{name: tuple((f"layer{s}_{n - 1}", bn) for s, n in enumerate(blocks, start=1))
+       for name, (blocks, bn) in _RESNET_BLOCKS.items()},
+    "mobilenetv1_imagenet": tuple((f"model_{k}_4",) for k in _MOBILENET_TAPS)}

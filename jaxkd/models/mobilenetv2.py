@@ -119,3 +119,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "MobileNetV2": _mobilenetv2,
     "MobileNetV2_stride1": _mobilenetv2_stride1,
 }
+
+# name -> the BatchNorm whose output each stage tap is (module paths in the params): the
+# projection BN `conv_7` of the tapped stage's last block (mdistiller's `get_bn_before_relu`,
+# models/cifar/mobilenetv2.py: `blocks[s][-1].conv[-1]`; a linear bottleneck, no ReLU follows).
+BN_BEFORE_RELU: dict[str, tuple[tuple[str, ...], ...]] = {
+    name: tuple((f"blocks_{s}_{_STAGES[s][2] - 1}", "conv_7") for s in _TAPPED)
+    for name in MODELS}

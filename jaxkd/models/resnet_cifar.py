@@ -112,3 +112,10 @@ def _builder(blocks: int, widths: tuple[int, int, int, int]) -> Callable[..., nn
 # Registry entries: name -> build(num_classes, dtype).
 MODELS: dict[str, Callable[..., nn.Module]] = {
     name: _builder(blocks, widths) for name, (blocks, widths) in _CONFIGS.items()}
+
+# name -> the BatchNorm before the last ReLU of each stage, one per stage tap (the module path in
+# the params): `bn2` of the stage's last block, whose output the residual sum adds to the
+# shortcut before the ReLU (mdistiller's `get_bn_before_relu`, models/cifar/resnet.py).
+BN_BEFORE_RELU: dict[str, tuple[tuple[str, ...], ...]] = {
+    name: tuple((f"layer{stage}_{blocks - 1}", "bn2") for stage in (1, 2, 3))
+    for name, (blocks, _) in _CONFIGS.items()}

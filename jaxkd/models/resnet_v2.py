@@ -94,3 +94,9 @@ def _resnet50(num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:
 
 # Registry entries: name -> build(num_classes, dtype).
 MODELS: dict[str, Callable[..., nn.Module]] = {"ResNet50": _resnet50}
+
+# name -> the BatchNorm before the last ReLU of each stage, one per stage tap (module paths in
+# the params): `bn3` of the stage's last bottleneck (mdistiller's `get_bn_before_relu`,
+# models/cifar/resnetv2.py).
+BN_BEFORE_RELU: dict[str, tuple[tuple[str, ...], ...]] = {
+    "ResNet50": tuple((f"layer{s}_{n - 1}", "bn3") for s, n in enumerate((3, 4, 6, 3), start=1))}

@@ -118,3 +118,10 @@ def _shufflev1(num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:
 
 # Registry entries: name -> build(num_classes, dtype).
 MODELS: dict[str, Callable[..., nn.Module]] = {"ShuffleV1": _shufflev1}
+
+# name -> the BatchNorm before the last ReLU of each stage, one per stage tap (module paths in
+# the params): `bn3` of the stage's last (stride-1) unit, added to the identity before the
+# ReLU, the rule of the ResNets. mdistiller has none for ShuffleNets (its `get_bn_before_relu`
+# raises: not supported as an OFD teacher); this is jaxkd's.
+BN_BEFORE_RELU: dict[str, tuple[tuple[str, ...], ...]] = {
+    "ShuffleV1": tuple((f"layer{s}_{n - 1}", "bn3") for s, n in enumerate(_BLOCKS, start=1))}

@@ -91,3 +91,10 @@ def _builder(config) -> Callable[..., nn.Module]:
 # calls the same constructors vgg8_bn / vgg13_bn.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     name: _builder(config) for name, config in _CONFIGS.items()}
+
+# name -> the BatchNorm before the last ReLU of each stage tap stage1..4 (module paths in the
+# params): the last BN of block1..4, `block{b}_{3j+1}` for its last conv j (mdistiller's
+# `get_bn_before_relu`, models/cifar/vgg.py: `block{b}[-1]`).
+BN_BEFORE_RELU: dict[str, tuple[tuple[str, ...], ...]] = {
+    name: tuple((f"block{b}_{3 * (len(config[b]) - 1) + 1}",) for b in (1, 2, 3, 4))
+    for name, config in _CONFIGS.items()}

@@ -141,3 +141,11 @@ def _builder(depth: int, widen: int) -> Callable[..., nn.Module]:
 # Registry entries: name -> build(num_classes, dtype).
 MODELS: dict[str, Callable[..., nn.Module]] = {
     name: _builder(depth, widen) for name, (depth, widen) in _CONFIGS.items()}
+
+# name -> the BatchNorm before the ReLU that follows each stage, one per stage tap (module paths
+# in the params): the pre-activation BN of the next stage's first block, and the head's `bn1`
+# after stage 3 — the modules `preact=True` applies (mdistiller's `get_bn_before_relu`,
+# models/cifar/wrn.py).
+BN_BEFORE_RELU: dict[str, tuple[tuple[str, ...], ...]] = {
+    name: (("block2", "layer_0", "bn1"), ("block3", "layer_0", "bn1"), ("bn1",))
+    for name in _CONFIGS}
