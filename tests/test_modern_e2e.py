@@ -1,10 +1,13 @@
-"""DIST, NKD, ICKD and SRD end to end: one run of the trainer against one teacher on mock
-CIFAR-100, each method a student stage (the config checks, the tap checks, the bridges' init on
-the teacher's shapes, the steps, evaluation); what each stage logs."""
+"""The methods of today's papers end to end: one run of the trainer against one teacher on mock
+CIFAR-100, each method a student stage (the plan's checks, the tap checks, the bridges' init on
+the teacher's shapes, what the method asks of its teacher, the steps, evaluation, the export);
+what each stage logs. KD runs with logit standardization switched on."""
 
+import json
 import os
 
 import flax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -12,12 +15,17 @@ import helpers
 from jaxkd import train
 from jaxkd.data import sources
 
-METHODS = ("dist", "nkd", "ickd", "srd")
+METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "kd")
 # Per method: the terms its student stage logs (metrics.jsonl), unweighted.
-TERMS = {"dist": ("loss_ce", "loss_dist", "loss_dist_inter", "loss_dist_intra"),
+TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
+         "ofd": ("loss_ce", "loss_ofd"),
+         "dist": ("loss_ce", "loss_dist", "loss_dist_inter", "loss_dist_intra"),
          "nkd": ("loss_ce", "loss_nkd", "loss_nkd_target", "loss_nkd_non"),
          "ickd": ("loss_ce", "loss_ickd"),
-         "srd": ("loss_ce", "loss_srd", "loss_srd_rep", "loss_srd_logit")}
+         "srd": ("loss_ce", "loss_srd", "loss_srd_rep", "loss_srd_logit"),
+         "ctkd": ("loss_cls", "loss_div", "ctkd_temperature"),
+         "ctkd_dkd": ("loss_cls", "loss_div", "ctkd_temperature"),
+         "kd": ("loss_ce", "loss_kd")}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +34,7 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("modern")
   config = helpers.mock_cifar_config(root, "resnet14", "resnet8", METHODS[0],
                                      ",".join(METHODS[1:]))
+  config.method_overrides = ml_collections.ConfigDict(dict(kd=dict(logit_standardize=True)))
   workdir = str(root / "run")
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(sources, "data_source", helpers.mock_cifar100)
@@ -34,7 +43,6 @@ def run(tmp_path_factory):
 
 
 def _last_logged(stage_dir):
-  import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f if line.strip()]
   return [r for r in records if "train/loss" in r][-1]
@@ -51,10 +59,20 @@ def test_every_method_trains_a_student_stage(run):
       assert np.isfinite(logged[f"train/{term}"]), (name, term)
 
 
-@pytest.mark.parametrize("name", ["ickd", "srd"])
+def test_each_stage_ran_with_what_its_method_asks(run):
+  """KD's stage ran with logit standardization's defaults (T 2, weight 9), as its saved
+  effective config says."""
+  workdir, _ = run
+  with open(os.path.join(workdir, "student_kd", "config.json")) as f:
+    effective = json.load(f)["effective"]
+  assert (effective["method.logit_standardize"], effective["method.T"],
+          effective["method.kd_weight"]) == (True, 2.0, 9.0)
+
+
+@pytest.mark.parametrize("name", ["reviewkd", "ofd", "ickd", "srd", "ctkd"])
 def test_the_bridge_is_left_out_of_the_exported_student(run, name):
-  """ICKD's embedding and SRD's projector train beside the student; the exported student is
-  the zoo network alone."""
+  """ReviewKD's fusion modules, OFD's connectors, ICKD's embedding, SRD's projector and CTKD's
+  temperature train beside the student; the exported student is the zoo network alone."""
   _, results = run
   with open(results[f"student_{name}"]["export"], "rb") as f:
     exported = flax.serialization.msgpack_restore(f.read())
