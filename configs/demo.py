@@ -24,6 +24,13 @@ the same resnet20 teacher (AB and FSP after their student preparation, FT after 
 paraphraser on the teacher), then KD and the student alone:
 
     python -m jaxkd.main --config configs/demo.py:baselines --workdir runs/demo_baselines
+
+The methods of today's papers against the same teacher, each distilling the same resnet8: KD,
+then ReviewKD, OFD, DIST, NKD, ICKD, SRD, CTKD (on KD and on DKD), DKD with logit
+standardization switched on (`method_overrides.dkd.logit_standardize=True`), and the student
+alone:
+
+    python -m jaxkd.main --config configs/demo.py:modern --workdir runs/demo_modern
 """
 
 import ml_collections
@@ -56,6 +63,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if "baselines" in tokens:
     _use_baselines(config)
     arg = ",".join(t for t in tokens if t != "baselines")
+  if "modern" in tokens:
+    _use_modern(config)
+    arg = ",".join(t for t in tokens if t != "modern")
   if "ega" in tokens:
     _use_ega(config, runlocal="runlocal" in tokens, compare="compare" in tokens)
     arg = ",".join(t for t in tokens if t not in ("ega", "compare"))
@@ -85,6 +95,20 @@ def _use_baselines(config: ml_collections.ConfigDict) -> None:
   config.method_overrides = ml_collections.ConfigDict(dict(
       ab=dict(init_epochs=2), fsp=dict(init_epochs=2), ft=dict(init_epochs=2),
       crd=dict(nce_k=1024), crd_kd=dict(nce_k=1024), dkd=dict(warmup=1)))
+
+
+MODERN = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "dkd")
+
+
+def _use_modern(config: ml_collections.ConfigDict) -> None:
+  """The modern methods demo (see the module docstring)."""
+  config.method = ml_collections.ConfigDict(dict(name="kd", T=4.0, ce_weight=0.1, kd_weight=0.9))
+  config.baselines = ",".join(MODERN + ("ce",))
+  # ReviewKD's and DKD's warm-ups (20 of 240 epochs) and CTKD's temperature curriculum (10 of
+  # 240) take about the same share of the demo's 15 epochs.
+  config.method_overrides = ml_collections.ConfigDict(dict(
+      reviewkd=dict(warmup_epochs=1), dkd=dict(warmup=1, logit_standardize=True),
+      ctkd=dict(decay_loops=1.0), ctkd_dkd=dict(decay_loops=1.0)))
 
 
 def _use_ega(config: ml_collections.ConfigDict, runlocal: bool, compare: bool) -> None:
