@@ -21,7 +21,8 @@ from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.networks import Network
 from jaxkd.state import TrainState
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
+from modern_golden import GOLDEN, logit_inputs
+
 
 LOSS_TOL = dict(rtol=1e-5)
 # The float32 reference is noisy at τ ≈ 15.6 (nearly uniform softmaxes): 2e-4 of the max.
@@ -43,12 +44,6 @@ def _prefix_grad_max(p):
   float32 noise (its float32 gradients differ from float64 by up to 3.1e-5 of it)."""
   return max(float(np.max(np.abs(GOLDEN[k]))) for k in GOLDEN.files
              if k.startswith(f"{p}_grad_"))
-
-
-def _inputs(p):
-  g = GOLDEN
-  return (jnp.asarray(g[f"{p}_logit_s"]), jnp.asarray(g[f"{p}_logit_t"]),
-          jnp.asarray(g[f"{p}_target"].astype(np.int32)))
 
 
 def _hparams(p):
@@ -110,7 +105,7 @@ def _run(p):
   epoch, the objective; with the gradients w.r.t. the logits, the parameter and τ."""
   g = GOLDEN
   method, hparams = _hparams(p)
-  s, t, y = _inputs(p)
+  s, t, y = logit_inputs(p)
   bridge = method.bridge(50_000, hparams)
   variables = bridge.init(jax.random.key(0), {"logits": s}, {"logits": t}, None)
   np.testing.assert_array_equal(variables["params"]["global_T"], g[f"{p}_param.global_T"])
@@ -189,7 +184,7 @@ def test_logit_standardization_switch_standardizes_the_kl_term():
   """With `logit_standardize` the KL term reads standardized logits: at τ = 2 and weight 9 it
   is logit-standardized KD's `loss_kd` (golden ls_kd)."""
   g = GOLDEN
-  s, t, y = _inputs("ls_kd")
+  s, t, y = logit_inputs("ls_kd")
   hparams = get_method("ctkd").hparams(ml_collections.ConfigDict(dict(logit_standardize=True)))
   assert hparams.kd_weight == float(g["ls_kd_hp_kd_weight"])
   _, parts = jax.jit(lambda a, b, tau: ctkd.ctkd_loss(a, b, y, tau, hparams))(

@@ -16,16 +16,11 @@ from jaxkd import parallel
 from jaxkd.errors import UserError
 from jaxkd.methods import dist, get_method
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
+from modern_golden import GOLDEN, assert_grad_close, logit_inputs
+
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-8)
 PREFIXES = ["dist", "dist_t1"]
-
-
-def _inputs(p):
-  g = GOLDEN
-  return (jnp.asarray(g[f"{p}_logit_s"]), jnp.asarray(g[f"{p}_logit_t"]),
-          jnp.asarray(g[f"{p}_target"].astype(np.int32)))
 
 
 def _hparams(p):
@@ -36,17 +31,9 @@ def _hparams(p):
       beta=float(g[f"{p}_hp_beta"]), gamma=float(g[f"{p}_hp_gamma"]), T=float(g[f"{p}_hp_tau"])))
 
 
-def assert_grad_close(actual, expected, rel=1e-4):
-  """max|g − ref| ≤ rel · max|ref| over the array."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  err = np.max(np.abs(actual - expected))
-  assert err <= rel * np.max(np.abs(expected)), (err, np.max(np.abs(expected)))
-
-
 @pytest.mark.parametrize("p", PREFIXES)
 def test_loss_parts_and_gradient_match_the_reference(p):
-  s, t, _ = _inputs(p)
+  s, t, _ = logit_inputs(p)
   hp = _hparams(p)
   assert float(GOLDEN[f"{p}_hp_eps"]) == dist.DIST_EPS
 
@@ -74,7 +61,7 @@ def test_loss_parts_and_gradient_match_the_reference(p):
 @pytest.mark.parametrize("p", PREFIXES)
 def test_objective_is_kdloss_weighted_sum(p):
   """KDLoss.__call__: ori_loss_weight · CE + kd_loss_weight · DIST, and its gradient."""
-  s, t, y = _inputs(p)
+  s, t, y = logit_inputs(p)
   hp = _hparams(p)
 
   @jax.jit
@@ -102,7 +89,7 @@ def test_defaults_are_the_cifar100_config():
 
 def test_the_relations_are_pearson_correlations():
   """inter: 1 − mean over rows of np.corrcoef of the two rows; intra: the same over columns."""
-  s, t, _ = _inputs("dist")
+  s, t, _ = logit_inputs("dist")
   temperature = 4.0
   y_s = np.asarray(jax.nn.softmax(s / temperature), np.float64)
   y_t = np.asarray(jax.nn.softmax(t / temperature), np.float64)
@@ -116,7 +103,7 @@ def test_the_relations_are_pearson_correlations():
 def test_constant_rows_and_columns_give_finite_gradients():
   """A uniform prediction (all logits equal) has a zero centred row: its correlation is 0, with
   a zero gradient through its norm (torch's norm backward at 0), not NaN."""
-  s, t, _ = _inputs("dist")
+  s, t, _ = logit_inputs("dist")
   s = s.at[0].set(0.0)
 
   @jax.jit
@@ -142,7 +129,7 @@ def test_negative_relation_weights_are_refused(key, value):
 def test_loss_and_gradients_do_not_depend_on_the_device_count():
   """The intra-class term reads whole columns of the batch: with the rows sharded over 4
   devices the jitted loss, its parts and its gradient are those of one device."""
-  s, t, y = _inputs("dist")
+  s, t, y = logit_inputs("dist")
   hp = _hparams("dist")
 
   def run(mesh):

@@ -14,7 +14,8 @@ import numpy as np
 import method_steps
 from jaxkd.methods import get_method, ickd
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
+from modern_golden import GOLDEN, assert_grad_close
+
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-8)
 OUT_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -40,14 +41,6 @@ def _variables():
   stats = {"embed_s": {"bn": {"mean": g[f"{key}.l2norm.running_mean"],
                               "var": g[f"{key}.l2norm.running_var"]}}}
   return jax.tree.map(jnp.asarray, {"params": params, "batch_stats": stats})
-
-
-def assert_grad_close(actual, expected, rel=1e-4):
-  """max|g − ref| ≤ rel · max|ref| over the array."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  err = np.max(np.abs(actual - expected))
-  assert err <= rel * np.max(np.abs(expected)), (err, np.max(np.abs(expected)))
 
 
 def test_initialisation_embeds_the_student_to_the_teachers_width():

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 import helpers
+from modern_golden import GOLDEN, logit_inputs
 
 from configs import default
 from jaxkd import recipe
@@ -18,7 +19,6 @@ from jaxkd.methods import base, get_method
 from jaxkd.methods import logit_standardization as ls
 from jaxkd.methods.losses import distill_kl
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
 
 LOSS_TOL = dict(rtol=1e-5)
 SMALL_PART_TOL = dict(rtol=1e-5, atol=1e-8)
@@ -33,12 +33,6 @@ def assert_grad_close(grad, ref, rel=GRAD_REL):
   assert np.max(np.abs(grad - ref)) <= rel * np.max(np.abs(ref)), np.max(np.abs(grad - ref))
 
 
-def _inputs(p):
-  g = GOLDEN
-  return (jnp.asarray(g[f"{p}_logit_s"]), jnp.asarray(g[f"{p}_logit_t"]),
-          jnp.asarray(g[f"{p}_target"].astype(np.int32)))
-
-
 def _hp(p, *names):
   return {name: GOLDEN[f"{p}_hp_{name}"].item() for name in names}
 
@@ -47,7 +41,7 @@ def test_standardize_is_the_references_normalize():
   """z-scores per row with the unbiased std and ε = 1e-7 added to it."""
   g = GOLDEN
   assert float(g["ls_kd_hp_eps"]) == ls.STD_EPS
-  s, t, _ = _inputs("ls_kd")
+  s, t, _ = logit_inputs("ls_kd")
   z_s, z_t = jax.jit(lambda a, b: (ls.standardize(a), ls.standardize(b)))(s, t)
   np.testing.assert_allclose(z_s, g["ls_kd_z_s"], **Z_TOL)
   np.testing.assert_allclose(z_t, g["ls_kd_z_t"], **Z_TOL)
@@ -76,7 +70,7 @@ def test_ls_kd_matches_the_reference():
   """`loss_kd` = 9 · T² · KL on standardized logits, 0.1 · CE on the raw ones, their sum, and
   the gradients w.r.t. the raw student logits through the standardization."""
   g = GOLDEN
-  s, t, y = _inputs("ls_kd")
+  s, t, y = logit_inputs("ls_kd")
   hparams = _kd_hparams()
   method = get_method("kd")
 
@@ -107,7 +101,7 @@ def test_ls_dkd_matches_the_reference():
   """`loss_kd` = min(8/20, 1) · (9·TCKD + 72·NCKD) on standardized logits (T = 2, the −1000·1_g
   after standardization and /T), the two parts, CE, the total and both gradients."""
   g = GOLDEN
-  s, t, y = _inputs("ls_dkd")
+  s, t, y = logit_inputs("ls_dkd")
   assert int(g["ls_dkd_hp_logit_stand"]) == 1
   method = get_method("dkd")
   hparams = method.hparams(ml_collections.ConfigDict(dict(

@@ -14,7 +14,8 @@ from jaxkd.errors import UserError
 from jaxkd.methods import get_method, nkd
 from jaxkd.methods.losses import cross_entropy
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
+from modern_golden import GOLDEN, assert_grad_close
+
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-8)
 PREFIXES = ["nkd", "nkd_soft"]
@@ -29,14 +30,6 @@ def _inputs(p):
 
 def _hp(p):
   return float(GOLDEN[f"{p}_hp_temp"]), float(GOLDEN[f"{p}_hp_gamma"])
-
-
-def assert_grad_close(actual, expected, rel=1e-4):
-  """max|g − ref| ≤ rel · max|ref| over the array."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  err = np.max(np.abs(actual - expected))
-  assert err <= rel * np.max(np.abs(expected)), (err, np.max(np.abs(expected)))
 
 
 @pytest.mark.parametrize("p", PREFIXES)

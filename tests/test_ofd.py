@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import helpers
+from modern_golden import GOLDEN, assert_grad_close, nhwc
 
 from jaxkd import models, networks, parallel, steps
 from jaxkd.errors import UserError
@@ -25,25 +26,11 @@ from jaxkd.methods import get_method, ofd
 from jaxkd.methods.objective import tap_shapes
 from jaxkd.state import TrainState
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
 P = "ofd"
 N_TAPS = 3
 LOSS_TOL = dict(rtol=1e-5)
 FEATURE_TOL = dict(rtol=1e-5, atol=1e-5)
 STATE_TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def _nhwc(x):
-  x = np.asarray(x)
-  return jnp.asarray(x.transpose(0, 2, 3, 1) if x.ndim == 4 else x)
-
-
-def _assert_grad_close(actual, expected, what):
-  """max|g − ref| ≤ 1e-4 · max|ref| (per array)."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape, what
-  err = np.max(np.abs(actual - expected))
-  assert err <= 1e-4 * np.max(np.abs(expected)), (what, err, np.max(np.abs(expected)))
 
 
 def _outputs(maps, constants=None):
@@ -60,7 +47,7 @@ def _outputs(maps, constants=None):
 
 
 def _golden_maps(side):
-  return [_nhwc(GOLDEN[f"{P}_preact_feat_{side}.{i}"]) for i in range(N_TAPS)]
+  return [nhwc(GOLDEN[f"{P}_preact_feat_{side}.{i}"]) for i in range(N_TAPS)]
 
 
 def _golden_margins():
@@ -148,7 +135,7 @@ def test_connectors_and_loss_match_the_reference(forward):
   g = GOLDEN
   loss_kd, out, metrics, total, _, _, _ = forward
   for i in range(N_TAPS):
-    np.testing.assert_allclose(out["ofd_connector_out"][i], _nhwc(g[f"{P}_connector_out.{i}"]),
+    np.testing.assert_allclose(out["ofd_connector_out"][i], nhwc(g[f"{P}_connector_out.{i}"]),
                                **FEATURE_TOL)
     np.testing.assert_allclose(out["ofd_feat_loss"][i], g[f"{P}_feat_loss.{i}"], **LOSS_TOL)
     np.testing.assert_allclose(out["ofd_feat_loss"][i], g[f"{P}_feat_loss.{i}_f64"], **LOSS_TOL)
@@ -157,7 +144,7 @@ def test_connectors_and_loss_match_the_reference(forward):
   np.testing.assert_allclose(metrics["loss_ce"], g[f"{P}_loss_ce"], **LOSS_TOL)
   np.testing.assert_allclose(total, g[f"{P}_loss_total"], **LOSS_TOL)
   # The pure loss on the reference's own connector outputs.
-  connected = [_nhwc(g[f"{P}_connector_out.{i}"]) for i in range(N_TAPS)]
+  connected = [nhwc(g[f"{P}_connector_out.{i}"]) for i in range(N_TAPS)]
   value, parts = ofd.ofd_loss(connected, _golden_maps("t"), _golden_margins())
   np.testing.assert_allclose(value * g[f"{P}_hp_feat_weight"], g[f"{P}_loss"], **LOSS_TOL)
   np.testing.assert_allclose(parts[1], g[f"{P}_feat_loss.1"], **LOSS_TOL)
@@ -167,12 +154,12 @@ def test_gradients_and_running_statistics_match_the_reference(forward):
   g = GOLDEN
   _, _, _, _, stats, g_params, g_maps = forward
   for i, grad in enumerate(g_maps):
-    _assert_grad_close(grad, _nhwc(g[f"{P}_grad_preact_feat_s.{i}"]), i)
+    assert_grad_close(grad, nhwc(g[f"{P}_grad_preact_feat_s.{i}"]), what=i)
   expected = flax.traverse_util.flatten_dict(_golden_tree("grad_param")["params"])
   flat = flax.traverse_util.flatten_dict(g_params)
   assert set(flat) == set(expected)
   for path, ref in expected.items():
-    _assert_grad_close(flat[path], ref, path)
+    assert_grad_close(flat[path], ref, what=path)
   expected = flax.traverse_util.flatten_dict(_golden_tree("updated")["batch_stats"])
   flat = flax.traverse_util.flatten_dict(stats)
   assert set(flat) == set(expected)
@@ -215,7 +202,7 @@ def test_unequal_numbers_of_stage_maps_pair_the_last_ones():
              for col, tree in variables.items()}
   out, _ = bridge.apply(shifted, _outputs(s_maps[1:]), _outputs(t_maps, {"margins": margins}),
                         None, train=True, mutable=["batch_stats"])
-  expected, _ = ofd.ofd_loss([_nhwc(GOLDEN[f"{P}_connector_out.{i}"]) for i in (1, 2)],
+  expected, _ = ofd.ofd_loss([nhwc(GOLDEN[f"{P}_connector_out.{i}"]) for i in (1, 2)],
                              t_maps[1:], margins[1:])
   np.testing.assert_allclose(out["loss_ofd"], expected, rtol=1e-5)
 

@@ -17,37 +17,24 @@ import optax
 import pytest
 
 import helpers
+from modern_golden import GOLDEN, assert_grad_close, nhwc
 
 from jaxkd import networks, parallel, steps
 from jaxkd.errors import UserError
 from jaxkd.methods import get_method, reviewkd
 from jaxkd.state import TrainState
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
 P = "reviewkd"
 LOSS_TOL = dict(rtol=1e-5)
 FEATURE_TOL = dict(rtol=1e-5, atol=1e-5)
 STATE_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def _nhwc(x):
-  x = np.asarray(x)
-  return jnp.asarray(x.transpose(0, 2, 3, 1) if x.ndim == 4 else x)
-
-
-def _assert_grad_close(actual, expected, what):
-  """max|g − ref| ≤ 1e-4 · max|ref| (per array)."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape, what
-  err = np.max(np.abs(actual - expected))
-  assert err <= 1e-4 * np.max(np.abs(expected)), (what, err, np.max(np.abs(expected)))
-
-
 def _outputs(side, maps=None):
   """A network's outputs as the bridge sees them: stem (never read), three stage maps, pooled."""
   g = GOLDEN
-  maps = maps if maps is not None else [_nhwc(g[f"{P}_feat_{side}.{i}"]) for i in range(3)]
-  pooled = maps[3] if len(maps) == 4 else _nhwc(g[f"{P}_pooled_feat_{side}"])
+  maps = maps if maps is not None else [nhwc(g[f"{P}_feat_{side}.{i}"]) for i in range(3)]
+  pooled = maps[3] if len(maps) == 4 else nhwc(g[f"{P}_pooled_feat_{side}"])
   feats = collections.OrderedDict(stem=jnp.zeros((pooled.shape[0], 1, 1, 1)))
   for i in range(3):
     feats[f"stage{i + 1}"] = maps[i]
@@ -91,7 +78,7 @@ def _golden_tree(section):
 
 def _student_maps():
   g = GOLDEN
-  return [_nhwc(g[f"{P}_feat_s.{i}"]) for i in range(3)] + [_nhwc(g[f"{P}_pooled_feat_s"])]
+  return [nhwc(g[f"{P}_feat_s.{i}"]) for i in range(3)] + [nhwc(g[f"{P}_pooled_feat_s"])]
 
 
 def _hparams():
@@ -165,11 +152,11 @@ def test_fused_features_and_loss_match_the_reference(forward):
   g = GOLDEN
   out, metrics, total, _, _, _ = forward
   for i, result in enumerate(out["reviewkd_results"]):
-    np.testing.assert_allclose(result, _nhwc(g[f"{P}_results.{i}"]), **FEATURE_TOL)
+    np.testing.assert_allclose(result, nhwc(g[f"{P}_results.{i}"]), **FEATURE_TOL)
   for k in range(4):
-    np.testing.assert_allclose(out["reviewkd_abf_out"][k], _nhwc(g[f"{P}_abf_out.{k}"]),
+    np.testing.assert_allclose(out["reviewkd_abf_out"][k], nhwc(g[f"{P}_abf_out.{k}"]),
                                **FEATURE_TOL)
-    np.testing.assert_allclose(out["reviewkd_abf_res"][k], _nhwc(g[f"{P}_abf_res.{k}"]),
+    np.testing.assert_allclose(out["reviewkd_abf_res"][k], nhwc(g[f"{P}_abf_res.{k}"]),
                                **FEATURE_TOL)
   np.testing.assert_allclose(metrics["loss_hcl"], g[f"{P}_loss_hcl"], **LOSS_TOL)
   np.testing.assert_allclose(metrics["loss_hcl"], g[f"{P}_loss_hcl_f64"], **LOSS_TOL)
@@ -179,7 +166,7 @@ def test_fused_features_and_loss_match_the_reference(forward):
   np.testing.assert_allclose(metrics["loss_ce"], g[f"{P}_loss_ce"], **LOSS_TOL)
   np.testing.assert_allclose(total, g[f"{P}_loss_total"], **LOSS_TOL)
   # The pure loss on the reference's own fused features and teacher levels.
-  results = [_nhwc(g[f"{P}_results.{i}"]) for i in range(4)]
+  results = [nhwc(g[f"{P}_results.{i}"]) for i in range(4)]
   teachers = reviewkd.levels(_outputs("t"))
   np.testing.assert_allclose(reviewkd.hcl_loss(results, teachers), g[f"{P}_loss_hcl"], **LOSS_TOL)
 
@@ -189,12 +176,12 @@ def test_gradients_and_running_statistics_match_the_reference(forward):
   _, _, _, stats, g_params, g_maps = forward
   names = [f"{P}_grad_feat_s.{i}" for i in range(3)] + [f"{P}_grad_pooled_feat_s"]
   for grad, name in zip(g_maps, names):
-    _assert_grad_close(grad, _nhwc(g[name]), name)
+    assert_grad_close(grad, nhwc(g[name]), what=name)
   expected = flax.traverse_util.flatten_dict(_golden_tree("grad_param")["params"])
   flat = flax.traverse_util.flatten_dict(g_params)
   assert set(flat) == set(expected)
   for path, ref in expected.items():
-    _assert_grad_close(flat[path], ref, path)
+    assert_grad_close(flat[path], ref, what=path)
   expected = flax.traverse_util.flatten_dict(_golden_tree("updated")["batch_stats"])
   flat = flax.traverse_util.flatten_dict(stats)
   assert set(flat) == set(expected)

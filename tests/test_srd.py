@@ -17,7 +17,8 @@ import method_steps
 from jaxkd.errors import UserError
 from jaxkd.methods import get_method, srd
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "data", "golden_modern.npz"))
+from modern_golden import GOLDEN, assert_grad_close
+
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-8)
 STATE_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -52,14 +53,6 @@ def _variables():
   stats = {bn: {"mean": g[f"{key}.{bn}.running_mean"], "var": g[f"{key}.{bn}.running_var"]}
            for bn in ("bn_s", "bn_t")}
   return jax.tree.map(jnp.asarray, {"params": params, "batch_stats": stats})
-
-
-def assert_grad_close(actual, expected, rel=1e-4):
-  """max|g − ref| ≤ rel · max|ref| over the array."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  err = np.max(np.abs(actual - expected))
-  assert err <= rel * np.max(np.abs(expected)), (err, np.max(np.abs(expected)))
 
 
 def _inputs():
