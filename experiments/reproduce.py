@@ -7,7 +7,8 @@
     python experiments/reproduce.py --table sskd_cifar100 --seeds 3 --workdir gs://b/tables \
         --print-commands > jobs.txt                        # one command per run, for an array job
 
-Tables: experiments/tables/ (digits, sskd_cifar100, hsakd_cifar100, crd_cifar100). For each pair and seed k it makes ONE jaxkd run in
+Tables: experiments/tables/ (digits, sskd_cifar100, hsakd_cifar100, crd_cifar100,
+modern_cifar100). For each pair and seed k it makes ONE jaxkd run in
 `<workdir>/<table>/<pair>/seed<k>` with `config.seed=k`: the first selected row's method as
 `config.method`, the others as `config.baselines`, so the teacher is trained once per seed and
 shared by every row. Rerunning resumes: a finished stage is

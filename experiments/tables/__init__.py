@@ -1,6 +1,7 @@
 """Published tables as data, and the jaxkd configs that re-run them.
 
-One small module per table (`sskd_cifar100`, `hsakd_cifar100`, `crd_cifar100`, `digits`) holds a `TABLE`: its rows, its teacher → student pairs, the paper's
+One small module per table (`sskd_cifar100`, `hsakd_cifar100`, `crd_cifar100`,
+`modern_cifar100`, `digits`) holds a `TABLE`: its rows, its teacher → student pairs, the paper's
 number per cell with its source and statistic, and the base config of a pair (e.g. the SSKD
 recipe). Each module is also a jaxkd config file, taking the pair, the methods to train and
 `runlocal` as its argument:
@@ -49,7 +50,7 @@ from jaxkd.errors import UserError  # noqa: E402
 from jaxkd.methods import canonical_name, get_method  # noqa: E402
 
 # The table modules of this package, in the order they are listed.
-TABLE_NAMES = ("digits", "sskd_cifar100", "hsakd_cifar100", "crd_cifar100")
+TABLE_NAMES = ("digits", "sskd_cifar100", "hsakd_cifar100", "crd_cifar100", "modern_cifar100")
 
 
 @dataclasses.dataclass(frozen=True)
