@@ -112,8 +112,8 @@ def pair_table(table: tables.Table, pair: str, cells: dict[str, Cell],
     paper = _num(paper_mean, paper_std)
     statistic = tables.paper_statistic(table, row, text)
     method = f"`{row.method}`" if row.method else ("—" if row.built else "not built")
-    if row.stage:
-      method += f" (stage `{row.stage}`)"
+    if row.stage or table.own_run(row):
+      method += f" (stage `{table.stage_path(row)}`)"
     cell = cells.get(row.id)
     if not row.built:
       status = ["not built in jaxkd", "", "0", "", ""]

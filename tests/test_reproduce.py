@@ -209,6 +209,9 @@ def test_row_repeating_a_method_has_a_run_of_its_own(tmp_path, capsys):
   # A --config.teacher.checkpoint given for every run wins.
   assert runs[1].config([("teacher.checkpoint", "/t.msgpack")], False).teacher.checkpoint == \
       "/t.msgpack"
+  # The report names where its number lies.
+  lines = report.pair_table(table, PAIR, {r.id: report.Cell() for r in table.rows if r.built}, {})
+  assert "| KD (T = 2) | `kd` (stage `kd_t2/student_kd`) |" in "\n".join(lines)
   # Alone, with no teacher trained for the seed: refused, naming rows that train it.
   with pytest.raises(reproduce.UserError, match="kd_t2 of table digits read the teacher"):
     reproduce.plan(table, [row], [PAIR], [0], str(tmp_path))
