@@ -2,7 +2,8 @@
 
     python experiments/report.py runs/tables          # writes runs/tables/report.md and plots/
 
-Reads `<dir>/<table>/<pair>/seed<k>/<stage>/result.json` (top1_best, top1_last) and
+Reads `<dir>/<table>/<pair>/seed<k>/<stage>/result.json` (top1_best, top1_last; a row with a run
+of its own: `seed<k>/<row id>/<stage>/`) and
 `metrics.jsonl` (eval/top1 per evaluation) — plain files, no TensorBoard — of every table
 directory under `<dir>`, and writes `<dir>/report.md`: per pair, a table with each row's paper
 number and its statistic, jaxkd's mean ± std over seeds of the best-epoch and of the last-epoch
@@ -111,8 +112,8 @@ def pair_table(table: tables.Table, pair: str, cells: dict[str, Cell],
     paper = _num(paper_mean, paper_std)
     statistic = tables.paper_statistic(table, row, text)
     method = f"`{row.method}`" if row.method else ("—" if row.built else "not built")
-    if row.stage:
-      method += f" (stage `{row.stage}`)"
+    if row.stage or table.own_run(row):
+      method += f" (stage `{table.stage_path(row)}`)"
     cell = cells.get(row.id)
     if not row.built:
       status = ["not built in jaxkd", "", "0", "", ""]
@@ -236,7 +237,8 @@ def table_section(table: tables.Table, table_dir: epath.Path, root: epath.Path) 
     teacher, student = tables.split_pair(pair)
     lines += [f"### {teacher} → {student}", "",
               f"Seeds found: {', '.join(map(str, seeds)) or 'none'} (`{pair_dir}`).", ""]
-    cells = {row.id: read_cell(pair_dir, row.stage_name) for row in table.rows if row.built}
+    cells = {row.id: read_cell(pair_dir, table.stage_path(row)) for row in table.rows
+             if row.built}
     refusals = tables.refused(table, pair, table.run_methods(table.rows))
     lines += pair_table(table, pair, cells, refusals)
     plots = epath.Path(PLOTS_DIR) / table.name

@@ -7,13 +7,21 @@
     python experiments/reproduce.py --table sskd_cifar100 --seeds 3 --workdir gs://b/tables \
         --print-commands > jobs.txt                        # one command per run, for an array job
 
-Tables: experiments/tables/ (digits, sskd_cifar100, hsakd_cifar100, crd_cifar100). For each pair
-and seed k it makes ONE jaxkd run in `<workdir>/<table>/<pair>/seed<k>` with `config.seed=k`:
-the first selected row's method as `config.method`, the others as `config.baselines`, so the
-teacher is trained once per seed and shared by every row. Rerunning resumes: a finished stage is
+Tables: experiments/tables/ (digits, sskd_cifar100, hsakd_cifar100, crd_cifar100,
+modern_cifar100). For each pair and seed k it makes ONE jaxkd run in
+`<workdir>/<table>/<pair>/seed<k>` with `config.seed=k`: the first selected row's method as
+`config.method`, the others as `config.baselines`, so the teacher is trained once per seed and
+shared by every row. Rerunning resumes: a finished stage is
 skipped, and a run whose rows are all finished is not started. A row jaxkd refuses on a pair (FSP
 on unequal widths, as RepDistiller) is left out of that pair's run and reported as refused.
 At the end it writes `<workdir>/report.md` (experiments/report.py).
+
+A row that repeats an earlier row's method with other hyper-parameters (KD with logit
+standardization after KD) cannot share that run's stage `student_<method>`: it is its own run in
+`<seed dir>/<row id>`, after the seed's shared run, and reads that run's teacher file
+(`--config.teacher.checkpoint=<seed dir>/teacher/teacher.msgpack`), so every row of a seed still
+sees the same teacher. Such a row needs a row of the shared run that trains the teacher (or a
+teacher already trained there): selected alone, it is refused with the rows to add.
 
 `--print-commands` prints the same work as `python -m jaxkd.main` commands, one per (pair, seed,
 row), in two groups: the first trains each seed's teacher and must finish before the second
@@ -46,18 +54,31 @@ from etils import epath  # noqa: E402
 from experiments import tables  # noqa: E402
 from jaxkd.errors import UserError  # noqa: E402
 from jaxkd.results import RESULT_FILE  # noqa: E402
+from jaxkd.stage import TEACHER_FILE  # noqa: E402
 
 # Set per row in the table files, or by the runs themselves: not from the command line.
 RESERVED = ("method", "method_overrides", "baselines", "seed")
 
 
 class Run:
-  """One jaxkd run: a pair and a seed, training `methods` in `workdir`."""
+  """One jaxkd run: a pair and a seed, training `methods` in `workdir`; for a row with a run of
+  its own, `row` and the seed's `teacher_file` it reads (None: it reads no plain teacher)."""
 
   def __init__(self, table: tables.Table, pair: str, seed: int, methods: Sequence[str],
-               workdir: str):
+               workdir: str, row: Optional[tables.Row] = None,
+               teacher_file: Optional[str] = None):
     self.table, self.pair, self.seed, self.methods = table, pair, seed, list(methods)
-    self.workdir = workdir
+    self.workdir, self.row, self.teacher_file = workdir, row, teacher_file
+
+  def config(self, overrides: Sequence[tuple[str, str]], runlocal: bool) -> Any:
+    """The run's config: the table's, the seed's teacher file, then `--config.` overrides."""
+    config = tables.run_config(self.table, self.pair, self.methods, seed=self.seed,
+                               runlocal=runlocal, row=self.row)
+    if self.teacher_file and not sets_teacher(overrides):
+      config.teacher.checkpoint = self.teacher_file
+    for key, value in overrides:
+      apply_override(config, key, value)
+    return config
 
   def done(self) -> bool:
     return all((epath.Path(self.workdir) / f"student_{m}" / RESULT_FILE).exists()
@@ -124,23 +145,51 @@ def apply_override(config: Any, key: str, raw: str) -> None:
     raise UserError(f"--config.{key}={raw}: {e}") from None
 
 
+def sets_teacher(overrides: Sequence[tuple[str, str]]) -> bool:
+  """Whether `--config.teacher.checkpoint` is given for every run."""
+  return any(key == "teacher.checkpoint" for key, _ in overrides)
+
+
+def teacher_rows(table: tables.Table, pair: str) -> list[str]:
+  """The methods of the table's shared run on `pair` that read its stage `teacher`."""
+  return [m for m in table.run_methods(table.rows) if tables.reads_stage_teacher(table, pair, m)]
+
+
 def plan(table: tables.Table, rows: Sequence[tables.Row], pairs: Sequence[str],
-         seeds: Sequence[int], workdir: str
+         seeds: Sequence[int], workdir: str, overrides: Sequence[tuple[str, str]] = ()
          ) -> tuple[list[Run], dict[str, dict[str, str]]]:
-  """The runs, pair-major then seed, and per pair the refused methods with the reason."""
+  """The runs, pair-major then seed (the shared run of a seed, then its rows with a run of
+  their own), and per pair the refused methods with the reason."""
   methods = table.run_methods(rows)
-  if not methods:
+  own = table.own_run_rows(rows)
+  if not methods and not own:
     raise UserError(f"rows {', '.join(r.id for r in rows)} of table {table.name} train "
                     "nothing by themselves; add a student row (e.g. "
                     f"{', '.join(table.run_methods(table.rows)[:3])})")
   runs, refusals = [], {}
   for pair in pairs:
-    refusals[pair] = tables.refused(table, pair, methods)
+    refusals[pair] = tables.refused(table, pair, list(dict.fromkeys(
+        methods + [r.method for r in own])))
     kept = [m for m in methods if m not in refusals[pair]]
-    if not kept:
-      continue
+    own_kept = [r for r in own if r.method not in refusals[pair]]
+    reading = {r.id for r in own_kept
+               if tables.reads_stage_teacher(table, pair, r.method, row=r)}
+    trains_teacher = any(tables.reads_stage_teacher(table, pair, m) for m in kept)
     for seed in seeds:
-      runs.append(Run(table, pair, seed, kept, seed_dir(workdir, table.name, pair, seed)))
+      path = seed_dir(workdir, table.name, pair, seed)
+      teacher_file = str(epath.Path(path) / "teacher" / TEACHER_FILE)
+      if (reading and not trains_teacher and not sets_teacher(overrides)
+          and not epath.Path(teacher_file).exists()):
+        raise UserError(
+            f"rows {', '.join(sorted(reading))} of table {table.name} read the teacher of "
+            f"{pair} seed {seed}, which no selected row trains and no run has trained yet; add "
+            "a row of the shared run that reads it (e.g. "
+            f"{', '.join(teacher_rows(table, pair)[:3])})")
+      if kept:
+        runs.append(Run(table, pair, seed, kept, path))
+      for row in own_kept:
+        runs.append(Run(table, pair, seed, [row.method], str(epath.Path(path) / row.id),
+                        row=row, teacher_file=teacher_file if row.id in reading else None))
   return runs, refusals
 
 
@@ -160,14 +209,17 @@ def commands(runs: Sequence[Run], refusals: dict[str, dict[str, str]], workdir: 
   suffix = ",runlocal" if runlocal else ""
 
   def command(run: Run, method: str) -> str:
-    arg = f"{config_path(run.table)}:{run.pair},{method}{suffix}"
+    arg = f"{config_path(run.table)}:{run.pair},{run.row.id if run.row else method}{suffix}"
+    teacher = ""
+    if run.teacher_file and not sets_teacher(overrides):
+      teacher = " " + shlex.quote(f"--config.teacher.checkpoint={run.teacher_file}")
     return (f"python -m jaxkd.main --config {shlex.quote(arg)} "
-            f"--workdir {shlex.quote(run.workdir)} --config.seed={run.seed}{extra}")
+            f"--workdir {shlex.quote(run.workdir)} --config.seed={run.seed}{teacher}{extra}")
 
   first, second = [], []
   for run in runs:
-    teacher_method = next((m for m in run.methods
-                           if tables.reads_stage_teacher(run.table, run.pair, m)), None)
+    teacher_method = None if run.row else next(
+        (m for m in run.methods if tables.reads_stage_teacher(run.table, run.pair, m)), None)
     for method in run.methods:
       (first if method == teacher_method else second).append(command(run, method))
   table = runs[0].table.name if runs else ""
@@ -203,13 +255,8 @@ def run_all(runs: Sequence[Run], overrides: Sequence[tuple[str, str]], runlocal:
   jax.config.update("jax_default_matmul_precision", "highest")
   logging.set_verbosity(logging.WARNING)
 
-  configs = []
-  for run in runs:      # every config first: a bad override fails before any training
-    config = tables.run_config(run.table, run.pair, run.methods, seed=run.seed,
-                               runlocal=runlocal)
-    for key, value in overrides:
-      apply_override(config, key, value)
-    configs.append(config)
+  # Every config first: a bad override fails before any training.
+  configs = [run.config(overrides, runlocal) for run in runs]
   pending = [not run.done() for run in runs]
   start = time.time()
   trained_time, trained = 0.0, 0
@@ -260,16 +307,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = tables.select_rows(table, args.rows)
     pairs = tables.select_pairs(table, args.pairs)
     seeds = parse_seeds(args.seeds)
-    runs, refusals = plan(table, rows, pairs, seeds, args.workdir)
+    runs, refusals = plan(table, rows, pairs, seeds, args.workdir, overrides)
     if args.print_commands:
       print("\n".join(commands(runs, refusals, args.workdir, overrides, args.runlocal)))
       return 0
     for pair, reasons in refusals.items():
       for method, reason in reasons.items():
         print(f"[reproduce] not run, refused by jaxkd: {method} on {pair}: {reason}")
-    print(f"[reproduce] table {table.name}: {len(pairs)} pair(s) x {len(seeds)} seed(s) = "
-          f"{len(runs)} run(s) of {len(table.run_methods(rows))} method(s) each, in "
-          f"{args.workdir}", flush=True)
+    print(f"[reproduce] table {table.name}: {len(pairs)} pair(s) x {len(seeds)} seed(s): "
+          f"{len(runs)} run(s) of {len(rows)} row(s), in {args.workdir}", flush=True)
     start = time.time()
     run_all(runs, overrides, args.runlocal)
     print(f"[reproduce] all {len(runs)} run(s) done in {_clock(time.time() - start)}",

@@ -52,6 +52,14 @@ def test_every_table_run_has_a_plan(name, tmp_path):
   made = _planned(tables.run_config(table, pair, kept), tmp_path)
   assert [s.name for s in made.stages if s.name.startswith("student_") and
           not s.name.endswith("_init")] == [f"student_{m}" for m in kept]
+  # A row with a run of its own reads the seed's teacher file (here a stand-in path).
+  for row in table.own_run_rows(table.rows):
+    config = tables.run_config(table, pair, [row.method], row=row)
+    config.teacher.checkpoint = str(tmp_path / "teacher.msgpack")
+    made = _planned(config, tmp_path)
+    names = [s.name for s in made.stages]
+    assert names[0] == "teacher" and names[-1] == f"student_{row.method}"
+    assert made.states["teacher"] == "import"
 
 
 def test_stages_in_order_with_their_teachers_and_starts(tmp_path):

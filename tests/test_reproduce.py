@@ -1,13 +1,15 @@
 """experiments/reproduce.py and experiments/report.py: a shrunk digits table end to end (one
-teacher per seed shared by the rows, resume), the report's numbers against the result files, the
-array-job commands, the errors, and every table file (loads as a config, its rows are methods
-jaxkd registers, a row alone gets the same config as in the shared run)."""
+teacher per seed shared by the rows, resume), a row that repeats a method with other
+hyper-parameters (its own run, reading the seed's teacher), the report's numbers against the
+result files, the array-job commands, the errors, and every table file (loads as a config, its
+rows are methods jaxkd registers, a row alone gets the same config as in the shared run)."""
 
 import dataclasses
 import hashlib
 import json
 import math
 import re
+import shutil
 
 import pytest
 
@@ -159,6 +161,82 @@ def test_print_commands_leaves_out_refused_rows(capsys):
              for line in lines)
 
 
+def _variant_table():
+  """The digits table with KD once more, at T = 2 (kd_weight 0.5 on the digits pair only)."""
+  table = tables.get_table("digits")
+  variant = tables.Row("KD (T = 2)", "kd", overrides=dict(T=2.0), key="kd_t2",
+                       pair_overrides={PAIR: dict(kd_weight=0.5)})
+  return dataclasses.replace(table, rows=table.rows + (variant,))
+
+
+def test_row_repeating_a_method_has_a_run_of_its_own(tmp_path, capsys):
+  table = _variant_table()
+  row = table.row("kd_t2")
+  assert [r.id for r in table.own_run_rows(table.rows)] == ["kd_t2"]
+  assert "kd" in table.run_methods(table.rows) and table.stage_path(row) == "kd_t2/student_kd"
+  assert table.stage_path(table.row("kd")) == "student_kd"
+  # --rows kd is the KD row only; the variant is named by its id or name.
+  assert [r.id for r in tables.select_rows(table, "kd")] == ["kd"]
+  assert [r.id for r in tables.select_rows(table, "KD (T = 2)")] == ["kd_t2"]
+  # Its config: KD alone with the row's fields on the pair; the shared run keeps KD's own.
+  alone = tables.get_config(table, f"{PAIR},kd_t2")
+  shared = tables.get_config(table, PAIR)
+  kd = methods.get_method("kd")
+  assert alone.method.name == "kd" and alone.baselines == ""
+  hp_alone = recipe.method_hparams(alone, kd)
+  hp_shared = recipe.method_hparams(shared, kd)
+  assert (hp_alone.T, hp_alone.kd_weight) == (2.0, 0.5)
+  assert (hp_shared.T, hp_shared.kd_weight) == (kd.defaults["T"], kd.defaults["kd_weight"])
+  with pytest.raises(ValueError, match="name it alone"):
+    tables.get_config(table, f"{PAIR},kd_t2,kd")
+  # One run per seed for the shared rows, then the variant's in <seed dir>/kd_t2, reading the
+  # seed's teacher file.
+  runs, _ = reproduce.plan(table, tables.select_rows(table, "kd,kd_t2"), [PAIR], [0, 1],
+                           str(tmp_path))
+  assert [(r.seed, r.methods, r.row and r.row.id) for r in runs] == [
+      (0, ["kd"], None), (0, ["kd"], "kd_t2"), (1, ["kd"], None), (1, ["kd"], "kd_t2")]
+  seed0 = tmp_path / "digits" / PAIR / "seed0"
+  assert runs[1].workdir == str(seed0 / "kd_t2")
+  assert runs[1].teacher_file == str(seed0 / "teacher" / "teacher.msgpack")
+  config = runs[1].config([("dataset.data_dir", "/data")], runlocal=False)
+  assert config.teacher.checkpoint == runs[1].teacher_file and config.dataset.data_dir == "/data"
+  assert runs[0].config([], runlocal=False).teacher.checkpoint == ""
+  lines = reproduce.commands(runs, {PAIR: {}}, str(tmp_path), [], runlocal=False)
+  group2 = lines[lines.index(next(x for x in lines if x.startswith("# Group 2"))) + 1:]
+  variant = [line for line in group2 if ",kd_t2 " in line]
+  assert len(variant) == 2 and all("--config.teacher.checkpoint=" in x for x in variant)
+  assert f"--workdir {seed0 / 'kd_t2'} --config.seed=0" in variant[0]
+  # A --config.teacher.checkpoint given for every run wins.
+  assert runs[1].config([("teacher.checkpoint", "/t.msgpack")], False).teacher.checkpoint == \
+      "/t.msgpack"
+  # The report names where its number lies.
+  lines = report.pair_table(table, PAIR, {r.id: report.Cell() for r in table.rows if r.built}, {})
+  assert "| KD (T = 2) | `kd` (stage `kd_t2/student_kd`) |" in "\n".join(lines)
+  # Alone, with no teacher trained for the seed: refused, naming rows that train it.
+  with pytest.raises(reproduce.UserError, match="kd_t2 of table digits read the teacher"):
+    reproduce.plan(table, [row], [PAIR], [0], str(tmp_path))
+
+
+def test_row_with_a_run_of_its_own_reads_the_seed_teacher(digits_run, tmp_path, monkeypatch):
+  workdir, _ = digits_run
+  table = _variant_table()
+  monkeypatch.setattr(tables, "get_table", lambda name: table)
+  # The seed's teacher is trained already (a copy of digits_run's): the row runs alone.
+  seed0 = tmp_path / "digits" / PAIR / "seed0"
+  shutil.copytree(workdir / "digits" / PAIR / "seed0" / "teacher", seed0 / "teacher")
+  argv = ["--table", "digits", "--seeds", "1", "--workdir", str(tmp_path), "--rows", "kd_t2",
+          "--no-report"] + SHRINK
+  assert reproduce.main(argv) == 0
+  assert sorted(p.name for p in seed0.iterdir()) == ["kd_t2", "teacher"]
+  teacher = seed0 / "teacher" / "teacher.msgpack"
+  result = json.loads((seed0 / "kd_t2" / "student_kd" / "result.json").read_text())
+  assert result["teacher_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+  assert result["teacher_path"] == str(teacher)
+  assert not (seed0 / "student_kd").exists()
+  cell = report.read_cell(seed0.parent, table.stage_path(table.row("kd_t2")))
+  assert cell.seeds == [0] and cell.last == [result["top1_last"]]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--table", "nope"], "error: unknown table 'nope'; valid tables: digits, sskd_cifar100, "
                           "hsakd_cifar100, crd_cifar100"),
@@ -184,9 +262,12 @@ def test_table_files(name):
       r.id for r in table.rows]
   ids = [row.id for row in table.rows]
   assert len(set(ids)) == len(ids)
+  stages = [table.stage_path(row) for row in table.rows if row.built]
+  assert len(set(stages)) == len(stages)
   for row in table.rows:
     assert row.method is None or row.method in methods.METHOD_NAMES, row
     assert row.built or row.method is None
+    assert set(row.pair_overrides) <= set(table.pairs), row
   for pair, cells in table.paper.items():
     assert pair in table.pairs
     for row_id, text in cells.items():
@@ -210,3 +291,12 @@ def test_table_files(name):
     for field in ("dataset", "teacher", "student", "optimizer", "schedule", "num_epochs",
                   "batch_size"):
       assert alone[field] == shared[field], field
+  # A row with a run of its own: its method alone, with the row's fields on every pair.
+  for row in table.own_run_rows(table.rows):
+    assert row.id not in methods.METHOD_NAMES
+    for pair in table.pairs:
+      alone = module.get_config(f"{pair},{row.id}")
+      assert alone.method.name == row.method and alone.baselines == ""
+      hparams = recipe.method_hparams(alone, methods.get_method(row.method))
+      for key, value in row.fields(pair).items():
+        assert hparams[key] == value, (row.id, pair, key)

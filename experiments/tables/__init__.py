@@ -1,9 +1,10 @@
 """Published tables as data, and the jaxkd configs that re-run them.
 
-One small module per table (`sskd_cifar100`, `hsakd_cifar100`, `crd_cifar100`, `digits`) holds a
-`TABLE`: its rows, its teacher → student pairs, the paper's number per cell with its source and
-statistic, and the base config of a pair (e.g. the SSKD recipe). Each module is also a jaxkd
-config file, taking the pair, the methods to train and `runlocal` as its argument:
+One small module per table (`sskd_cifar100`, `hsakd_cifar100`, `crd_cifar100`,
+`modern_cifar100`, `digits`) holds a `TABLE`: its rows, its teacher → student pairs, the paper's
+number per cell with its source and statistic, and the base config of a pair (e.g. the SSKD
+recipe). Each module is also a jaxkd config file, taking the pair, the methods to train and
+`runlocal` as its argument:
 
     python -m jaxkd.main --config experiments/tables/hsakd_cifar100.py:wrn_40_2-wrn_16_2 \
         --workdir runs/tables/hsakd_cifar100/wrn_40_2-wrn_16_2/seed0 --config.seed=0
@@ -20,6 +21,15 @@ Row conventions: "Teacher" is the top-1 of stage `teacher`; "Teacher*" that of H
 teacher (stage `teacher_hsakd_star`); "Student" is method `ce` (the student alone); every other
 row is stage `student_<method>`. A row whose method is None is not built in jaxkd: it is listed
 as such, never dropped.
+
+Rows of one method with other hyper-parameters (e.g. KD, then KD with logit standardization,
+`Row("KD+LS", "kd", overrides=dict(logit_standardize=True), key="kd_ls")`): a run has one stage
+`student_<method>` per method, so every row that names the method of an earlier row trains in a
+run of its own, `<seed dir>/<row id>`, reading the seed's teacher file
+(`--config.teacher.checkpoint=<seed dir>/teacher/teacher.msgpack`, which `experiments/
+reproduce.py` passes); its number is `<row id>/student_<method>`. The config argument names it by
+its row id, alone: `…/<table>.py:<pair>,kd_ls`. A row's hyper-parameters may differ per pair
+(`pair_overrides`), as the authors' own per-pair settings do.
 """
 
 import dataclasses
@@ -40,7 +50,7 @@ from jaxkd.errors import UserError  # noqa: E402
 from jaxkd.methods import canonical_name, get_method  # noqa: E402
 
 # The table modules of this package, in the order they are listed.
-TABLE_NAMES = ("digits", "sskd_cifar100", "hsakd_cifar100", "crd_cifar100")
+TABLE_NAMES = ("digits", "sskd_cifar100", "hsakd_cifar100", "crd_cifar100", "modern_cifar100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +61,17 @@ class Row:
   not build it (or, with `stage`, where the row is a teacher and no method of its own).
   overrides: the method's hyper-parameters that differ from its defaults in this table.
   stage: the stage whose result.json is the row's number; default `student_<method>`.
-  key: its name for `--rows`; default the method.
+  key: its name for `--rows`; default the method (a row that repeats an earlier row's method
+  needs one).
+  pair_overrides: pair -> hyper-parameters on that pair only, over `overrides` (the authors'
+  per-pair settings).
   """
   name: str
   method: Optional[str]
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   stage: Optional[str] = None
   key: Optional[str] = None
+  pair_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def id(self) -> str:
@@ -72,6 +86,10 @@ class Row:
   @property
   def built(self) -> bool:
     return self.stage_name is not None
+
+  def fields(self, pair: str) -> dict[str, Any]:
+    """The row's hyper-parameters on `pair`: `overrides`, then `pair_overrides[pair]`."""
+    return {**self.overrides, **self.pair_overrides.get(pair, {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +122,33 @@ class Table:
         return row
     raise KeyError(row_id)
 
+  def own_run_rows(self, rows: Sequence[Row]) -> list[Row]:
+    """The rows of `rows` that train in a run of their own: each names the method of an earlier
+    row of the table that has no stage of its own (the run's stage `student_<method>` is that
+    row's), e.g. KD with logit standardization after KD."""
+    seen, own = set(), set()
+    for row in self.rows:
+      if row.method is None or row.stage is not None:
+        continue
+      if row.method in seen:
+        own.add(row.id)
+      seen.add(row.method)
+    return [r for r in rows if r.id in own]
+
+  def own_run(self, row: Row) -> bool:
+    return bool(self.own_run_rows([row]))
+
   def run_methods(self, rows: Sequence[Row]) -> list[str]:
-    """The methods to train for `rows`, in table order, each once."""
-    return list(dict.fromkeys(r.method for r in rows if r.method is not None))
+    """The methods of the shared run of `rows`, in table order, each once (the rows with a run
+    of their own left out)."""
+    own = {r.id for r in self.own_run_rows(rows)}
+    return list(dict.fromkeys(r.method for r in rows if r.method is not None and r.id not in own))
+
+  def stage_path(self, row: Row) -> Optional[str]:
+    """Where the row's result lies under a seed directory: its stage, under `<row id>/` for a
+    row with a run of its own."""
+    stage = row.stage_name
+    return f"{row.id}/{stage}" if stage and self.own_run(row) else stage
 
 
 def split_pair(pair: str) -> tuple[str, str]:
@@ -177,7 +219,8 @@ def select_rows(table: Table, names: str) -> list[Row]:
     key = name.lower()
     match = [r for r in table.rows
              if key in (r.id.lower(), r.name.lower())
-             or (r.method is not None and canonical_name(key) == r.method)]
+             or (r.method is not None and canonical_name(key) == r.method
+                 and not table.own_run(r))]
     if not match:
       raise UserError(f"unknown row {name!r} of table {table.name}; valid rows: "
                       f"{', '.join(r.id for r in table.rows)}")
@@ -219,11 +262,11 @@ def refused(table: Table, pair: str, methods: Sequence[str]) -> dict[str, str]:
   return reasons
 
 
-def reads_stage_teacher(table: "Table", pair: str, name: str) -> bool:
-  """Whether the run of method `name` on `pair` has stage `teacher` (its plan says; HSAKD*
-  trains its own teacher from scratch instead)."""
+def reads_stage_teacher(table: "Table", pair: str, name: str, row: Optional[Row] = None) -> bool:
+  """Whether the run of method `name` on `pair` (of `row`, for a row with a run of its own) has
+  stage `teacher` (its plan says; HSAKD* trains its own teacher from scratch instead)."""
   from jaxkd import plan  # pylint: disable=g-import-not-at-top
-  config = run_config(table, pair, [name])
+  config = run_config(table, pair, [name], row=row)
   stages = plan.stage_list(config, num_classes(config))
   return any(stage.name == "teacher" for stage in stages)
 
@@ -235,21 +278,26 @@ SHRUNK_FIELDS = dict(teacher_epochs=1, teacher_milestones=(1,), init_epochs=1,
 
 
 def run_config(table: Table, pair: str, methods: Sequence[str], seed: Optional[int] = None,
-               runlocal: bool = False) -> ml_collections.ConfigDict:
+               runlocal: bool = False, row: Optional[Row] = None) -> ml_collections.ConfigDict:
   """The config of one jaxkd run of `pair` training `methods` (the first as `config.method`,
   the others as `config.baselines`), each with the table's hyper-parameters: the base config's
-  method fields for its recipe methods, the base config's `method_overrides`, then the row's.
-  `runlocal`: the CPU smoke sizes of `configs/default.py:runlocal`, preparations of 1 epoch."""
+  method fields for its recipe methods, the base config's `method_overrides`, then the row's on
+  the pair (the first row of the method; `row`'s for the run of a row with a run of its own,
+  whose method is then the only one). `runlocal`: the CPU smoke sizes of
+  `configs/default.py:runlocal`, preparations of 1 epoch."""
   if not methods:
     raise UserError(f"no method to train for pair {pair} of table {table.name}")
+  if row is not None and list(methods) != [row.method]:
+    raise UserError(f"row {row.id} of table {table.name} trains {row.method} alone, not "
+                    f"{', '.join(methods)}")
   config = table.base_config(pair)
   recipe_method = canonical_name(config.method.name)
   recipe_fields = {k: v for k, v in config.method.items() if k != "name" and v is not None}
   base_overrides = {canonical_name(k): dict(v) for k, v in config.method_overrides.items()}
   row_overrides = {}
-  for row in table.rows:
-    if row.method is not None:
-      row_overrides.setdefault(row.method, dict(row.overrides))
+  for r in (row,) if row is not None else table.rows:
+    if r.method is not None:
+      row_overrides.setdefault(r.method, r.fields(pair))
   fields = {}
   for name in methods:
     get_method(name)
@@ -276,7 +324,8 @@ def run_config(table: Table, pair: str, methods: Sequence[str], seed: Optional[i
 
 def get_config(table: Table, arg: str = "") -> ml_collections.ConfigDict:
   """The config-file entry of a table module: `arg` = '<pair>[,<method>…][,runlocal]'; no
-  method = every built row not refused on the pair (the whole table row set in one run)."""
+  method = every built row not refused on the pair (the shared run of the table's rows);
+  '<pair>,<row id>' = the run of a row with a run of its own."""
   tokens = [t.strip() for t in arg.split(",") if t.strip()]
   runlocal = "runlocal" in tokens
   tokens = [t for t in tokens if t != "runlocal"]
@@ -286,7 +335,15 @@ def get_config(table: Table, arg: str = "") -> ml_collections.ConfigDict:
   if not pairs and len(table.pairs) > 1:
     raise ValueError(f"name a pair of table {table.name}: {', '.join(table.pairs)}")
   pair = pairs[0] if pairs else table.pairs[0]
-  names = [canonical_name(t) for t in tokens if t not in table.pairs]
+  names = [t for t in tokens if t not in table.pairs]
+  own = {r.id: r for r in table.own_run_rows(table.rows)}
+  rows = [own[n] for n in names if n in own]
+  if rows:
+    if len(names) > 1:
+      raise ValueError(f"row {rows[0].id} of table {table.name} has a run of its own: name it "
+                       f"alone, got {names}")
+    return run_config(table, pair, [rows[0].method], runlocal=runlocal, row=rows[0])
+  names = [canonical_name(n) for n in names]
   for name in names:
     get_method(name)
   if not names:
