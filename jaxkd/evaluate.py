@@ -10,6 +10,17 @@ counted once, as the trainer's evaluations count them (`jaxkd.evaluation.evaluat
 any jaxkd variables file of a zoo (or registered) network: an imported or trained teacher
 (`<workdir>/teacher/teacher.msgpack`), or a student exported by a method without heads (KD, CE).
 
+A method that deploys another network than the trained student (`Method.deployed`: SimKD's
+student backbone, projector and the teacher's classifier) exports that network; `--method`
+names the method and `--teacher` the teacher's network, and the file is read as the method's
+deployed network, as its student stage evaluated it:
+
+    python -m jaxkd.evaluate --model resnet8x4 --method simkd --teacher resnet32x4 \
+        --checkpoint runs/x/student_simkd/student.msgpack --config.dataset.name=cifar100
+
+The method's hyper-parameters are those saved in the stage's `config.json` beside the file when
+it is there (a file moved elsewhere: the method's defaults for the pair).
+
 The config is built in (no recipe file is needed, so it works from an installed package): the
 dataset fields every recipe has (`jaxkd.defaults.dataset_config`), `eval_batch_size` and
 `half_precision`, each settable with `--config.<field>=` as in `jaxkd.main`. Bad input ends with
@@ -17,6 +28,7 @@ one line `error: …` and exit status 2.
 """
 
 import functools
+import json
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -43,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 _MODEL = flags.DEFINE_string("model", None, "Zoo (or registered) network name, e.g. resnet32x4.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "jaxkd variables file (.msgpack) of it.")
+_METHOD = flags.DEFINE_string("method", "", "The method that exported the file, when it deploys "
+                              "another network than the student alone (e.g. simkd).")
+_TEACHER = flags.DEFINE_string("teacher", "", "With --method: the teacher's network name.")
 flags.mark_flags_as_required(["model", "checkpoint"])
 
 
@@ -69,15 +84,67 @@ def with_progress(fn: Callable, total: int, stream: Any = sys.stderr,
   return wrapped
 
 
-def load_network(model_name: str, path: str, info: Any, dtype: Any = None) -> tuple[Any, Any]:
+def saved_hparams(method: Any, teacher: str, student: str, path: str
+                  ) -> ml_collections.ConfigDict:
+  """`method`'s hyper-parameters for the pair, updated with those saved in the stage's
+  config.json beside file `path` when it is there and holds that method."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from jaxkd import stage_config  # pylint: disable=g-import-not-at-top
+  hparams = method.hparams(pair=(teacher, student))
+  saved = epath.Path(path).parent / stage_config.CONFIG_FILE
+  if saved.exists():
+    effective = json.loads(saved.read_text()).get("effective", {})
+    if effective.get("method") == method.name:
+      for key, value in effective.items():
+        if key.startswith("method."):
+          hparams[key.partition(".")[2]] = value
+  return hparams
+
+
+def deployed_network(model_name: str, method_name: str, teacher: str, path: str, info: Any,
+                     dtype: Any) -> Any:
+  """The network method `method_name` deploys (Method.deployed) on student network
+  `model_name`, with the frozen teacher `teacher`'s output shapes as its student stage saw
+  them and its hyper-parameters (`saved_hparams`) for file `path`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxkd import models  # pylint: disable=g-import-not-at-top
+  from jaxkd import networks  # pylint: disable=g-import-not-at-top
+  from jaxkd.methods import get_method  # pylint: disable=g-import-not-at-top
+  method = get_method(method_name)
+  if method.deployed is None:
+    raise UserError(f"method {method.name!r} exports the student network itself; leave "
+                    f"--method out")
+  if not teacher:
+    raise UserError(f"method {method.name!r} deploys the student with parts of its teacher; "
+                    f"name the teacher's network with --teacher")
+  preact = method.preact if method.teacher_preact is None else method.teacher_preact
+  teacher_net = networks.build_network(teacher, info.num_classes, dtype=dtype).clone(
+      preact=preact, class_maps=method.class_maps)
+  image = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
+  teacher_out = jax.eval_shape(lambda: teacher_net.init_with_output(
+      jax.random.key(0), image, train=False)[0])
+  hparams = saved_hparams(method, teacher, model_name, path)
+  student = models.get_model(model_name, info.num_classes, dtype=dtype)
+  return method.deployed.module(student, teacher_out, info.num_classes, hparams)
+
+
+def load_network(model_name: str, path: str, info: Any, dtype: Any = None, method: str = "",
+                 teacher: str = "") -> tuple[Any, Any]:
   """(network, variables): zoo (or registered) network `model_name` for dataset `info` (a
   `jaxkd.data.DatasetInfo`) computing in `dtype` (None: float32), and its variables read from
-  file `path`, checked to fit it (a UserError names the first leaf that does not)."""
+  file `path`, checked to fit it (a UserError names the first leaf that does not). With
+  `method`, the network that method deploys on `model_name` beside teacher network `teacher`."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxkd import networks  # pylint: disable=g-import-not-at-top
-  network = networks.build_network(model_name, info.num_classes, dtype=dtype or jnp.float32)
-  return network, networks.read_variables(network, path, info.image_shape,
-                                          what=f"{model_name} checkpoint")
+  dtype = dtype or jnp.float32
+  if method:
+    network = deployed_network(model_name, method, teacher, path, info, dtype)
+    what = f"{model_name} checkpoint deployed by {method}"
+  else:
+    network = networks.build_network(model_name, info.num_classes, dtype=dtype)
+    what = f"{model_name} checkpoint"
+  return network, networks.read_variables(network, path, info.image_shape, what=what)
 
 
 def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,

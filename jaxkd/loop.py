@@ -60,11 +60,12 @@ class Inputs:
 
 def teacher_network(stage: Stage, inputs: Inputs) -> Optional[Network]:
   """The frozen teacher's network as this stage runs it (its taps pre-activation with
-  `teacher_preact`)."""
+  `teacher_preact`, its class activation maps with `class_maps`)."""
   if inputs.teacher is None:
     return None
-  network = inputs.teacher.network
-  return network.clone(preact=True) if stage.teacher_preact else network
+  asked = {name: True for name in ("preact", "class_maps")
+           if getattr(stage, "teacher_preact" if name == "preact" else name)}
+  return inputs.teacher.network.clone(**asked) if asked else inputs.teacher.network
 
 
 def teacher_constants(stage: Stage, inputs: Inputs) -> Optional[Any]:
@@ -172,36 +173,72 @@ def restore(inputs: Inputs, mngr: Any, state: TrainState, stage_dir: str
 
 @dataclasses.dataclass(frozen=True)
 class StageSteps:
-  """The network of one stage, its jitted steps and the step counts they run for."""
-  network: Network
+  """The network of one stage, its jitted steps and the step counts they run for.
+
+  `network` and `eval` are the evaluated network's, the deployed one where the method deploys
+  another (Stage.deployed); `deploy` maps the trained variables to the evaluated ones (None:
+  the same), `export` to the exported ones.
+  """
+  network: Any
   train: Callable
   eval: Callable
   method_eval: Optional[tuple[str, Callable]]
   steps_per_epoch: int
   total_steps: int
+  deploy: Optional[Callable[[Any], Any]] = None
+
+  def evaluated(self, variables: Any) -> Any:
+    """The variables of the evaluated network."""
+    return variables if self.deploy is None else self.deploy(variables)
+
+  def export(self, variables: Any) -> Any:
+    """The variables written to the stage's export file (a method's bridge left out)."""
+    return without_bridge(variables) if self.deploy is None else self.deploy(variables)
+
+
+def deployed_network(stage: Stage, inputs: Inputs, network: Network, constants: Any,
+                     mesh: jax.sharding.Mesh, info: data.DatasetInfo
+                     ) -> tuple[Any, Optional[Callable[[Any], Any]]]:
+  """The network the stage evaluates and exports, and the map from the trained variables to
+  its variables: the trained network itself (None), or the method's deployed one."""
+  if stage.deployed is None:
+    return network, None
+  teacher = inputs.teacher
+  teacher_out = teacher_output_shapes(teacher_network(stage, inputs), teacher.variables,
+                                      teacher_image_shape(teacher, info))
+  module = stage.deployed.module(network.backbone, teacher_out, info.num_classes, stage.hparams)
+
+  def deploy(variables: Any) -> Any:
+    return parallel.replicate(stage.deployed.variables(variables, constants, stage.hparams),
+                              mesh)
+  return module, deploy
 
 
 def compile_steps(stage: Stage, inputs: Inputs, network: Network,
                   tx: optax.GradientTransformation, schedule: optax.Schedule,
-                  head: Optional[TeacherHeadStep], steps_per_epoch: int) -> StageSteps:
-  """Jits the stage's train step (donating the state), its eval step and the method's own."""
+                  head: Optional[TeacherHeadStep], steps_per_epoch: int,
+                  mesh: jax.sharding.Mesh, info: data.DatasetInfo) -> StageSteps:
+  """Jits the stage's train step (donating the state), its eval step (of the network it
+  deploys) and the method's own."""
+  constants = teacher_constants(stage, inputs)
   train = jax.jit(
       functools.partial(steps.train_step, network=network,
                         teacher_network=teacher_network(stage, inputs), loss=stage.loss,
                         hparams=stage.hparams, tx=tx, schedule=schedule,
                         steps_per_epoch=steps_per_epoch, teacher_head=head,
                         teacher_train_mode=stage.teacher_train_mode,
-                        teacher_constants=teacher_constants(stage, inputs)),
+                        teacher_constants=constants),
       donate_argnums=(0,), compiler_options=parallel.step_compiler_options())
+  evaluated, deploy = deployed_network(stage, inputs, network, constants, mesh, info)
   method_eval = None
   if stage.eval_metrics is not None:
     method_eval = (stage.views, jax.jit(functools.partial(
-        steps.method_eval_step, network=network, metrics_fn=stage.eval_metrics,
+        steps.method_eval_step, network=evaluated, metrics_fn=stage.eval_metrics,
         hparams=stage.hparams)))
-  return StageSteps(network=network, train=train, eval=jax.jit(functools.partial(steps.eval_step,
-                                                                network=network)),
+  return StageSteps(network=evaluated, train=train,
+                    eval=jax.jit(functools.partial(steps.eval_step, network=evaluated)),
                     method_eval=method_eval, steps_per_epoch=steps_per_epoch,
-                    total_steps=stage.num_epochs * steps_per_epoch)
+                    total_steps=stage.num_epochs * steps_per_epoch, deploy=deploy)
 
 
 def reuse_stage(stage: Stage, inputs: Inputs, workdir: str) -> dict[str, Any]:
@@ -244,7 +281,8 @@ def run_stage(stage: Stage, inputs: Inputs, workdir: str, mesh: jax.sharding.Mes
   start_step = int(jax.device_get(state.step))
   if start_step:
     print(f"[{stage.name}] resuming from step {start_step} ({mngr.directory})")
-  compiled = compile_steps(stage, inputs, network, tx, schedule, head, steps_per_epoch)
+  compiled = compile_steps(stage, inputs, network, tx, schedule, head, steps_per_epoch, mesh,
+                           info)
   state = train_loop(stage, inputs, compiled, state, record, mngr, mesh, stage_dir, start_step)
   return finish_stage(stage, inputs, compiled, state, record, mngr, mesh, stage_dir)
 
@@ -344,8 +382,8 @@ def evaluate_and_record(stage: Stage, compiled: StageSteps, state: TrainState,
   # A background checkpoint write must not overlap opening a split: tfds' mock data
   # redirects file access while it does.
   mngr.wait_until_finished()
-  scores = evaluate(compiled.network, variables_of(state), stage.config, mesh, compiled.eval,
-                    compiled.method_eval)
+  scores = evaluate(compiled.network, compiled.evaluated(variables_of(state)), stage.config,
+                    mesh, compiled.eval, compiled.method_eval)
   record["best_top1"] = max(record["best_top1"], scores["top1"])
   record["history"].append({"step": step, "epoch": epoch, **scores})
   export_file = stage.export_file
@@ -354,7 +392,7 @@ def evaluate_and_record(stage: Stage, compiled: StageSteps, state: TrainState,
     # Written before the checkpoint that records it, so a resumed run never loses it.
     record["selected_score"], record["selected_step"] = selected, step
     checkpoint.export_variables(os.path.join(stage_dir, "best_" + export_file),
-                                without_bridge(variables_of(state)))
+                                compiled.export(variables_of(state)))
   writer.write_scalars(step, {**{f"eval/{k}": v for k, v in scores.items()},
                               "eval/top1_best": record["best_top1"]})
   print(f"[{stage.name}] epoch {epoch} eval top-1 {scores['top1']:.2f} "
@@ -368,8 +406,8 @@ def _scores(stage: Stage, compiled: StageSteps, state: TrainState, record: dict[
   if not stage.scores_top1:
     return dict(top1_last=None, top5_last=None, top1_best=None, note=NO_CLASSIFIER_NOTE)
   last = record["history"][-1] if record["history"] else evaluate(
-      compiled.network, variables_of(state), stage.config, mesh, compiled.eval,
-      compiled.method_eval)
+      compiled.network, compiled.evaluated(variables_of(state)), stage.config, mesh,
+      compiled.eval, compiled.method_eval)
   return dict(top1_last=last["top1"], top5_last=last["top5"],
               top1_best=max(record["best_top1"], last["top1"]),
               eval_last={k: v for k, v in last.items() if k not in ("step", "epoch")})
@@ -392,7 +430,7 @@ def finish_stage(stage: Stage, inputs: Inputs, compiled: StageSteps, state: Trai
   if stage.export_file is not None:
     result["export"] = os.path.join(stage_dir, stage.export_file)
     result["export_sha256"] = checkpoint.export_variables(result["export"],
-                                                          without_bridge(variables_of(state)))
+                                                          compiled.export(variables_of(state)))
     if "selected_step" in record:
       result["export"] = os.path.join(stage_dir, "best_" + stage.export_file)
       result["export_sha256"] = checkpoint.file_sha256(result["export"])
@@ -400,7 +438,7 @@ def finish_stage(stage: Stage, inputs: Inputs, compiled: StageSteps, state: Trai
                     selected_step=record["selected_step"])
   if stage.backbone_file is not None:
     checkpoint.export_variables(os.path.join(stage_dir, stage.backbone_file),
-                                backbone_only(without_bridge(variables_of(state))))
+                                backbone_only(compiled.export(variables_of(state))))
   return results.write_result(stage_dir, result)
 
 

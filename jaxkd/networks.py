@@ -6,6 +6,7 @@ Free of TensorFlow and the input pipeline: `experiments/benchmark.py` builds its
 on a machine without TensorFlow.
 """
 
+import collections
 import functools
 from typing import Any, Optional
 
@@ -29,23 +30,29 @@ class Network(nn.Module):
   when only a method's heads are trained on a finished teacher.
   A method's `bridge` (variables under 'bridge') runs after the heads when the training step
   passes the teacher's outputs and the batch, and at initialisation to create its variables.
-  With `preact` the backbone's stage taps are taken before their last ReLU.
+  With `preact` the backbone's stage taps are taken before their last ReLU. With `class_maps`
+  the outputs also hold 'class_maps', the backbone's class activation maps (taken out of its
+  feats, which keep their usual taps; see jaxkd.models.register).
   """
   backbone: nn.Module
   heads: Optional[nn.Module] = None
   frozen_backbone: bool = False
   bridge: Optional[nn.Module] = None
   preact: bool = False
+  class_maps: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, teacher_out: Optional[Any] = None,
                batch: Optional[Any] = None) -> dict[str, Any]:
-    # Only asked for when needed: a CLIP tower has no pre-activation taps.
-    preact = {"preact": True} if self.preact else {}
-    logits, feats = self.backbone(x, train=train and not self.frozen_backbone, **preact)
+    # Only asked for when needed: a CLIP tower has no pre-activation taps nor class maps.
+    asked = {name: True for name in ("preact", "class_maps") if getattr(self, name)}
+    logits, feats = self.backbone(x, train=train and not self.frozen_backbone, **asked)
     if self.frozen_backbone:
       logits, feats = jax.lax.stop_gradient((logits, feats))
     out = {"logits": logits, "feats": feats}
+    if self.class_maps:
+      out["feats"] = collections.OrderedDict(feats)
+      out["class_maps"] = out["feats"].pop("class_maps")
     if self.heads is not None:
       out.update(self.heads(out, train=train))
     if self.bridge is not None and (teacher_out is not None or self.is_initializing()):

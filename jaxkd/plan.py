@@ -155,7 +155,7 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       preact=method.preact,
       teacher_preact=method.preact if method.teacher_preact is None else method.teacher_preact,
       teacher_train_mode=method.teacher_train_mode, teacher_constants=method.teacher_constants,
-      export_file=STUDENT_FILE)
+      class_maps=method.class_maps, deployed=method.deployed, export_file=STUDENT_FILE)
   prep = method.student_preparation
   if prep is None:
     return [student]
@@ -204,6 +204,10 @@ def stage_list(config: ml_collections.ConfigDict, num_classes: int) -> list[AnyS
     if recipe.is_main_method(config, method):
       main = stages[-1]
   if recipe.linear_probe_enabled(config):
+    if main.deployed is not None:
+      raise UserError(f"linear_probe reads the backbone of the {main.method_name!r} student's "
+                      f"export, but {main.method_name!r} exports the network it deploys; probe "
+                      f"another method's student (--config.method.name)")
     stages.append(_linear_probe(config, main, num_classes))
   return stages
 
@@ -241,6 +245,16 @@ def check_taps(config: ml_collections.ConfigDict, method: Method, info: data.Dat
                     f"{config.teacher.name!r} {counts[1]}; choose a pair with as many")
 
 
+def check_class_maps(config: ml_collections.ConfigDict, method: Method,
+                     info: data.DatasetInfo) -> None:
+  """Refuses a network that gives no class activation maps (Method.class_maps)."""
+  for role, model in (("student", config.student.name), ("teacher", config.teacher.name)):
+    if objective.class_map_shape(model, info.num_classes, tuple(info.image_shape)) is None:
+      raise UserError(f"method {method.name!r} reads the class activation maps of both "
+                      f"networks, but {role} {model!r} gives none with class_maps=True; "
+                      f"return them from its feats (see jaxkd.models.register)")
+
+
 def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                    mesh: jax.sharding.Mesh, clip_teacher: bool) -> None:
   """Each student method against the pair, the devices and the taps the networks give."""
@@ -252,6 +266,8 @@ def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       method.check_mesh(mesh)
     if method.taps is not None:
       check_taps(config, method, info, clip_teacher)
+    if method.class_maps and not clip_teacher:
+      check_class_maps(config, method, info)
 
 
 def _check_teacher(config: ml_collections.ConfigDict, clip_teacher: bool) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 import jax.numpy as jnp
 import ml_collections
 
-from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
+from jaxkd.methods.base import (BridgeFactory, Deployment, EvalMetricsFn, HeadsFactory, LossFn,
                                 OnlineTeacherHead, TeacherConstantsFn)
 from jaxkd.networks import Network, build_network
 
@@ -94,6 +94,9 @@ class Stage:
   `teacher_train_mode`, `teacher_constants`: the teacher's BatchNorms run on the batch's
   statistics; constants computed once from the teacher's variables reach the loss
   (Method.teacher_train_mode, Method.teacher_constants).
+  `class_maps`: both networks' outputs hold their class activation maps (Method.class_maps).
+  `deployed`: the network the stage evaluates and exports in place of the trained one, built
+  from it and the teacher (Method.deployed).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   """
@@ -125,6 +128,8 @@ class Stage:
   teacher_preact: bool = False
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
+  class_maps: bool = False
+  deployed: Optional[Deployment] = None
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,
               num_train: Optional[int] = None) -> Network:
@@ -133,7 +138,8 @@ class Stage:
                             self.backbone_num_classes)
     bridge = self.bridge(num_train, self.hparams) if self.bridge and num_train else None
     frozen = self.init_from is not None and self.freeze_backbone
-    return network.clone(frozen_backbone=frozen, bridge=bridge, preact=self.preact)
+    return network.clone(frozen_backbone=frozen, bridge=bridge, preact=self.preact,
+                         class_maps=self.class_maps)
 
 
 AnyStage = Union[Stage, ImportStage]

@@ -49,6 +49,8 @@ _MODULES = {
     "ickd": "ickd",
     "ickd_kd": "ickd",
     "srd": "srd",
+    "catkd": "catkd",
+    "simkd": "simkd",
     # Feature distillation of mdistiller's CIFAR-100 table.
     "reviewkd": "reviewkd",
     "ofd": "ofd",

@@ -154,6 +154,34 @@ class SwitchDefaults:
     return self.defaults(base) if callable(self.defaults) else self.defaults
 
 
+# module(student_backbone, teacher_out, num_classes, hparams) -> nn.Module; see Deployment.
+DeployedModuleFn = Callable[[Any, Any, int, ml_collections.ConfigDict], Any]
+# variables(trained_variables, teacher_constants, hparams) -> the deployed module's variables.
+DeployedVariablesFn = Callable[[Any, Any, ml_collections.ConfigDict], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+  """The network a method deploys when it is not the trained student network (SimKD: the
+  student's backbone, the projector trained beside it and the teacher's classifier).
+
+  The student stage evaluates this network (its top-1 is the stage's), exports its variables
+  as the student file, and `python -m jaxkd.evaluate --method <name> --teacher <model>` rebuilds
+  it to read that file.
+
+  Attributes:
+    module: `(student_backbone, teacher_out, num_classes, hparams) -> nn.Module`, called as
+      `module.apply(variables, x, train=False)` and returning {'logits': [N, num_classes], ...};
+      `teacher_out` holds the shapes (`jax.ShapeDtypeStruct`) of the frozen teacher's outputs
+      for one image, as a bridge's initialisation sees them.
+    variables: `(trained, teacher_constants, hparams) -> variables` of that module, from the
+      student stage's variables (the Network's: {'params': {'backbone', 'bridge', ...},
+      'batch_stats': ...}) and the method's teacher constants (Method.teacher_constants).
+  """
+  module: DeployedModuleFn
+  variables: DeployedVariablesFn
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A registered distillation method.
@@ -215,6 +243,13 @@ class Method:
       ...}, 'batch_stats': ...}`); the training step hands them to the bridge and the loss as
       `teacher_out['constants']` (`steps.train_step(teacher_constants=...)`; OFD's margins,
       read from the teacher's BatchNorms).
+    class_maps: both networks' outputs also hold 'class_maps' [R, h, w, N], the class
+      activation maps: each network's classifier kernel applied, without its bias, at every
+      position of the map whose spatial mean is its 'pooled' (the zoo's `class_maps=True`, see
+      jaxkd.models.register). The student's carry the gradient into its classifier's kernel and
+      its backbone (CAT-KD). The plan refuses networks that do not give them.
+    deployed: optional Deployment, the network the method deploys in place of the trained
+      student: the student stage evaluates and exports it (SimKD).
   """
   name: str
   loss: LossFn
@@ -238,6 +273,8 @@ class Method:
   teacher_preact: Optional[bool] = None
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
+  class_maps: bool = False
+  deployed: Optional[Deployment] = None
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None,
               pair: Optional[tuple[str, str]] = None) -> ml_collections.ConfigDict:

@@ -53,6 +53,21 @@ def tap_shapes(model_name: str, num_classes: int, image_shape: tuple[int, ...] =
   return tuple((name, tuple(f.shape)) for name, f in feats.items())
 
 
+@functools.lru_cache(maxsize=None)
+def class_map_shape(model_name: str, num_classes: int, image_shape: tuple[int, ...] = (32, 32, 3)
+                    ) -> Optional[tuple[int, ...]]:
+  """The shape of network `model_name`'s class activation maps for one image, [1, h, w,
+  num_classes] (its feats' 'class_maps' with `class_maps=True`), or None when it gives none."""
+  model = models.get_model(model_name, num_classes)
+  try:
+    (_, feats), _ = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)), train=False, class_maps=True))
+  except TypeError:  # A registered network without the argument.
+    return None
+  shape = tuple(feats["class_maps"].shape) if "class_maps" in feats else None
+  return shape if shape is not None and len(shape) == 4 and shape[-1] == num_classes else None
+
+
 def tap_channels(model_name: str, num_classes: int) -> list[int]:
   """The channel count of each tap of network `model_name`."""
   return [shape[-1] for _, shape in tap_shapes(model_name, num_classes)]

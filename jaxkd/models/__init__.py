@@ -8,6 +8,10 @@ family's docstring lists its keys and shapes: VGG has stage0..stage4, the 4-stag
 an OrderedDict because jit returns a plain dict with its keys sorted. The first key is the
 reference's f0, the last the pooled vector, the ones between the spatial maps.
 Variables are `{'params', 'batch_stats'}`; pass `mutable=['batch_stats']` when `train=True`.
+With `class_maps=True` the feats also hold 'class_maps' [N, h, w, num_classes], the class
+activation maps: the classifier's kernel applied, without its bias, at every position of the map
+whose spatial mean is 'pooled' (`layers.classify`; CAT-KD reads them). The classifier is the
+network's one top-level Linear (`classifier_params` reads it).
 
 Adding a family: write `jaxkd/models/<family>.py` exposing `MODELS = {name: build}` where
 `build(num_classes, dtype)` returns the module, then add the module to `_FAMILIES` below. A
@@ -80,7 +84,12 @@ def register(name: str, build: Callable[..., nn.Module],
   without ReLUs may ignore it). Methods read 'pooled' (CRD, CC, RKD, PKT, SSKD, EGA, …) or the
   stage maps (AT, NST, VID, AB, KDSVD, FitNet's `hint_layer`, SP's and FT's last map, FSP from
   the stem on); a run whose method needs a tap the network does not give is refused before any
-  work, naming what is missing.
+  work, naming what is missing. Methods that read class activation maps (CAT-KD) call it with
+  `class_maps=True` as well: the feats then also hold 'class_maps' [N, h, w, num_classes], the
+  classifier's kernel applied without its bias at every position of the map whose spatial mean
+  is 'pooled' (`jaxkd.models.layers.classify` does both); a network without it is refused for
+  them. Methods that reuse a teacher's classifier (SimKD) read it as the network's one top-level
+  Linear (see `classifier_params`).
 
   `bn_before_relu` (optional): for each stage map, in order, the path in the module's params of
   the BatchNorm whose output feeds that stage's last ReLU (e.g. `(('layer1_2', 'bn2'), ...)`);
@@ -123,6 +132,29 @@ def bn_before_relu(name: str, variables: Mapping[str, Any]) -> list[dict[str, An
       node = node[key]
     found.append({"scale": node["scale"], "bias": node["bias"]})
   return found
+
+
+def classifier_params(name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
+  """{'kernel' [C, num_classes], 'bias' [num_classes]} of network `name`'s classifier, the Linear
+  that maps 'pooled' to the logits, read from its variables (a bare network's `{'params':
+  {...}}` or the trainer's `{'params': {'backbone': {...}}}`).
+
+  The classifier is the one top-level entry of the network's params with a 2-D `kernel` (the
+  zoo's `fc`, `linear` or `classifier`; every other layer of the zoo is nested or a conv).
+  Raises `jaxkd.errors.UserError` when there is not exactly one, or it has no bias.
+  """
+  params = variables["params"]
+  if "backbone" in params:
+    params = params["backbone"]
+  found = [key for key, node in params.items()
+           if isinstance(node, Mapping) and getattr(node.get("kernel"), "ndim", 0) == 2]
+  if len(found) != 1 or "bias" not in params[found[0]]:
+    raise errors.UserError(
+        f"model {name!r} has {len(found)} top-level Linear layers ({', '.join(found) or 'none'})"
+        "; a method that reuses its classifier needs exactly one, with a bias, mapping 'pooled' "
+        "to the logits (as every zoo network has)")
+  head = params[found[0]]
+  return {"kernel": head["kernel"], "bias": head["bias"]}
 
 
 def get_model(name: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:

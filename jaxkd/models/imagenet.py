@@ -48,8 +48,8 @@ class ImageNetResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               preact: bool = False) -> tuple[jax.Array, Feats]:
+  def __call__(self, x: jax.Array, train: bool = False, preact: bool = False,
+               class_maps: bool = False) -> tuple[jax.Array, Feats]:
     ura = not train
     x = jnp.asarray(x, self.dtype)
     x = layers.conv(64, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
@@ -68,10 +68,8 @@ class ImageNetResNet(nn.Module):
           block = BasicBlock(planes, s, dtype=self.dtype, name=name)
         x, pre = block(x, train)
       feats[f"stage{stage}"] = pre if preact else x
-    x = layers.global_avg_pool(x)
-    feats["pooled"] = x
-    logits = layers.Linear(self.num_classes, dtype=self.dtype, name="fc")(x)
-    return logits, feats
+    head = layers.Linear(self.num_classes, dtype=self.dtype, name="fc")
+    return layers.classify(head, x, feats, class_maps), feats
 
 
 # MobileNetV1 (1.0): (output channels, stride) of the 13 depthwise-separable blocks model[1..13].
@@ -87,8 +85,8 @@ class MobileNetV1(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               preact: bool = False) -> tuple[jax.Array, Feats]:
+  def __call__(self, x: jax.Array, train: bool = False, preact: bool = False,
+               class_maps: bool = False) -> tuple[jax.Array, Feats]:
     ura = not train
     conv = lambda *a, **k: layers.conv(*a, dtype=self.dtype,
                                        kernel_init=layers.torch_default_kernel, **k)
@@ -106,10 +104,8 @@ class MobileNetV1(nn.Module):
       x = nn.relu(pre)
       if k in _MOBILENET_TAPS:
         feats[f"stage{_MOBILENET_TAPS.index(k) + 1}"] = pre if preact else x
-    x = layers.global_avg_pool(x)
-    feats["pooled"] = x
-    logits = layers.Linear(self.num_classes, dtype=self.dtype, name="fc")(x)
-    return logits, feats
+    head = layers.Linear(self.num_classes, dtype=self.dtype, name="fc")
+    return layers.classify(head, x, feats, class_maps), feats
 
 
 def _resnet(blocks: Sequence[int], bottleneck: bool) -> Callable[..., nn.Module]:

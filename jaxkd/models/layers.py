@@ -272,6 +272,28 @@ class Linear(nn.Module):
       y = y + jnp.asarray(bias, self.dtype)
     return y
 
+  def per_position(self, x: jax.Array) -> jax.Array:
+    """x @ kernel on the last axis, without the bias, for an input of any rank (a map
+    [N, H, W, C]); reads the kernel `__call__` created, so call it after that."""
+    kernel = self.get_variable("params", "kernel")
+    return jnp.dot(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype))
+
+
+def classify(head: Linear, x: jax.Array, feats: Any, class_maps: bool = False) -> jax.Array:
+  """The zoo's classifier head on the map x [N, H, W, C]: feats['pooled'] = its spatial mean,
+  returns the logits head(pooled).
+
+  With `class_maps`, also feats['class_maps'] [N, H, W, num_classes]: the head's kernel applied
+  at every position of x without the bias (the class activation maps, whose spatial mean plus
+  the bias is the logits); they carry the gradient into the kernel and into x.
+  """
+  pooled = global_avg_pool(x)
+  feats["pooled"] = pooled
+  logits = head(pooled)
+  if class_maps:
+    feats["class_maps"] = head.per_position(x)
+  return logits
+
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """Spatial mean (N, H, W, C) -> (N, C).

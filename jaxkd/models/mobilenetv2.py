@@ -83,8 +83,8 @@ class MobileNetV2(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               preact: bool = False) -> tuple[jax.Array, Feats]:
+  def __call__(self, x: jax.Array, train: bool = False, preact: bool = False,
+               class_maps: bool = False) -> tuple[jax.Array, Feats]:
     del preact  # Stage outputs are BN outputs already (see the module docstring).
     ura = not train
     x = jnp.asarray(x, self.dtype)
@@ -99,11 +99,9 @@ class MobileNetV2(nn.Module):
         feats[f"stage{_TAPPED.index(s) + 1}"] = x
     x = layers.conv1x1(_LAST, dtype=self.dtype, name="conv2_0")(x)
     x = nn.relu(layers.BatchNorm(dtype=self.dtype, name="conv2_1")(x, ura))
-    x = layers.global_avg_pool(x)
-    feats["pooled"] = x
-    logits = layers.Linear(self.num_classes, dtype=self.dtype, kernel_init=layers.normal_001,
-                           bias_init=layers.zeros, name=self.classifier_name)(x)
-    return logits, feats
+    head = layers.Linear(self.num_classes, dtype=self.dtype, kernel_init=layers.normal_001,
+                         bias_init=layers.zeros, name=self.classifier_name)
+    return layers.classify(head, x, feats, class_maps), feats
 
 
 def _mobilenetv2(num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:

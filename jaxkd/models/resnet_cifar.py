@@ -67,8 +67,8 @@ class CifarResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               preact: bool = False) -> tuple[jax.Array, Feats]:
+  def __call__(self, x: jax.Array, train: bool = False, preact: bool = False,
+               class_maps: bool = False) -> tuple[jax.Array, Feats]:
     ura = not train
     x = jnp.asarray(x, self.dtype)
     x = layers.conv3x3(self.widths[0], 1, dtype=self.dtype, name="conv1")(x)
@@ -80,9 +80,8 @@ class CifarResNet(nn.Module):
         x, pre = BasicBlock(features, stride if b == 0 else 1, dtype=self.dtype,
                             name=f"layer{stage}_{b}")(x, train)
       feats[f"stage{stage}"] = pre if preact else x
-    x = layers.global_avg_pool(x)
-    feats["pooled"] = x
-    logits = layers.Linear(self.num_classes, dtype=self.dtype, name="fc")(x)
+    logits = layers.classify(layers.Linear(self.num_classes, dtype=self.dtype, name="fc"), x,
+                             feats, class_maps)
     return logits, feats
 
 

@@ -92,8 +92,8 @@ class ShuffleNetV1(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               preact: bool = False) -> tuple[jax.Array, Feats]:
+  def __call__(self, x: jax.Array, train: bool = False, preact: bool = False,
+               class_maps: bool = False) -> tuple[jax.Array, Feats]:
     ura = not train
     x = jnp.asarray(x, self.dtype)
     x = layers.conv(_STEM, 1, dtype=self.dtype, kernel_init=layers.torch_default_kernel,
@@ -106,10 +106,8 @@ class ShuffleNetV1(nn.Module):
         x, pre = Bottleneck(branch, 2 if b == 0 else 1, dtype=self.dtype,
                             name=f"layer{stage}_{b}")(x, train)
       feats[f"stage{stage}"] = pre if preact else x
-    x = layers.global_avg_pool(x)
-    feats["pooled"] = x
-    logits = layers.Linear(self.num_classes, dtype=self.dtype, name="linear")(x)
-    return logits, feats
+    head = layers.Linear(self.num_classes, dtype=self.dtype, name="linear")
+    return layers.classify(head, x, feats, class_maps), feats
 
 
 def _shufflev1(num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:

@@ -100,8 +100,8 @@ class ShuffleNetV2(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               preact: bool = False) -> tuple[jax.Array, Feats]:
+  def __call__(self, x: jax.Array, train: bool = False, preact: bool = False,
+               class_maps: bool = False) -> tuple[jax.Array, Feats]:
     ura = not train
     x = jnp.asarray(x, self.dtype)
     x = _conv(self, _STEM, 1, name="conv1")(x)
@@ -114,10 +114,8 @@ class ShuffleNetV2(nn.Module):
       feats[f"stage{stage}"] = pre if preact else x
     x = _conv(self, _HEAD, 1, name="conv2")(x)
     x = nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn2")(x, ura))
-    x = layers.global_avg_pool(x)
-    feats["pooled"] = x
-    logits = layers.Linear(self.num_classes, dtype=self.dtype, name="linear")(x)
-    return logits, feats
+    head = layers.Linear(self.num_classes, dtype=self.dtype, name="linear")
+    return layers.classify(head, x, feats, class_maps), feats
 
 
 def _shufflev2(num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:

@@ -62,8 +62,8 @@ class VGG(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               preact: bool = False) -> tuple[jax.Array, Feats]:
+  def __call__(self, x: jax.Array, train: bool = False, preact: bool = False,
+               class_maps: bool = False) -> tuple[jax.Array, Feats]:
     x = jnp.asarray(x, self.dtype)
     height = x.shape[1]
     feats = collections.OrderedDict()
@@ -74,11 +74,9 @@ class VGG(nn.Module):
       # The reference pools after block3 only for 64-pixel inputs (TinyImageNet / STL sizes).
       if b < 3 or (b == 3 and height == 64):
         x = nn.max_pool(x, (2, 2), (2, 2))
-    x = layers.global_avg_pool(x)
-    feats["pooled"] = x
-    logits = layers.Linear(self.num_classes, dtype=self.dtype, kernel_init=layers.normal_001,
-                           bias_init=layers.zeros, name="classifier")(x)
-    return logits, feats
+    head = layers.Linear(self.num_classes, dtype=self.dtype, kernel_init=layers.normal_001,
+                         bias_init=layers.zeros, name="classifier")
+    return layers.classify(head, x, feats, class_maps), feats
 
 
 def _builder(config) -> Callable[..., nn.Module]:

@@ -104,22 +104,22 @@ class WideResNet(nn.Module):
     self.bn1 = layers.BatchNorm(dtype=self.dtype)
     self.fc = layers.Linear(self.num_classes, dtype=self.dtype, bias_init=layers.zeros)
 
-  def __call__(self, x: jax.Array, train: bool = False,
-               preact: bool = False) -> tuple[jax.Array, Feats]:
+  def __call__(self, x: jax.Array, train: bool = False, preact: bool = False,
+               class_maps: bool = False) -> tuple[jax.Array, Feats]:
     ura = not train
     x = jnp.asarray(x, self.dtype)
     f0 = self.conv1(x)
     f1 = self.block1(f0, train)
     f2 = self.block2(f1, train)
     f3 = self.block3(f2, train)
-    pooled = layers.global_avg_pool(nn.relu(self.bn1(f3, ura)))
-    logits = self.fc(pooled)
+    head = collections.OrderedDict()  # 'pooled' (and 'class_maps'), the last taps
+    logits = layers.classify(self.fc, nn.relu(self.bn1(f3, ura)), head, class_maps)
     if preact:
       f1 = self.block2.layer[0].bn1(f1, ura)
       f2 = self.block3.layer[0].bn1(f2, ura)
       f3 = self.bn1(f3, ura)
     # OrderedDict: a plain dict comes back from jit/eval_shape with its keys sorted.
-    feats = collections.OrderedDict(stem=f0, stage1=f1, stage2=f2, stage3=f3, pooled=pooled)
+    feats = collections.OrderedDict(stem=f0, stage1=f1, stage2=f2, stage3=f3, **head)
     return logits, feats
 
 
