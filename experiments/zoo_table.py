@@ -155,7 +155,8 @@ python -m jaxkd.evaluate --model resnet32x4 --checkpoint teachers/resnet32x4.msg
 
 It reads any jaxkd variables file of a zoo network (a trained `<workdir>/teacher/teacher.msgpack`,
 a KD or CE student's `student.msgpack`; not a student exported with a method's heads, such as
-SSKD's).
+SSKD's). A student exported by a method that deploys another network (SimKD) is read with
+`--method <name> --teacher <teacher model>` (see CAT-KD and SimKD).
 """
 
 

@@ -148,13 +148,15 @@ def load_network(model_name: str, path: str, info: Any, dtype: Any = None, metho
 
 
 def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
-                  mesh: Any = None, progress: Optional[Any] = None) -> dict[str, float]:
+                  mesh: Any = None, progress: Optional[Any] = None, method: str = "",
+                  teacher: str = "") -> dict[str, float]:
   """{'top1', 'top5'} (percent) and 'count' (eval images) of network `model_name` with the
   variables of file `path`, on `config.dataset`'s eval split.
 
   Raises a UserError for an unknown model or dataset, a dataset that is not prepared, a batch
   that does not divide over the devices, or a file that is missing or does not fit the model.
-  `progress`: a stream for a progress line every 10 s (None: silent).
+  `progress`: a stream for a progress line every 10 s (None: silent). `method`, `teacher`: the
+  file holds the network that method deploys beside that teacher network (see load_network).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jaxkd import data  # pylint: disable=g-import-not-at-top
@@ -166,7 +168,8 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
   mesh = parallel.create_mesh() if mesh is None else mesh
   info = data.get_dataset_info(config.dataset)
   parallel.check_batch_divides(config.eval_batch_size, mesh)
-  network, variables = load_network(model_name, path, info, networks.compute_dtype(config))
+  network, variables = load_network(model_name, path, info, networks.compute_dtype(config),
+                                    method, teacher)
   variables = parallel.replicate(variables, mesh)
   eval_fn = jax.jit(functools.partial(steps.eval_step, network=network))
   if progress is not None:
@@ -185,7 +188,8 @@ def main(argv):
   jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main evaluates
   config = flags.FLAGS.config
   try:
-    scores = evaluate_file(_MODEL.value, _CHECKPOINT.value, config, progress=sys.stderr)
+    scores = evaluate_file(_MODEL.value, _CHECKPOINT.value, config, progress=sys.stderr,
+                           method=_METHOD.value, teacher=_TEACHER.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

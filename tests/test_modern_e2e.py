@@ -1,7 +1,8 @@
 """The methods of today's papers end to end: one run of the trainer against one teacher on mock
 CIFAR-100, each method a student stage (the plan's checks, the tap checks, the bridges' init on
 the teacher's shapes, what the method asks of its teacher, the steps, evaluation, the export);
-what each stage logs. KD runs with logit standardization switched on."""
+what each stage logs. KD runs with logit standardization switched on. SimKD's export is the
+network it deploys, which `jaxkd.evaluate` reads."""
 
 import json
 import os
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxkd import evaluate
 from jaxkd import train
 from jaxkd.data import sources
 
-METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "kd")
+METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "catkd", "simkd",
+           "kd")
 # Per method: the terms its student stage logs (metrics.jsonl), unweighted.
 TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
          "ofd": ("loss_ce", "loss_ofd"),
@@ -25,6 +28,8 @@ TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
          "srd": ("loss_ce", "loss_srd", "loss_srd_rep", "loss_srd_logit"),
          "ctkd": ("loss_cls", "loss_div", "ctkd_temperature"),
          "ctkd_dkd": ("loss_cls", "loss_div", "ctkd_temperature"),
+         "catkd": ("loss_ce", "loss_cat", "cat_kept"),
+         "simkd": ("loss_ce", "loss_kd", "loss_simkd"),
          "kd": ("loss_ce", "loss_kd")}
 
 
@@ -39,7 +44,11 @@ def run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(sources, "data_source", helpers.mock_cifar100)
     results = train.train_and_evaluate(config, workdir)
-  return workdir, {r["stage"]: r for r in results}
+    by_stage = {r["stage"]: r for r in results}
+    # The command's evaluation of SimKD's export, on the same mock data.
+    evaluated = evaluate.evaluate_file("resnet8", by_stage["student_simkd"]["export"], config,
+                                       method="simkd", teacher="resnet14")
+  return workdir, by_stage, config, evaluated
 
 
 def _last_logged(stage_dir):
@@ -49,7 +58,7 @@ def _last_logged(stage_dir):
 
 
 def test_every_method_trains_a_student_stage(run):
-  workdir, results = run
+  workdir, results = run[:2]
   assert sorted(results) == sorted(["teacher"] + [f"student_{m}" for m in METHODS])
   for name in METHODS:
     result = results[f"student_{name}"]
@@ -62,19 +71,37 @@ def test_every_method_trains_a_student_stage(run):
 def test_each_stage_ran_with_what_its_method_asks(run):
   """KD's stage ran with logit standardization's defaults (T 2, weight 9), as its saved
   effective config says."""
-  workdir, _ = run
+  workdir = run[0]
   with open(os.path.join(workdir, "student_kd", "config.json")) as f:
     effective = json.load(f)["effective"]
   assert (effective["method.logit_standardize"], effective["method.T"],
           effective["method.kd_weight"]) == (True, 2.0, 9.0)
 
 
-@pytest.mark.parametrize("name", ["reviewkd", "ofd", "ickd", "srd", "ctkd"])
+@pytest.mark.parametrize("name", ["reviewkd", "ofd", "ickd", "srd", "ctkd", "catkd"])
 def test_the_bridge_is_left_out_of_the_exported_student(run, name):
   """ReviewKD's fusion modules, OFD's connectors, ICKD's embedding, SRD's projector and CTKD's
-  temperature train beside the student; the exported student is the zoo network alone."""
-  _, results = run
+  temperature train beside the student; the exported student is the zoo network alone (CAT-KD's
+  class activation maps add nothing to it)."""
+  results = run[1]
   with open(results[f"student_{name}"]["export"], "rb") as f:
     exported = flax.serialization.msgpack_restore(f.read())
   assert set(exported["params"]) == {"backbone"}
   assert set(exported["batch_stats"]) == {"backbone"}
+
+
+def test_simkd_exports_what_it_deploys_and_the_command_reads_it(run):
+  """SimKD's export is the student's backbone, the projector and the teacher's classifier (the
+  teacher file's `fc`, unchanged); `jaxkd.evaluate` scores it as the stage's evaluation did."""
+  _, results, config, evaluated = run
+  result = results["student_simkd"]
+  with open(result["export"], "rb") as f:
+    exported = flax.serialization.msgpack_restore(f.read())
+  assert set(exported["params"]) == {"backbone", "projector", "classifier"}
+  assert set(exported["batch_stats"]) == {"backbone", "projector"}
+  with open(config.teacher.checkpoint, "rb") as f:
+    teacher = flax.serialization.msgpack_restore(f.read())
+  for key in ("kernel", "bias"):
+    np.testing.assert_array_equal(exported["params"]["classifier"][key],
+                                  teacher["params"]["backbone"]["fc"][key])
+  assert (evaluated["top1"], evaluated["top5"]) == (result["top1_last"], result["top5_last"])
