@@ -63,8 +63,11 @@ def teacher_network(stage: Stage, inputs: Inputs) -> Optional[Network]:
   `teacher_preact`, its class activation maps with `class_maps`)."""
   if inputs.teacher is None:
     return None
-  asked = {name: True for name in ("preact", "class_maps")
-           if getattr(stage, "teacher_preact" if name == "preact" else name)}
+  asked = {}
+  if stage.teacher_preact:
+    asked["preact"] = True
+  if stage.class_maps:
+    asked["class_maps"] = True
   return inputs.teacher.network.clone(**asked) if asked else inputs.teacher.network
 
 

@@ -7,9 +7,9 @@ models/util.py (`SimKD`), train_student.py and the `simkd` branches of helper/lo
 f_t of the teacher (RepDistiller's feat[-2]):
 
   (source, target) = (pool(f_s) to f_t's size, f_t) if s_H > t_H, else (f_s, pool(f_t) to f_s's)
-  g_s = T(source),  T = conv1×1(s_C → t_C/f)·BN·ReLU · conv3×3(pad 1)·BN·ReLU · conv1×1(→ t_C)·BN·ReLU
-                                                  (bias-free convs; f = `factor`, trained with the
-                                                   student; BatchNorms in training mode)
+  g_s = T(source),
+  T = conv1×1(s_C → t_C/f)·BN·ReLU · conv3×3(pad 1)·BN·ReLU · conv1×1(→ t_C)·BN·ReLU
+      (bias-free convs; f = `factor`; trained with the student, its BatchNorms in training mode)
   L_SimKD = mean over all entries of (g_s − target)²          (nn.MSELoss; the target a constant)
   L       = ce_weight · CE(z_s, y) + kd_weight · KD_T(z_s, z_t) + feat_weight · L_SimKD
 
