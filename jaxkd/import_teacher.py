@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from jaxkd import cli
 from jaxkd.errors import UserError
 
 _ARCH = flags.DEFINE_string("arch", None, "Zoo network name, e.g. resnet32x4, wrn_40_2, vgg13.")
@@ -185,9 +186,6 @@ def _leaves(tree: Any) -> list[Any]:
 
 
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError("give exactly one PyTorch checkpoint path, e.g. "
-                         "python -m jaxkd.import_teacher --arch resnet8x4 --out t.msgpack ckpt.pth")
   # JAX's INFO lines (which backends it probed) are noise here; -v 0 brings them back.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
@@ -209,5 +207,14 @@ def main(argv):
         f"--config.teacher.checkpoint={_OUT.value}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing; a mistake (a missing --out, no checkpoint path) is one `error:` line and
+  exit status 2."""
+  return cli.parse_flags(flags.FLAGS, argv, num_args=1, usage=(
+      "give exactly one PyTorch checkpoint path, e.g. python -m jaxkd.import_teacher "
+      "--arch resnet8x4 --out t.msgpack ckpt.pth"))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.quiet_environment(sys.argv)
+  app.run(main, flags_parser=parse_flags)
