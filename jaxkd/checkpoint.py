@@ -33,6 +33,15 @@ from jaxkd.tree_check import first_mismatch
 DIGEST_KEY = "state_sha256"
 
 
+class Misfit(UserError):
+  """A variables file that does not fit the architecture; `variables`: the tree it holds (for
+  a caller that names the architectures it does fit)."""
+
+  def __init__(self, message: str, variables: Any):
+    super().__init__(message)
+    self.variables = variables
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
   """Silences the libraries' log lines while checkpoints are read: a damaged one is reported in
@@ -223,5 +232,5 @@ def import_variables(path: str, template: Any, what: str = "teacher checkpoint",
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
   problem = first_mismatch(template, loaded)
   if problem is not None:
-    raise UserError(f"{what} {path!r} does not fit the architecture: {problem}")
+    raise Misfit(f"{what} {path!r} does not fit the architecture: {problem}", loaded)
   return loaded

@@ -37,6 +37,7 @@ from jaxkd import checkpoint
 from jaxkd import config_checks
 from jaxkd import data
 from jaxkd import models
+from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import paths
 from jaxkd import recipe
@@ -222,11 +223,11 @@ def check_taps(config: ml_collections.ConfigDict, method: Method, info: data.Dat
   """Refuses a network that does not give the taps `method` reads (Method.taps), naming what
   is missing, and a pair whose numbers of paired taps differ."""
   hparams = recipe.method_hparams(config, method)
-  networks = [("student", config.student.name)]
+  roles = [("student", config.student.name)]
   if not clip_teacher:
-    networks.append(("teacher", config.teacher.name))
+    roles.append(("teacher", config.teacher.name))
   counts = []
-  for role, model in networks:
+  for role, model in roles:
     taps = objective.tap_shapes(model, info.num_classes, tuple(info.image_shape))
     shapes = [shape for _, shape in taps]
     missing = method.taps.missing(shapes, hparams)
@@ -285,6 +286,7 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """The checks that read the dataset and the networks, after every field was checked alone;
   returns the dataset info of the run ('') and of the linear probe ('linear_probe')."""
   info = data.get_dataset_info(config.dataset, cache_dir=cache_dir)
+  data.check_readable(config.dataset)
   clip_teacher = config.teacher.name in clip.CLIP_MODELS
   for name in (config.student.name,) if clip_teacher else (config.teacher.name,
                                                            config.student.name):
@@ -295,6 +297,7 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if recipe.linear_probe_enabled(config):
     probe_info = data.get_dataset_info(recipe.linear_probe_config(config).dataset,
                                        cache_dir=cache_dir)
+    data.check_readable(recipe.linear_probe_config(config).dataset)
     if probe_info.image_shape[-1] != info.image_shape[-1]:
       raise UserError(
           f"linear_probe.dataset={probe_info.name!r} has {probe_info.image_shape[-1]} image "
@@ -304,6 +307,21 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   parallel.check_batch_divides(config.batch_size, mesh)
   parallel.check_batch_divides(config.eval_batch_size, mesh)
   return infos
+
+
+def check_teacher_file(stage: ImportStage, info: data.DatasetInfo) -> None:
+  """An imported teacher's file (`teacher.checkpoint`) exists and fits its network for the
+  dataset, read as the executor will read it (no device: the network's tree is evaluated
+  abstractly); a file that does not fit names the zoo networks it does fit."""
+  source = stage.source
+  if source.clip:
+    return  # Checked by _check_teacher; read when the stage runs.
+  network = networks.build_network(source.model_name, info.num_classes)
+  try:
+    networks.read_variables(network, source.path, info.image_shape)
+  except checkpoint.Misfit as e:
+    raise networks.misfit_error(e, info.num_classes, tuple(info.image_shape),
+                                "--config.teacher.name") from None
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -333,6 +351,9 @@ def make_plan(config: ml_collections.ConfigDict, workdir: Optional[str],
   config_checks.check_config(config, method_lookup=get_method)
   infos = check_run(config, mesh, cache_dir=workdir if cache else None)
   stages = tuple(stage_list(config, infos[""].num_classes))
+  for stage in stages:
+    if isinstance(stage, ImportStage):
+      check_teacher_file(stage, infos[""])
   stage_infos = {"": infos[""]}
   stage_infos.update({s.name: infos.get(s.name, infos[""]) for s in stages})
   states = {s.name: stage_state(s, workdir) for s in stages}

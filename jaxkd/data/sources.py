@@ -653,6 +653,14 @@ def data_source(dataset_config: ml_collections.ConfigDict, split: str,
   return opened
 
 
+def check_readable(dataset_config: ml_collections.ConfigDict) -> None:
+  """Opens the train and eval splits as the pipeline will (`data_source`), so that a dataset
+  that is not prepared, or only as TFRecord, is refused before anything is written (also
+  where the example counts are given and no split size was read)."""
+  for split in _splits(dataset_config):
+    data_source(dataset_config, split)
+
+
 def load_split(dataset_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
   """The split in its stored order, as a tf.data.Dataset of `(image uint8 [H, W, C], label
   int32)` pairs (the JPEG bytes for ImageNet), read from `data_source`.
