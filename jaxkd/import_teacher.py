@@ -12,16 +12,17 @@ prefixes are removed. The converted variables must fit `--arch` exactly; otherwi
 missing, unexpected or misshapen entry is named with its PyTorch key.
 """
 
-import re
 import sys
 from typing import Any, Mapping, Optional
 
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
 
 from jaxkd import cli
 from jaxkd.errors import UserError
+from jaxkd.interop import torch_layout
 
 _ARCH = flags.DEFINE_string("arch", None, "Zoo network name, e.g. resnet32x4, wrn_40_2, vgg13.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 100, "Classes of the network's head.")
@@ -38,10 +39,6 @@ _KEY_ALIASES = {
     "MobileNetV2": (("classifier.", "classifier.0."),),
     "MobileNetV2_stride1": (("classifier.0.", "classifier."),),
 }
-
-_TO_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-                  ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
-                  ("batch_stats", "var"): "running_var"}
 
 
 def input_size(arch: str) -> int:
@@ -77,45 +74,13 @@ def template(arch: str, num_classes: int) -> Any:
   return captured["tree"]
 
 
-def torch_key(collection: str, path: tuple[str, ...]) -> str:
-  """Inverse of `torch_layout.flax_module_path` for one leaf of the backbone:
-  ('params', ('layer1_0', 'bn1', 'scale')) -> 'layer1.0.bn1.weight'."""
-  *modules, leaf = path
-  torch_modules = [re.sub(r"_(\d+)", r".\1", m) for m in modules]
-  return ".".join(torch_modules + [_TO_TORCH_LEAF.get((collection, leaf), leaf)])
-
-
-def _torch_shape(collection: str, leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if collection == "params" and leaf == "kernel":
-    if len(shape) >= 3:  # (*k, I, O) -> (O, I, *k)
-      return (shape[-1], shape[-2]) + tuple(shape[:-2])
-    if len(shape) == 2:
-      return (shape[1], shape[0])
-  return tuple(shape)
-
-
 def _torch_view(variables: Any) -> dict[str, tuple[int, ...]]:
   """{PyTorch key: PyTorch shape} of the backbone of a variables tree, in the tree's dict order,
   each module's parameters followed by its batch statistics (PyTorch's BatchNorm order)."""
-  out = {}
-
-  def walk(params: Mapping[str, Any], stats: Mapping[str, Any], path: tuple[str, ...]):
-    for name, value in params.items():
-      if isinstance(value, Mapping):
-        walk(value, stats.get(name, {}), path + (name,))
-      else:
-        out[torch_key("params", path + (name,))] = _torch_shape("params", name, value.shape)
-    for name, value in stats.items():
-      if isinstance(value, Mapping):
-        if name not in params:
-          walk({}, value, path + (name,))
-      else:
-        out[torch_key("batch_stats", path + (name,))] = _torch_shape("batch_stats", name,
-                                                                     value.shape)
-
-  walk(variables.get("params", {}).get("backbone", {}),
-       variables.get("batch_stats", {}).get("backbone", {}), ())
-  return out
+  return dict(torch_layout.torch_entries(
+      variables.get("params", {}).get("backbone", {}),
+      variables.get("batch_stats", {}).get("backbone", {}),
+      lambda value, perm: tuple(np.shape(value)[i] for i in perm)))
 
 
 def describe_misfit(expected: Any, got: Any) -> Optional[str]:
@@ -151,7 +116,6 @@ def convert(path: str, arch: str, num_classes: int, key: str = "",
   the tree a jaxkd teacher file holds. Raises `UserError` when the file is unsafe or unreadable,
   has no state dict, or does not fit `arch`.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxkd.interop import torch_checkpoint  # pylint: disable=g-import-not-at-top
   from jaxkd.interop.torch_layout import torch_to_flax  # pylint: disable=g-import-not-at-top
   from jaxkd.models import get_model  # pylint: disable=g-import-not-at-top

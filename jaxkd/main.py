@@ -156,7 +156,7 @@ def execute(command: Command) -> int:
   before the workdir is touched; a UserError ends the run with one line `error: …`."""
   try:
     if command.print_config:
-      print("\n".join(config_checks.field_lines(command.config)))
+      print("\n".join(config_checks.applied_field_lines(command.config)))
       return 0
     return _train(command)
   except UserError as e:

@@ -85,14 +85,15 @@ def decode(jpeg: bytes) -> Image.Image:
   return image if image.mode == 'RGB' else image.convert('RGB')
 
 
-def _train_crop(image: Image.Image, key: keys.Key) -> np.ndarray:
-  """Random-resized crop + flip of one decoded image: uint8 [224, 224, 3]."""
+def _train_crop(image: Image.Image, key: keys.Key, flip: bool = True) -> np.ndarray:
+  """Random-resized crop + flip (unless `flip` is False) of one decoded image: uint8
+  [224, 224, 3]."""
   crop_key, flip_key = keys.split(key, 2)
   top, left, h, w = (int(v) for v in random_resized_crop_window(crop_key, image.height,
                                                                  image.width))
   crop = np.asarray(image.resize((CROP, CROP), Image.BILINEAR,
                                  box=(left, top, left + w, top + h)))
-  return views_lib.random_flip(crop, keys.rng(flip_key))
+  return views_lib.random_flip(crop, keys.rng(flip_key)) if flip else crop
 
 
 def _eval_crop(image: Image.Image) -> np.ndarray:
@@ -112,11 +113,11 @@ def train_views(views: str, jpeg: bytes, key: keys.Key, info: DatasetInfo) -> np
   views_lib.check_views(views, info)
   image = decode(jpeg)
   if views == 'none':
-    return views_lib.normalized(_train_crop(image, key), info)
+    return views_lib.normalized(_train_crop(image, key, info.flip), info)
   if views == 'two_crops':
-    return views_lib.normalized(np.stack([_train_crop(image, k) for k in keys.split(key, 2)]),
-                                info)
-  return views_lib.normalized(_rotations(_train_crop(image, key)), info)
+    return views_lib.normalized(
+        np.stack([_train_crop(image, k, info.flip) for k in keys.split(key, 2)]), info)
+  return views_lib.normalized(_rotations(_train_crop(image, key, info.flip)), info)
 
 
 def eval_views(views: str, jpeg: bytes, info: DatasetInfo) -> np.ndarray:
