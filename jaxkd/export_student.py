@@ -32,12 +32,6 @@ from absl import logging
 from jaxkd import cli
 from jaxkd.errors import UserError
 
-_MODEL = flags.DEFINE_string("model", None, "Zoo (or registered) network name, e.g. resnet8x4.")
-_VARIABLES = flags.DEFINE_string("variables", None, "jaxkd variables file (.msgpack) of it, "
-                                 "e.g. <workdir>/student_kd/student.msgpack.")
-_OUT = flags.DEFINE_string("out", None, "Where to write the PyTorch state_dict (.safetensors).")
-flags.mark_flags_as_required(["model", "variables", "out"])
-
 # What the classes and channels of a network are assumed to be where no leaf depends on them.
 _DEFAULT_SIZES = (100, 3)
 
@@ -73,6 +67,13 @@ def read_sizes(model: str, variables: Any) -> tuple[int, int]:
                                                              _DEFAULT_SIZES[1])
 
 
+def _in_order(template: Any, tree: Any) -> Any:
+  """`tree` (of the same paths as `template`) with its dicts in `template`'s order."""
+  if not isinstance(tree, dict):
+    return tree
+  return {key: _in_order(template[key], tree[key]) for key in template}
+
+
 def torch_state_dict(model: str, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(PyTorch state_dict of numpy arrays, report) of network `model` in variables file `path`.
 
@@ -101,7 +102,8 @@ def torch_state_dict(model: str, path: str) -> tuple[dict[str, Any], dict[str, A
     misfit = checkpoint.Misfit(f"variables file {path!r} does not fit {model} with "
                                f"{num_classes} classes: {problem}", backbone)
     raise networks.misfit_error(misfit, num_classes, image_shape, "--model")
-  state_dict = torch_layout.flax_to_torch({col: tree["backbone"]
+  state_dict = torch_layout.flax_to_torch({col: _in_order(expected[col]["backbone"],
+                                                          tree["backbone"])
                                            for col, tree in backbone.items()})
   report = {"num_classes": num_classes, "channels": channels, "left_out": left_out,
             "params": sum(math.prod(shape) for shape in flat_shapes(backbone["params"]).values())}
@@ -120,22 +122,33 @@ def write_safetensors(path: str, state_dict: dict[str, Any], model: str) -> None
     raise UserError(f"cannot write --out {path!r} ({paths.reason(e)})") from None
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs (importing this module defines none, so it can
+  be imported beside the other commands, whose flags share names)."""
+  flags.DEFINE_string("model", None, "Zoo (or registered) network name, e.g. resnet8x4.")
+  flags.DEFINE_string("variables", None, "jaxkd variables file (.msgpack) of it, e.g. "
+                      "<workdir>/student_kd/student.msgpack.")
+  flags.DEFINE_string("out", None, "Where to write the PyTorch state_dict (.safetensors).")
+  flags.mark_flags_as_required(["model", "variables", "out"])
+
+
 def main(argv):
   del argv  # No positional arguments (parse_flags).
   # JAX's INFO lines (which backends it probed) are noise here; -v 0 brings them back.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  model, variables, out = flags.FLAGS.model, flags.FLAGS.variables, flags.FLAGS.out
   try:
-    state_dict, report = torch_state_dict(_MODEL.value, _VARIABLES.value)
-    write_safetensors(_OUT.value, state_dict, _MODEL.value)
+    state_dict, report = torch_state_dict(model, variables)
+    write_safetensors(out, state_dict, model)
   except UserError as e:
     sys.exit(cli.report(e))
-  left_out = (f"; left out (not part of {_MODEL.value}): {', '.join(report['left_out'])}"
+  left_out = (f"; left out (not part of {model}): {', '.join(report['left_out'])}"
               if report["left_out"] else "")
-  print(f"{_VARIABLES.value} -> {_OUT.value}: {_MODEL.value} ({report['num_classes']} classes, "
+  print(f"{variables} -> {out}: {model} ({report['num_classes']} classes, "
         f"{report['channels']} image channel(s)), {report['params']:,} parameters in "
         f"{len(state_dict)} state_dict entries{left_out}\n"
-        f"load it with: model.load_state_dict(safetensors.torch.load_file({_OUT.value!r}))")
+        f"load it with: model.load_state_dict(safetensors.torch.load_file({out!r}))")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -146,4 +159,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
   cli.quiet_environment(sys.argv)
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -13,7 +13,7 @@ missing, unexpected or misshapen entry is named with its PyTorch key.
 """
 
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
@@ -46,32 +46,14 @@ def input_size(arch: str) -> int:
   return 224 if arch.endswith("_imagenet") else 32
 
 
-def template(arch: str, num_classes: int) -> Any:
-  """Shapes of a jaxkd teacher's variables, `Network(get_model(arch)).init` evaluated abstractly.
-
-  Nested dicts of `jax.ShapeDtypeStruct` in the order the layers are created (which is the
-  reference state_dict's order), unlike `jax.eval_shape`'s output, whose dicts come back sorted.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxkd.models import get_model  # pylint: disable=g-import-not-at-top
-  from jaxkd.networks import Network  # pylint: disable=g-import-not-at-top
-  network = Network(backbone=get_model(arch, num_classes))
+def template(arch: str, num_classes: int, channels: int = 3) -> Any:
+  """Shapes of a jaxkd teacher's variables, `Network(get_model(arch)).init` evaluated abstractly:
+  nested dicts of `jax.ShapeDtypeStruct` in the order the layers are created (which is the
+  reference state_dict's order); see `networks.variable_shapes`."""
+  from jaxkd import networks  # pylint: disable=g-import-not-at-top
   side = input_size(arch)
-  captured = {}
-
-  def abstract(tree):
-    if isinstance(tree, Mapping):
-      return {k: abstract(v) for k, v in tree.items()}
-    return jax.ShapeDtypeStruct(tree.shape, tree.dtype)
-
-  def init():
-    variables = network.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False)
-    captured["tree"] = abstract(variables)
-    return variables
-
-  jax.eval_shape(init)
-  return captured["tree"]
+  return networks.variable_shapes(networks.build_network(arch, num_classes),
+                                  (side, side, channels))
 
 
 def _torch_view(variables: Any) -> dict[str, tuple[int, ...]]:

@@ -7,7 +7,7 @@ on a machine without TensorFlow.
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -137,9 +137,24 @@ def feature_parameters(backbone: nn.Module, variables: Any, image_shape: tuple[i
 
 
 def variable_shapes(network: Network, image_shape: tuple[int, ...]) -> Any:
-  """The tree of `network`'s variables as `jax.ShapeDtypeStruct`s (nothing is initialised)."""
-  return jax.eval_shape(lambda: network.init(
-      jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)), train=False))
+  """The tree of `network`'s variables as `jax.ShapeDtypeStruct`s, nothing initialised: nested
+  dicts in the order the layers are created (a reference PyTorch state_dict's order), unlike
+  `jax.eval_shape`'s output, whose dicts come back sorted."""
+  captured = {}
+
+  def abstract(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+      return {k: abstract(v) for k, v in tree.items()}
+    return jax.ShapeDtypeStruct(tree.shape, tree.dtype)
+
+  def init() -> Any:
+    variables = network.init(jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)),
+                             train=False)
+    captured["tree"] = abstract(variables)
+    return variables
+
+  jax.eval_shape(init)
+  return captured["tree"]
 
 
 def read_variables(network: Network, path: str, image_shape: tuple[int, ...],
