@@ -118,7 +118,7 @@ def write_safetensors(path: str, state_dict: dict[str, Any], model: str) -> None
                                              "written_by": "jaxkd.export_student"})
   try:
     paths.write_atomically(path, data)
-  except paths.io_errors() as e:
+  except OSError as e:  # (paths.io_errors() would import TensorFlow for a local file.)
     raise UserError(f"cannot write --out {path!r} ({paths.reason(e)})") from None
 
 

@@ -31,12 +31,20 @@ def check_workdir(workdir: str) -> None:
 
 def holds_work(workdir: str) -> bool:
   """Whether `workdir` holds something a rerun reuses: a finished stage or a checkpoint."""
-  root = epath.Path(workdir)
-  if not root.exists():
-    return False
   return any(stage_dir.is_dir() and ((stage_dir / RESULT_FILE).exists()
                                      or checkpoint.saved_steps(str(stage_dir / "checkpoints")))
-             for stage_dir in root.iterdir())
+             for stage_dir in epath.Path(workdir).iterdir())
+
+
+def remove_if_idle(workdir: str) -> None:
+  """Removes the directory `workdir` unless it holds work (`holds_work`); best effort: a
+  refusal is reported whether or not this succeeds."""
+  root = epath.Path(workdir)
+  try:
+    if root.is_dir() and not holds_work(workdir):
+      root.rmtree()
+  except paths.io_errors():
+    pass
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -55,9 +63,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     with workdir_lock.hold(workdir), interrupts.catch_signals():
       results = executor.execute(plan, mesh)
   except UserError as e:
-    if (created and e.exit_status == UserError.exit_status and jax.process_index() == 0
-        and not holds_work(workdir)):
-      epath.Path(workdir).rmtree(missing_ok=True)
+    if created and e.exit_status == UserError.exit_status and jax.process_index() == 0:
+      remove_if_idle(workdir)
     raise
   if jax.process_index() == 0:
     print(results_table(results, workdir))
