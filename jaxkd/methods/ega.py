@@ -43,6 +43,7 @@ from jaxkd.methods import crd
 from jaxkd.methods import embedding_losses
 from jaxkd.methods.base import Method, OnlineTeacherHead, Outputs
 from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
+from jaxkd.methods.numerics import safe_norm
 from jaxkd.methods.objective import POOLED
 from jaxkd.models import layers
 
@@ -75,11 +76,9 @@ def frobenius_norm(a: jax.Array) -> jax.Array:
   """‖a‖_F = sqrt(Σ a²) over all entries (torch.norm(a, 2) with no dim), gradient 0 at a = 0.
 
   Not `jnp.linalg.norm(a, 2)`, which is the spectral norm of a matrix. At a = 0 the gradient of
-  sqrt is infinite; torch returns 0 there and so does this (the double-`where` trick).
+  sqrt is infinite; torch returns 0 there and so does this (`numerics.safe_norm`).
   """
-  sq = jnp.sum(jnp.square(a.astype(jnp.float32)))
-  positive = sq > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return safe_norm(a.astype(jnp.float32).reshape(-1), keepdims=False)
 
 
 def ega_terms(ft: jax.Array, fs: jax.Array, eps: float = PCC_EPS
