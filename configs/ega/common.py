@@ -1,7 +1,7 @@
 """What every EGA recipe shares: the reference schedule and all EGA hyper-parameters.
 
-Reference (yccm/EGA `train_student.py`, `scripts/run_vit32.sh`, `scripts/ega_seq.sh`;
-reference/EGA.md), CIFAR-100, one stage after loading the teacher:
+Reference (yccm/EGA @ 0963f8e: `train_student.py`, `scripts/run_vit32.sh`, `scripts/ega_seq.sh`;
+the loss is in docs/methods.md), CIFAR-100, one stage after loading the teacher:
   teacher      a CLIP image tower, frozen, never trained: its weights come from disk
                (`--config.teacher.checkpoint`, a Hugging Face folder with config.json +
                model.safetensors, or OpenAI's .pt file); nothing is downloaded. It sees its own

@@ -1,6 +1,7 @@
 """What every HSAKD recipe shares: the reference schedule and all HSAKD hyper-parameters.
 
-Reference (winycg/HSAKD, reference/HSAKD.md (c), (f)), CIFAR-100:
+Reference (winycg/HSAKD @ 28c8dc2: `train_teacher_cifar.py`, `train_student_cifar.py` and their
+`.sh` scripts; the loss is in docs/methods.md), CIFAR-100:
   student (and "Teacher*"): SGD Nesterov 0.9, wd 5e-4 on every parameter, batch 64, 240 epochs,
     lr 0.05 (0.01 for MobileNetV2 / ShuffleNet students) ×0.1 at epochs 150/180/210;
   "Teacher" classifiers on the frozen teacher: 100 epochs, lr 0.05 ×0.1 at 30/60/90;

@@ -1,7 +1,7 @@
 """What every SSKD recipe shares: the reference schedule and all SSKD hyper-parameters.
 
-Reference (xuguodong03/SSKD `student.py`, `teacher.py`, `command.sh`; reference/SSKD.md (d)),
-CIFAR-100, three stages:
+Reference (xuguodong03/SSKD @ 661b972: `student.py`, `teacher.py`, `command.sh`; the loss is in
+docs/methods.md), CIFAR-100, three stages:
   teacher       cross-entropy, 240 epochs, batch 64, SGD momentum 0.9, wd 5e-4, lr 0.05 ×0.1 at
                 150/180/210 (the reference `teacher.py`); skipped with `--config.teacher.checkpoint`
                 (a jaxkd teacher file, e.g. from `python -m jaxkd.import_teacher` of an SSKD

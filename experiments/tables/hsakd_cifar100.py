@@ -1,7 +1,7 @@
 """HSAKD (Yang et al., IJCAI 2021), CIFAR-100 top-1: 8 teacher → student pairs, mean ± std.
 
-Numbers: the paper's Table 1 (poster and slides carry the same table), as transcribed in
-reference/HSAKD.md §(g). Mean ± std over runs; the number of runs could not be read. The
+Numbers: the paper's Table 1, as the poster and slide 22 of winycg/HSAKD's
+`poster/765_IJCAI_poster.pdf` and `poster/765_IJCAI_slides.pdf` carry it. Mean ± std over runs; the number of runs could not be read. The
 reference selects the student's best test epoch (`_best`). "HSAKD" is taught by the frozen
 teacher with trained auxiliary classifiers; "HSAKD*" by "Teacher*", backbone and classifiers
 trained jointly from scratch (the Teacher* row is that teacher's own top-1). The MobileNetV2
@@ -85,7 +85,7 @@ TABLE = Table(
     ),
     pairs=PAIRS,
     paper=tables.by_pair(PAIRS, NUMBERS),
-    source="HSAKD IJCAI'21 Table 1, from the poster/slides (reference/HSAKD.md §(g))",
+    source="HSAKD IJCAI'21 Table 1, from winycg/HSAKD poster/765_IJCAI_{poster,slides}.pdf",
     statistic="mean±std; best epoch (code), runs not stated",
     notes="Mean ± std over runs; the number of runs could not be read. The reference code keeps "
           "the student's best test epoch (`_best`). The MobileNetV2 columns are HSAKD's stride-1 "

@@ -1,6 +1,8 @@
 """EGA: distilling a self-supervised (or CLIP) teacher by Embedding Graph Alignment.
 
-Ma, Chen and Akata, BMVC 2022, as the reference code computes it (reference/EGA.md).
+Ma, Chen and Akata, BMVC 2022, as the reference code computes it (yccm/EGA @ 0963f8e,
+`distiller_zoo/EGA.py`, `models/stud_net.py`, `models/teac_net.py`, `train_student.py`;
+docs/methods.md).
 
 The frozen teacher gives one embedding per image (CLIP's `encode_image`, or the pooled feature
 of a self-supervised zoo backbone); the student is a zoo backbone whose classifier is not used.

@@ -1,5 +1,6 @@
 """HSAKD's auxiliary classifiers: one per tapped backbone stage, each predicting the 4N joint
-(class, rotation) labels (reference/HSAKD.md section (b)).
+(class, rotation) labels (winycg/HSAKD @ 28c8dc2, the `Auxiliary_Classifier` of each
+`models/*.py`; docs/zoo.md).
 
 The backbone is cut at its L taps into L segments (segment l ends at tap l). Classifier l reads
 tap l and runs
