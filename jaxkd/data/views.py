@@ -124,14 +124,15 @@ def make_views_fn(views: str, info: DatasetInfo,
                   train: bool) -> Callable[[np.ndarray, keys.Key], np.ndarray]:
   """fn(image uint8 [H, W, C], key) -> float32 views; eval ignores the key (None).
 
-  Datasets whose `info.transform` is 'inception_crop' (ImageNet) get the functions of
-  jaxkd/data/imagenet.py instead, which take the encoded JPEG. The function pickles (it is a
-  partial of module functions), so input workers in other processes can run it.
+  For datasets whose `info.transform` is 'pad_crop'; those with 'inception_crop' (ImageNet) take
+  `jaxkd.data.imagenet.make_views_fn`, on the encoded JPEG (the pipeline picks by the transform).
+  The function pickles (it is a partial of module functions), so input workers in other
+  processes can run it.
   """
   check_views(views, info)
   if info.transform == 'inception_crop':
-    from jaxkd.data import imagenet  # pylint: disable=g-import-not-at-top (it imports this module)
-    return imagenet.make_views_fn(views, info, train)
+    raise ValueError(f'dataset {info.name!r} has transform {info.transform!r}: its views are '
+                     'made by jaxkd.data.imagenet.make_views_fn, not jaxkd.data.views')
   if train:
     return functools.partial(train_views, views, info=info)
   return functools.partial(_eval_views_fn, views, info=info)
