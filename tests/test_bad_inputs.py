@@ -18,7 +18,6 @@ import helpers
 from configs import demo
 from jaxkd import main
 from jaxkd import plan
-from jaxkd.data import digits
 from jaxkd.errors import UserError
 
 DEMO = "configs/demo.py"
@@ -146,7 +145,7 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, digits_dir):
   """Recipe files of a user: one that does not parse, one that fails when run, and one whose
   baseline has a bad temperature; a tfds data_dir with the digits built (as a first run does)."""
   root = tmp_path_factory.mktemp("recipes")
@@ -156,9 +155,7 @@ def files(tmp_path_factory):
       "from configs import demo\n\n\ndef get_config():\n  config = demo.get_config()\n"
       "  config.method_overrides.hsakd.T = -1.0\n  return config\n")
   paths = {name: str(root / f"{name}.py") for name in ("broken", "raising", "baseline_T")}
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  digits.prepared_builder(data_dir)
-  return dict(paths, data_dir=data_dir)
+  return dict(paths, data_dir=str(digits_dir))
 
 
 def command_line(case: Case, workdir: str, files: dict[str, str]) -> list[str]:

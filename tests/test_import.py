@@ -22,10 +22,11 @@ import types
 import zipfile
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+
+import helpers
 
 from configs import demo
 from jaxkd import checkpoint
@@ -365,9 +366,8 @@ def test_imported_teacher_drives_a_student_stage(imported, tmp_path, monkeypatch
   monkeypatch.setattr(checkpoint.ocp, "CheckpointManagerOptions", functools.partial(
       checkpoint.ocp.CheckpointManagerOptions, enable_async_checkpointing=False))
   config = demo.get_config("runlocal")
-  config.dataset = ml_collections.ConfigDict(dict(
-      name="cifar100", data_dir=str(tmp_path / "tfds"), train_split="train", eval_split="test",
-      num_train_examples=16, num_eval_examples=8))
+  config.dataset = helpers.dataset_config("cifar100", tmp_path / "tfds", num_train_examples=16,
+                                          num_eval_examples=8)
   config.teacher.name, config.teacher.checkpoint = "resnet8x4", str(out)
   config.student.name = "resnet8"
   config.method.name = "kd"
