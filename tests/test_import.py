@@ -3,9 +3,9 @@
 The files in tests/data/torch_checkpoints hold the weights of golden_resnet8x4.npz in the layouts
 users have: RepDistiller/CRD `{'model': state_dict}`, SSKD `{'state_dict': ...}`, HSAKD
 `{'net': ...}` and a DataParallel `module.` prefix (`LAYOUTS`); `malicious.pth` runs
-`touch /tmp/jaxkd_unsafe_unpickle_ran` when unpickled without restriction. Files in other variants (the legacy format, wrapper prefixes,
-strided tensors) are written here by `_torch_save`, a minimal re-implementation of torch.save's
-two layouts, since PyTorch is not installed.
+`touch /tmp/jaxkd_unsafe_unpickle_ran` when unpickled without restriction. Files in other
+variants (the legacy format, wrapper prefixes, strided tensors) are written here by `_torch_save`,
+a minimal re-implementation of torch.save's two layouts, since PyTorch is not installed.
 """
 
 import collections
