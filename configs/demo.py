@@ -101,7 +101,7 @@ MODERN = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "
 
 def _use_modern(config: ml_collections.ConfigDict) -> None:
   """The modern methods demo (see the module docstring)."""
-  config.method = ml_collections.ConfigDict(dict(name="kd", T=4.0, ce_weight=0.1, kd_weight=0.9))
+  config.method = default.method_fields("kd", config.teacher.name, config.student.name)
   config.baselines = ",".join(MODERN + ("ce",))
   # ReviewKD's and DKD's warm-ups (20 of 240 epochs) and CTKD's temperature curriculum (10 of
   # 240) take about the same share of the demo's 15 epochs.
