@@ -7,9 +7,10 @@ global batch.
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -57,12 +58,71 @@ def teacher_head_step(head: TeacherHeadStep, head_state: dict[str, Any], teacher
   return jax.lax.stop_gradient(out), next_state, metrics
 
 
+def _depends_on_input(jaxpr: Any) -> list[bool]:
+  """For each output of `jaxpr`, whether it is computed from one of its inputs (an equation
+  with such an operand makes all its outputs depend on it: conservative inside nested calls)."""
+  live = set(jaxpr.invars)
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jax_core.Literal) and v in live for v in eqn.invars):
+      live.update(eqn.outvars)
+  return [not isinstance(v, jax_core.Literal) and v in live for v in jaxpr.outvars]
+
+
+def term_gradients(fn: Callable[[Any], tuple[jax.Array, tuple[dict[str, jax.Array], Any]]],
+                   params: Any, terms: Sequence[str]
+                   ) -> tuple[dict[str, Any], dict[str, Any], tuple[dict[str, jax.Array], Any]]:
+  """The gradients of named loss terms, from one forward and one backward pass per term.
+
+  `fn(params) -> (loss, (metrics, aux))`; each of `terms` is a scalar of `metrics`. Returns
+  ({term: ∇_params metrics[term]}, {term: pytree of bool}, (metrics, aux)). The booleans say
+  which parameters a term's gradient reaches at all (PyTorch's `p.grad is not None` after that
+  term's backward): read from the backward pass's computation, a leaf whose gradient does not
+  depend on the term's cotangent is an instantiated zero, never reached. Static for a given
+  `fn`: decided when the step is traced.
+  """
+  def values(p):
+    _, (metrics, aux) = fn(p)
+    missing = [term for term in terms if term not in metrics]
+    if missing:
+      raise ValueError(f"the loss returns no term {missing} (its metrics: {sorted(metrics)})")
+    return tuple(metrics[term] for term in terms), (metrics, aux)
+
+  outs, vjp_fn, aux = jax.vjp(values, params, has_aux=True)
+  grads, reached = {}, {}
+  for i, term in enumerate(terms):
+    def pull(seed, i=i):
+      return vjp_fn(tuple(seed if j == i else jnp.zeros_like(o) for j, o in enumerate(outs)))[0]
+    grads[term] = pull(jnp.ones_like(outs[i]))
+    closed = jax.make_jaxpr(pull, return_shape=True)(jnp.ones_like(outs[i]))
+    reached[term] = jax.tree.unflatten(jax.tree.structure(closed[1]),
+                                       _depends_on_input(closed[0].jaxpr))
+  return grads, reached, aux
+
+
+def _gradients_and_updates(loss_fn: Callable, state: TrainState,
+                           tx: optax.GradientTransformation, gradient_terms: Sequence[str]
+                           ) -> tuple[Any, Any, Any, tuple[dict[str, jax.Array], Any]]:
+  """(gradient of the loss, the optimiser's updates, its next state, the loss's aux). With
+  `gradient_terms` the optimiser takes each term's gradient (see term_gradients) as
+  `tx.update({term: grads}, opt_state, params, reached={term: pytree of bool})`, and the
+  gradient returned is their sum."""
+  if not gradient_terms:
+    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return grads, updates, opt_state, aux
+  term_grads, reached, aux = term_gradients(loss_fn, state.params, gradient_terms)
+  updates, opt_state = tx.update(term_grads, state.opt_state, state.params, reached=reached)
+  grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *term_grads.values())
+  return grads, updates, opt_state, aux
+
+
 def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array], *,
                network: Network, teacher_network: Optional[Network], loss: LossFn,
                hparams: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                schedule: optax.Schedule, steps_per_epoch: int,
                teacher_head: Optional[TeacherHeadStep] = None,
-               teacher_train_mode: bool = False, teacher_constants: Optional[Any] = None
+               teacher_train_mode: bool = False, teacher_constants: Optional[Any] = None,
+               gradient_terms: Sequence[str] = ()
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of the student on a global batch; the teacher runs in inference mode.
 
@@ -78,6 +138,9 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
   (Method.teacher_train_mode); `teacher_constants`, a pytree of arrays computed once from the
   teacher's variables (Method.teacher_constants), reaches the bridge and the loss as
   `teacher_out['constants']`.
+
+  With `gradient_terms` (Method.optimizer) the optimiser steps the gradient of each named term
+  of the loss apart (see _gradients_and_updates); `train/grad_norm` is the norm of their sum.
   """
   images = flatten_views(batch["image"])
   teacher_out = None
@@ -104,8 +167,8 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
     value, metrics = loss(out, teacher_out, batch["label"], hparams)
     return value, (metrics, updates["batch_stats"])
 
-  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grads, updates, opt_state, (metrics, batch_stats) = _gradients_and_updates(
+      loss_fn, state, tx, gradient_terms)
   params = optax.apply_updates(state.params, updates)
   # The gradient norm is also what the loop checks for divergence (with the loss terms).
   metrics = dict(metrics, **head_metrics, lr=schedule(state.step),
