@@ -155,7 +155,7 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       preact=method.preact,
       teacher_preact=method.preact if method.teacher_preact is None else method.teacher_preact,
       teacher_train_mode=method.teacher_train_mode, teacher_constants=method.teacher_constants,
-      export_file=STUDENT_FILE)
+      student_views_apart=method.student_views_apart, export_file=STUDENT_FILE)
   prep = method.student_preparation
   if prep is None:
     return [student]

@@ -94,6 +94,8 @@ class Stage:
   `teacher_train_mode`, `teacher_constants`: the teacher's BatchNorms run on the batch's
   statistics; constants computed once from the teacher's variables reach the loss
   (Method.teacher_train_mode, Method.teacher_constants).
+  `student_views_apart`: the student's training forward runs once per view
+  (Method.student_views_apart).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   """
@@ -125,6 +127,7 @@ class Stage:
   teacher_preact: bool = False
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
+  student_views_apart: bool = False
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,
               num_train: Optional[int] = None) -> Network:
