@@ -15,8 +15,9 @@ import helpers
 from jaxkd import train
 from jaxkd.data import sources
 
-METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "kd")
-# Per method: the terms its student stage logs (metrics.jsonl), unweighted.
+METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "kd", "mlkd")
+# Per method: the terms its student stage logs (metrics.jsonl), unweighted (MLKD's: weighted, as
+# its reference returns them).
 TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
          "ofd": ("loss_ce", "loss_ofd"),
          "dist": ("loss_ce", "loss_dist", "loss_dist_inter", "loss_dist_intra"),
@@ -25,7 +26,8 @@ TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
          "srd": ("loss_ce", "loss_srd", "loss_srd_rep", "loss_srd_logit"),
          "ctkd": ("loss_cls", "loss_div", "ctkd_temperature"),
          "ctkd_dkd": ("loss_cls", "loss_div", "ctkd_temperature"),
-         "kd": ("loss_ce", "loss_kd")}
+         "kd": ("loss_ce", "loss_kd"),
+         "mlkd": ("loss_ce", "loss_kd", "loss_cc", "loss_bc", "mlkd_kept", "mlkd_class_kept")}
 
 
 @pytest.fixture(scope="module")
