@@ -10,9 +10,10 @@ A view set turns one uint8 image [H, W, C] into float32 normalised views:
                example's key exactly as `none` draws it; view 1 the strong view, its own crop +
                flip, then RandAugment (jaxkd.data.randaugment), all drawn from
                `keys.strong_view_key(key)` -> [2, H, W, C]
-Eval views skip the crop and the flip (and RandAugment). All randomness comes from `key` (jaxkd.data.keys), derived
-from (seed, epoch, example index), so the data stream is a pure function of the seed. The crops
-and flips move uint8 pixels; the conversion to float happens once, at the end.
+Eval views skip the crop and the flip (and RandAugment). All randomness comes from `key`
+(jaxkd.data.keys), derived from (seed, epoch, example index), so the data stream is a pure
+function of the seed. The crops, flips and RandAugment move uint8 pixels; the conversion to float
+happens once, at the end.
 """
 
 import functools
