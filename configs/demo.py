@@ -28,7 +28,7 @@ paraphraser on the teacher), then KD and the student alone:
 The methods of today's papers against the same teacher, each distilling the same resnet8: KD,
 then ReviewKD, OFD, DIST, NKD, ICKD, SRD, CTKD (on KD and on DKD), DKD with logit
 standardization switched on (`method_overrides.dkd.logit_standardize=True`), KD stepped by DOT's
-optimiser, and the student alone:
+optimiser, MLKD (on the weak and strong view of each digit), and the student alone:
 
     python -m jaxkd.main --config configs/demo.py:modern --workdir runs/demo_modern
 """
@@ -96,7 +96,8 @@ def _use_baselines(config: ml_collections.ConfigDict) -> None:
       crd=dict(nce_k=1024), crd_kd=dict(nce_k=1024), dkd=dict(warmup=1)))
 
 
-MODERN = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "dkd", "dot")
+MODERN = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "dkd", "dot",
+          "mlkd")
 
 
 def _use_modern(config: ml_collections.ConfigDict) -> None:

@@ -195,7 +195,9 @@ def compile_steps(stage: Stage, inputs: Inputs, network: Network,
                         steps_per_epoch=steps_per_epoch, teacher_head=head,
                         teacher_train_mode=stage.teacher_train_mode,
                         teacher_constants=teacher_constants(stage, inputs),
-                        gradient_terms=stage.optimizer.terms if stage.optimizer else ()),
+                        gradient_terms=stage.optimizer.terms if stage.optimizer else (),
+
+                        student_views_apart=stage.student_views_apart),
       donate_argnums=(0,), compiler_options=parallel.step_compiler_options())
   method_eval = None
   if stage.eval_metrics is not None:

@@ -155,7 +155,8 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       preact=method.preact,
       teacher_preact=method.preact if method.teacher_preact is None else method.teacher_preact,
       teacher_train_mode=method.teacher_train_mode, teacher_constants=method.teacher_constants,
-      optimizer=method.optimizer, export_file=STUDENT_FILE)
+      optimizer=method.optimizer, student_views_apart=method.student_views_apart,
+      export_file=STUDENT_FILE)
   prep = method.student_preparation
   if prep is None:
     return [student]

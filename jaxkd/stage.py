@@ -96,6 +96,8 @@ class Stage:
   (Method.teacher_train_mode, Method.teacher_constants).
   `optimizer`: the method's own optimiser over the gradients of named loss terms
   (Method.optimizer); None: the config's SGD (jaxkd.optim.make_optimizer).
+  `student_views_apart`: the student's training forward runs once per view
+  (Method.student_views_apart).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   """
@@ -128,6 +130,7 @@ class Stage:
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
   optimizer: Optional[TermOptimizer] = None
+  student_views_apart: bool = False
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,
               num_train: Optional[int] = None) -> Network:

@@ -26,6 +26,35 @@ def flatten_views(images: jax.Array) -> jax.Array:
   return images.reshape((-1,) + images.shape[-3:]) if images.ndim == 5 else images
 
 
+def interleave_views(*views: jax.Array) -> jax.Array:
+  """V arrays [B, ...] (view k of each image) -> [B·V, ...] with row V·i + k = views[k][i]."""
+  return jnp.stack(views, axis=1).reshape((-1,) + views[0].shape[1:])
+
+
+def student_forward(network: Network, params: Any, batch_stats: Any, batch: dict[str, jax.Array],
+                    teacher_out: Optional[Any], views_apart: bool = False
+                    ) -> tuple[dict[str, Any], Any]:
+  """The student's training forward over the step's rows: (outputs, updated batch_stats).
+
+  One forward over the B·V rows; with `views_apart` (Method.student_views_apart) and a view
+  axis, one forward per view k = 0, 1, ... of its B images (BatchNorm statistics per view, the
+  running statistics updated view after view), the outputs interleaved back into rows V·i + k.
+  """
+  images = batch["image"]
+  if not views_apart or images.ndim != 5:
+    out, updates = network.apply({"params": params, "batch_stats": batch_stats},
+                                 flatten_views(images), train=True, teacher_out=teacher_out,
+                                 batch=batch, mutable=["batch_stats"])
+    return out, updates["batch_stats"]
+  outs = []
+  for k in range(images.shape[1]):
+    out, updates = network.apply({"params": params, "batch_stats": batch_stats}, images[:, k],
+                                 train=True, batch=batch, mutable=["batch_stats"])
+    batch_stats = updates["batch_stats"]
+    outs.append(out)
+  return jax.tree.map(interleave_views, *outs), batch_stats
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherHeadStep:
   """A method's online teacher head as one stage uses it: the module, its loss, its optimiser."""
@@ -122,7 +151,7 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
                schedule: optax.Schedule, steps_per_epoch: int,
                teacher_head: Optional[TeacherHeadStep] = None,
                teacher_train_mode: bool = False, teacher_constants: Optional[Any] = None,
-               gradient_terms: Sequence[str] = ()
+               gradient_terms: Sequence[str] = (), student_views_apart: bool = False
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of the student on a global batch; the teacher runs in inference mode.
 
@@ -137,12 +166,12 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
   teacher's BatchNorms on the batch's statistics, discarding their running-statistics update
   (Method.teacher_train_mode); `teacher_constants`, a pytree of arrays computed once from the
   teacher's variables (Method.teacher_constants), reaches the bridge and the loss as
-  `teacher_out['constants']`.
+  `teacher_out['constants']`. `student_views_apart` runs the student once per view
+  (Method.student_views_apart, see student_forward); the teacher always sees all rows at once.
 
   With `gradient_terms` (Method.optimizer) the optimiser steps the gradient of each named term
   of the loss apart (see _gradients_and_updates); `train/grad_norm` is the norm of their sum.
   """
-  images = flatten_views(batch["image"])
   teacher_out = None
   head_state, head_metrics = state.teacher_head, {}
   if teacher_network is not None:
@@ -160,12 +189,11 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
       teacher_out = dict(teacher_out, constants=jax.tree.map(jnp.asarray, teacher_constants))
 
   def loss_fn(params):
-    out, updates = network.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                 train=True, teacher_out=teacher_out, batch=batch,
-                                 mutable=["batch_stats"])
+    out, batch_stats = student_forward(network, params, state.batch_stats, batch, teacher_out,
+                                       student_views_apart)
     out = dict(out, epoch=state.step // steps_per_epoch + 1)
     value, metrics = loss(out, teacher_out, batch["label"], hparams)
-    return value, (metrics, updates["batch_stats"])
+    return value, (metrics, batch_stats)
 
   grads, updates, opt_state, (metrics, batch_stats) = _gradients_and_updates(
       loss_fn, state, tx, gradient_terms)

@@ -49,6 +49,7 @@ _MODULES = {
     "ickd": "ickd",
     "ickd_kd": "ickd",
     "srd": "srd",
+    "mlkd": "mlkd",
     # Feature distillation of mdistiller's CIFAR-100 table.
     "reviewkd": "reviewkd",
     "ofd": "ofd",

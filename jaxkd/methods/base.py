@@ -254,6 +254,12 @@ class Method:
     optimizer: optional TermOptimizer that replaces the config's SGD in the student stage
       (not in its preparation stages), stepping the gradients of named loss terms separately
       (mdistiller's DOT); None: `jaxkd.optim.make_optimizer` on the gradient of the loss.
+    student_views_apart: the student's training forward runs once per view of the batch's
+      [B, V, H, W, C] images, view 0 first, instead of once over the B·V rows: its BatchNorms
+      normalise each view by the statistics of that view's B images, and their running
+      statistics are updated view after view; the outputs are interleaved back into rows
+      V·i + k (`steps.train_step(student_views_apart=...)`; MLKD's reference calls its student
+      on the weak, then on the strong images). Not with a `bridge` (it reads every row).
   """
   name: str
   loss: LossFn
@@ -278,6 +284,12 @@ class Method:
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
   optimizer: Optional[TermOptimizer] = None
+  student_views_apart: bool = False
+
+  def __post_init__(self):
+    if self.student_views_apart and self.bridge is not None:
+      raise ValueError(f"method {self.name!r}: a bridge reads every row of the step, so the "
+                       f"student's views cannot run apart (student_views_apart)")
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None,
               pair: Optional[tuple[str, str]] = None) -> ml_collections.ConfigDict:
