@@ -156,6 +156,7 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       preact=method.preact,
       teacher_preact=method.preact if method.teacher_preact is None else method.teacher_preact,
       teacher_train_mode=method.teacher_train_mode, teacher_constants=method.teacher_constants,
+      optimizer=method.optimizer, student_views_apart=method.student_views_apart,
       export_file=STUDENT_FILE)
   prep = method.student_preparation
   if prep is None:
@@ -164,7 +165,8 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       student, name=f"{student.name}_init", loss=prep.loss, bridge=prep.bridge,
       num_epochs=int(hparams[prep.num_epochs]),
       base_lr=recipe.preparation_lr(config, hparams[prep.lr]), milestones=(),
-      features_only=True, scores_top1=False, eval_metrics=None, num_negatives=0)
+      features_only=True, scores_top1=False, eval_metrics=None, num_negatives=0,
+      optimizer=None)
   return [init, dataclasses.replace(student, init_from=init.name, freeze_backbone=False)]
 
 
@@ -244,7 +246,8 @@ def check_taps(config: ml_collections.ConfigDict, method: Method, info: data.Dat
 
 def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                    mesh: jax.sharding.Mesh, clip_teacher: bool) -> None:
-  """Each student method against the pair, the devices and the taps the networks give."""
+  """Each student method against the pair, the devices, the taps the networks give and the
+  config its own optimiser reads."""
   for name in recipe.student_methods(config):
     method = get_method(name)
     if method.check_pair is not None and not clip_teacher:
@@ -253,6 +256,8 @@ def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       method.check_mesh(mesh)
     if method.taps is not None:
       check_taps(config, method, info, clip_teacher)
+    if method.optimizer is not None and method.optimizer.check is not None:
+      method.optimizer.check(config, recipe.method_hparams(config, method))
 
 
 def _check_teacher(config: ml_collections.ConfigDict, clip_teacher: bool) -> None:

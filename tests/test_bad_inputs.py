@@ -25,7 +25,6 @@ from jaxkd import main
 from jaxkd import networks
 from jaxkd import plan
 from jaxkd import train
-from jaxkd.data import digits
 from jaxkd.errors import UserError
 
 DEMO = "configs/demo.py"
@@ -168,7 +167,7 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, digits_dir):
   """Recipe files of a user: one that does not parse, one that fails when run, and one whose
   baseline has a bad temperature; a tfds data_dir with the digits built (as a first run does)."""
   root = tmp_path_factory.mktemp("recipes")
@@ -178,12 +177,10 @@ def files(tmp_path_factory):
       "from configs import demo\n\n\ndef get_config():\n  config = demo.get_config()\n"
       "  config.method_overrides.hsakd.T = -1.0\n  return config\n")
   paths = {name: str(root / f"{name}.py") for name in ("broken", "raising", "baseline_T")}
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  digits.prepared_builder(data_dir)
   shapes = networks.variable_shapes(networks.build_network("resnet8", 10), (8, 8, 1))
   resnet8 = str(root / "resnet8.msgpack")
   checkpoint.export_variables(resnet8, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
-  return dict(paths, data_dir=data_dir, empty_dir=str(tmp_path_factory.mktemp("empty")),
+  return dict(paths, data_dir=str(digits_dir), empty_dir=str(tmp_path_factory.mktemp("empty")),
               resnet8=resnet8)
 
 

@@ -33,10 +33,10 @@ def _config(data_dir, **fields):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, digits_dir):
   """A resnet8 for the digits with freshly initialised variables, as a jaxkd variables file,
   and what `jaxkd.evaluation.evaluate` gives for it in this process."""
-  data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  data_dir = str(digits_dir)
   path = str(tmp_path_factory.mktemp("evaluate") / "resnet8.msgpack")
   mesh = parallel.create_mesh()
   network = networks.build_network("resnet8", 10)

@@ -2,10 +2,11 @@
 and the way back, a network exported to a PyTorch state_dict (`jaxkd.export_student`).
 
 The files in tests/data/torch_checkpoints hold the weights of golden_resnet8x4.npz in the layouts
-users have (see the golden README); `malicious.pth` runs `touch /tmp/jaxkd_unsafe_unpickle_ran`
-when unpickled without restriction. Files in other variants (the legacy format, wrapper prefixes,
-strided tensors) are written here by `_torch_save`, a minimal re-implementation of torch.save's
-two layouts, since PyTorch is not installed.
+users have: RepDistiller/CRD `{'model': state_dict}`, SSKD `{'state_dict': ...}`, HSAKD
+`{'net': ...}` and a DataParallel `module.` prefix (`LAYOUTS`); `malicious.pth` runs
+`touch /tmp/jaxkd_unsafe_unpickle_ran` when unpickled without restriction. Files in other
+variants (the legacy format, wrapper prefixes, strided tensors) are written here by `_torch_save`,
+a minimal re-implementation of torch.save's two layouts, since PyTorch is not installed.
 """
 
 import collections
@@ -22,10 +23,11 @@ import types
 import zipfile
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+
+import helpers
 
 from configs import demo
 from jaxkd import checkpoint
@@ -366,9 +368,8 @@ def test_imported_teacher_drives_a_student_stage(imported, tmp_path, monkeypatch
   monkeypatch.setattr(checkpoint.ocp, "CheckpointManagerOptions", functools.partial(
       checkpoint.ocp.CheckpointManagerOptions, enable_async_checkpointing=False))
   config = demo.get_config("runlocal")
-  config.dataset = ml_collections.ConfigDict(dict(
-      name="cifar100", data_dir=str(tmp_path / "tfds"), train_split="train", eval_split="test",
-      num_train_examples=16, num_eval_examples=8))
+  config.dataset = helpers.dataset_config("cifar100", tmp_path / "tfds", num_train_examples=16,
+                                          num_eval_examples=8)
   config.teacher.name, config.teacher.checkpoint = "resnet8x4", str(out)
   config.student.name = "resnet8"
   config.method.name = "kd"

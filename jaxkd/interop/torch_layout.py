@@ -1,4 +1,4 @@
-"""PyTorch state_dict -> Flax Linen variables, by one generic naming rule (reference/WEIGHTS.md).
+"""PyTorch state_dict -> Flax Linen variables, by one generic naming rule (docs/weights.md).
 
 Module path: split the key on '.', the last token is the tensor name; every purely numeric
 token is glued onto the previous one with '_' (`layer1.0.conv1` -> `layer1_0/conv1`,
