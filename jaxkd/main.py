@@ -36,14 +36,13 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from jaxkd import cli
 from jaxkd import config_checks
 from jaxkd.errors import UserError
 
 _CONFIG_HELP = "Recipe file, with an optional argument after a colon: configs/demo.py:runlocal."
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
                tuple: "a tuple, e.g. '(1, 2)'"}
-# absl's help flags: with them the command line is left to absl, which prints the help.
-_HELP = re.compile(r"^--?(help|helpshort|helpfull|helpxml|h|\?)(=|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +106,7 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues) -> Command:
   """The command line `argv` (argv[0] the program) parsed on `flag_values`, which holds none of
   this command's flags yet. Raises a one-line UserError for every mistake in it."""
   argv = _parse_flags(flag_values.read_flags_from_files, list(argv), force_gnu=False)
-  if any(_HELP.match(arg) for arg in argv[1:]):
+  if any(cli.HELP.match(arg) for arg in argv[1:]):
     define_flags(flag_values, argv, None)
     _parse_flags(flag_values, argv)  # absl's --help prints this module's docstring and exits.
   spec, argv = split_config_spec(argv)
@@ -157,7 +156,7 @@ def execute(command: Command) -> int:
   before the workdir is touched; a UserError ends the run with one line `error: …`."""
   try:
     if command.print_config:
-      print("\n".join(config_checks.field_lines(command.config)))
+      print("\n".join(config_checks.applied_field_lines(command.config)))
       return 0
     return _train(command)
   except UserError as e:
@@ -173,6 +172,7 @@ def _train(command: Command) -> int:
   # Library INFO logs (orbax, clu) would drown the progress line; -v 0 brings them back.
   if not command.verbosity_given:
     logging.set_verbosity(logging.WARNING)
+  cli.quiet_libraries(command.verbosity_given)
   import jax  # pylint: disable=g-import-not-at-top
   from jaxkd import distributed  # pylint: disable=g-import-not-at-top
   from jaxkd import train  # pylint: disable=g-import-not-at-top
@@ -212,7 +212,9 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _main() -> None:
-  """The real entry point: absl's app.run (help, logging) with this module's parser."""
+  """The real entry point: absl's app.run (help, logging) with this module's parser; the
+libraries' start-up lines are silenced first (jaxkd.cli)."""
+  cli.quiet_environment(sys.argv)
   parsed = []
 
   def parser(argv: list[str]) -> list[str]:
@@ -220,6 +222,8 @@ def _main() -> None:
       parsed.append(parse(argv, flags.FLAGS))
     except UserError as e:
       sys.exit(report(e))
+    except SystemExit as e:  # absl's --help exits with status 1: 0 here.
+      sys.exit(cli.help_exit_status(e, argv))
     return argv[:1]
 
   app.run(lambda argv: execute(parsed[0]), flags_parser=parser)

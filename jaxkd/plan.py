@@ -37,6 +37,7 @@ from jaxkd import checkpoint
 from jaxkd import config_checks
 from jaxkd import data
 from jaxkd import models
+from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import paths
 from jaxkd import recipe
@@ -155,6 +156,7 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       preact=method.preact,
       teacher_preact=method.preact if method.teacher_preact is None else method.teacher_preact,
       teacher_train_mode=method.teacher_train_mode, teacher_constants=method.teacher_constants,
+      optimizer=method.optimizer, student_views_apart=method.student_views_apart,
       class_maps=method.class_maps, deployed=method.deployed, export_file=STUDENT_FILE)
   prep = method.student_preparation
   if prep is None:
@@ -163,7 +165,8 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       student, name=f"{student.name}_init", loss=prep.loss, bridge=prep.bridge,
       num_epochs=int(hparams[prep.num_epochs]),
       base_lr=recipe.preparation_lr(config, hparams[prep.lr]), milestones=(),
-      features_only=True, scores_top1=False, eval_metrics=None, num_negatives=0)
+      features_only=True, scores_top1=False, eval_metrics=None, num_negatives=0,
+      optimizer=None)
   return [init, dataclasses.replace(student, init_from=init.name, freeze_backbone=False)]
 
 
@@ -226,11 +229,11 @@ def check_taps(config: ml_collections.ConfigDict, method: Method, info: data.Dat
   """Refuses a network that does not give the taps `method` reads (Method.taps), naming what
   is missing, and a pair whose numbers of paired taps differ."""
   hparams = recipe.method_hparams(config, method)
-  networks = [("student", config.student.name)]
+  roles = [("student", config.student.name)]
   if not clip_teacher:
-    networks.append(("teacher", config.teacher.name))
+    roles.append(("teacher", config.teacher.name))
   counts = []
-  for role, model in networks:
+  for role, model in roles:
     taps = objective.tap_shapes(model, info.num_classes, tuple(info.image_shape))
     shapes = [shape for _, shape in taps]
     missing = method.taps.missing(shapes, hparams)
@@ -257,7 +260,8 @@ def check_class_maps(config: ml_collections.ConfigDict, method: Method,
 
 def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                    mesh: jax.sharding.Mesh, clip_teacher: bool) -> None:
-  """Each student method against the pair, the devices and the taps the networks give."""
+  """Each student method against the pair, the devices, the taps the networks give and the
+  config its own optimiser reads."""
   for name in recipe.student_methods(config):
     method = get_method(name)
     if method.check_pair is not None and not clip_teacher:
@@ -268,6 +272,8 @@ def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       check_taps(config, method, info, clip_teacher)
     if method.class_maps and not clip_teacher:
       check_class_maps(config, method, info)
+    if method.optimizer is not None and method.optimizer.check is not None:
+      method.optimizer.check(config, recipe.method_hparams(config, method))
 
 
 def _check_teacher(config: ml_collections.ConfigDict, clip_teacher: bool) -> None:
@@ -301,6 +307,7 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """The checks that read the dataset and the networks, after every field was checked alone;
   returns the dataset info of the run ('') and of the linear probe ('linear_probe')."""
   info = data.get_dataset_info(config.dataset, cache_dir=cache_dir)
+  data.check_readable(config.dataset)
   clip_teacher = config.teacher.name in clip.CLIP_MODELS
   for name in (config.student.name,) if clip_teacher else (config.teacher.name,
                                                            config.student.name):
@@ -311,6 +318,7 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if recipe.linear_probe_enabled(config):
     probe_info = data.get_dataset_info(recipe.linear_probe_config(config).dataset,
                                        cache_dir=cache_dir)
+    data.check_readable(recipe.linear_probe_config(config).dataset)
     if probe_info.image_shape[-1] != info.image_shape[-1]:
       raise UserError(
           f"linear_probe.dataset={probe_info.name!r} has {probe_info.image_shape[-1]} image "
@@ -320,6 +328,21 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   parallel.check_batch_divides(config.batch_size, mesh)
   parallel.check_batch_divides(config.eval_batch_size, mesh)
   return infos
+
+
+def check_teacher_file(stage: ImportStage, info: data.DatasetInfo) -> None:
+  """An imported teacher's file (`teacher.checkpoint`) exists and fits its network for the
+  dataset, read as the executor will read it (no device: the network's tree is evaluated
+  abstractly); a file that does not fit names the zoo networks it does fit."""
+  source = stage.source
+  if source.clip:
+    return  # Checked by _check_teacher; read when the stage runs.
+  network = networks.build_network(source.model_name, info.num_classes)
+  try:
+    networks.read_variables(network, source.path, info.image_shape)
+  except checkpoint.Misfit as e:
+    raise networks.misfit_error(e, info.num_classes, tuple(info.image_shape),
+                                "--config.teacher.name") from None
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -349,6 +372,9 @@ def make_plan(config: ml_collections.ConfigDict, workdir: Optional[str],
   config_checks.check_config(config, method_lookup=get_method)
   infos = check_run(config, mesh, cache_dir=workdir if cache else None)
   stages = tuple(stage_list(config, infos[""].num_classes))
+  for stage in stages:
+    if isinstance(stage, ImportStage):
+      check_teacher_file(stage, infos[""])
   stage_infos = {"": infos[""]}
   stage_infos.update({s.name: infos.get(s.name, infos[""]) for s in stages})
   states = {s.name: stage_state(s, workdir) for s in stages}

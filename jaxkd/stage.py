@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxkd.methods.base import (BridgeFactory, Deployment, EvalMetricsFn, HeadsFactory, LossFn,
-                                OnlineTeacherHead, TeacherConstantsFn)
+                                OnlineTeacherHead, TeacherConstantsFn, TermOptimizer)
 from jaxkd.networks import Network, build_network
 
 TEACHER_FILE = "teacher.msgpack"
@@ -97,6 +97,10 @@ class Stage:
   `class_maps`: both networks' outputs hold their class activation maps (Method.class_maps).
   `deployed`: the network the stage evaluates and exports in place of the trained one, built
   from it and the teacher (Method.deployed).
+  `optimizer`: the method's own optimiser over the gradients of named loss terms
+  (Method.optimizer); None: the config's SGD (jaxkd.optim.make_optimizer).
+  `student_views_apart`: the student's training forward runs once per view
+  (Method.student_views_apart).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   """
@@ -128,6 +132,8 @@ class Stage:
   teacher_preact: bool = False
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
+  optimizer: Optional[TermOptimizer] = None
+  student_views_apart: bool = False
   class_maps: bool = False
   deployed: Optional[Deployment] = None
 

@@ -17,9 +17,11 @@ from jaxkd import evaluate
 from jaxkd import train
 from jaxkd.data import sources
 
-METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "catkd", "simkd",
-           "kd")
-# Per method: the terms its student stage logs (metrics.jsonl), unweighted.
+METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "kd", "dot",
+           "mlkd", "catkd", "simkd")
+# Per method: the terms its student stage logs (metrics.jsonl), unweighted (DOT's loss_task and
+# loss_distill are the weighted summands its optimiser steps apart; MLKD's are weighted, as its
+# reference returns them).
 TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
          "ofd": ("loss_ce", "loss_ofd"),
          "dist": ("loss_ce", "loss_dist", "loss_dist_inter", "loss_dist_intra"),
@@ -28,9 +30,11 @@ TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
          "srd": ("loss_ce", "loss_srd", "loss_srd_rep", "loss_srd_logit"),
          "ctkd": ("loss_cls", "loss_div", "ctkd_temperature"),
          "ctkd_dkd": ("loss_cls", "loss_div", "ctkd_temperature"),
+         "kd": ("loss_ce", "loss_kd"),
+         "dot": ("loss_ce", "loss_kd", "loss_task", "loss_distill"),
+         "mlkd": ("loss_ce", "loss_kd", "loss_cc", "loss_bc", "mlkd_kept", "mlkd_class_kept"),
          "catkd": ("loss_ce", "loss_cat", "cat_kept"),
-         "simkd": ("loss_ce", "loss_kd", "loss_simkd"),
-         "kd": ("loss_ce", "loss_kd")}
+         "simkd": ("loss_ce", "loss_kd", "loss_simkd")}
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +49,13 @@ def run(tmp_path_factory):
     patch.setattr(sources, "data_source", helpers.mock_cifar100)
     results = train.train_and_evaluate(config, workdir)
     by_stage = {r["stage"]: r for r in results}
-    # The command's evaluation of SimKD's export, on the same mock data.
-    evaluated = evaluate.evaluate_file("resnet8", by_stage["student_simkd"]["export"], config,
-                                       method="simkd", teacher="resnet14")
+    # SimKD's export as `python -m jaxkd.evaluate --checkpoint=<it>` reads it (the model, the
+    # method, its teacher and the dataset from the stage's config.json), on the same mock data.
+    path = by_stage["student_simkd"]["export"]
+    model, eval_config = evaluate.model_and_config(None, path, evaluate.default_config(), ())
+    method, teacher = evaluate.deployment("", "", path)
+    assert (model, method, teacher) == ("resnet8", "simkd", "resnet14")
+    evaluated = evaluate.evaluate_file(model, path, eval_config, method=method, teacher=teacher)
   return workdir, by_stage, config, evaluated
 
 

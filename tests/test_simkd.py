@@ -192,14 +192,16 @@ def test_pairs_and_hyper_parameters_that_cannot_run_are_refused():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   """A deployed SimKD resnet8 (teacher resnet14) for the digits, from freshly initialised
-  student, projector and teacher, written as a stage's export with the stage's config.json
+  student, projector and teacher, written as a stage's export beside the stage's config.json
   (factor 4), and what `jaxkd.evaluation.evaluate` gives for it in this process."""
   data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
   stage_dir = tmp_path_factory.mktemp("student_simkd")
   path = str(stage_dir / "student.msgpack")
   hparams = get_method("simkd").hparams(ml_collections.ConfigDict(dict(factor=4)))
-  (stage_dir / "config.json").write_text(json.dumps(
-      {"effective": {"method": "simkd", "method.factor": 4}}))
+  (stage_dir / "config.json").write_text(json.dumps(  # As jaxkd.stage_config saves it.
+      {"effective": {"model": "resnet8", "method": "simkd", "method.factor": 4},
+       "run": {"dataset": {"name": "digits", "data_dir": data_dir},
+               "teacher": {"name": "resnet14"}}}))
   mesh = parallel.create_mesh()
   image = (8, 8, 1)
   teacher = networks.build_network("resnet14", 10)
@@ -231,12 +233,14 @@ def test_evaluate_reads_the_deployed_export_in_process(exported):
 
 
 def test_evaluate_command_prints_the_deployed_networks_top1(exported):
-  data_dir, path, scores, _ = exported
+  """The stage's file alone: the model, the method, its teacher, its factor and the dataset
+  come from the stage's config.json."""
+  _, path, scores, _ = exported
+  assert evaluate.deployment("", "", path) == ("simkd", "resnet14")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   done = subprocess.run(
-      [sys.executable, "-m", "jaxkd.evaluate", "--model=resnet8", "--method=simkd",
-       "--teacher=resnet14", f"--checkpoint={path}", "--config.dataset.name=digits",
-       f"--config.dataset.data_dir={data_dir}", "--config.eval_batch_size=120"],
+      [sys.executable, "-m", "jaxkd.evaluate", f"--checkpoint={path}",
+       "--config.eval_batch_size=120"],
       cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   found = re.search(r"\(360 images\): top-1 (\d+\.\d\d)  top-5 (\d+\.\d\d)", done.stdout)

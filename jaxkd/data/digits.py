@@ -92,6 +92,15 @@ with (tfds.core.registered.skip_registration() if _is_registered()
               'howpublished={UCI Machine Learning Repository}}'),
       )
 
+    # tfds announces a download (of "Unknown size") and its end on stdout; nothing is
+    # downloaded here, so one line of jaxkd's says what happens instead.
+    def _log_download_bytes(self) -> None:
+      print(f"dataset digits: building tfds '{TFDS_NAME}' from scikit-learn's copy in "
+            f'{self.data_dir} (once; later runs read it)', flush=True)
+
+    def _log_download_done(self) -> None:
+      pass
+
     def _split_generators(self, dl_manager):
       del dl_manager  # Everything comes from the scikit-learn wheel.
       images, labels = digit_images_and_labels()
