@@ -24,10 +24,12 @@ Several processes (hosts of a TPU pod slice, GPU nodes) run the same command wit
 """
 
 import dataclasses
+import importlib.util
+import logging as pylogging
 import os
 import re
-import signal
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from absl import app
@@ -37,6 +39,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from jaxkd import config_checks
+from jaxkd import interrupts
 from jaxkd.errors import UserError
 
 _CONFIG_HELP = "Recipe file, with an optional argument after a colon: configs/demo.py:runlocal."
@@ -159,20 +162,23 @@ def execute(command: Command) -> int:
     if command.print_config:
       print("\n".join(config_checks.field_lines(command.config)))
       return 0
-    return _train(command)
+    with interrupts.stop_at_once():
+      return _train(command)
   except UserError as e:
     return report(e)
-  except KeyboardInterrupt:
-    # Ctrl-C before the stages run (while TensorFlow or the dataset loads): nothing to save.
-    print("error: interrupted (SIGINT) before training started; nothing was written",
-          file=sys.stderr)
-    return 128 + signal.SIGINT
+  except KeyboardInterrupt as e:
+    # Ctrl-C (or SIGTERM) before the stages run, while TensorFlow or the dataset loads: nothing
+    # to save; or a second one while a checkpoint is written.
+    message, status = interrupts.stopped_at_once_message(e)
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 def _train(command: Command) -> int:
   # Library INFO logs (orbax, clu) would drown the progress line; -v 0 brings them back.
   if not command.verbosity_given:
     logging.set_verbosity(logging.WARNING)
+    _quiet_libraries()
   import jax  # pylint: disable=g-import-not-at-top
   from jaxkd import distributed  # pylint: disable=g-import-not-at-top
   from jaxkd import train  # pylint: disable=g-import-not-at-top
@@ -192,6 +198,38 @@ def _train(command: Command) -> int:
     return 0
   train.train_and_evaluate(command.config, command.workdir)
   return 0
+
+
+class _DropLibraryWarnings(pylogging.Filter):
+  """Drops the log records below ERROR of the libraries in `packages` (their site-packages
+  folder names)."""
+
+  def __init__(self, packages: tuple[str, ...]):
+    super().__init__()
+    self.folders = tuple(f"{os.sep}{package}{os.sep}" for package in packages)
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.ERROR or not any(
+        folder in record.pathname for folder in self.folders)
+
+
+def _quiet_libraries() -> None:
+  """Silences what libraries print on stderr that says nothing about the run, so that a run's
+  stderr holds only its own lines: TensorFlow's C++ notices on import (printed before absl's
+  logging is set up, so no log level hides them: it is imported with stderr on /dev/null; a run
+  imports it anyway to read datasets), tfds' warnings (its advice to install OpenCV, a dataset
+  folder without metadata: a dataset it cannot read is one `error:` line of ours), and numpy's overflow
+  warning when a value float32 cannot hold (e.g. a learning rate of 1e39) becomes inf, which
+  the divergence check then reports in its line. `-v 0` shows them all."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _DropLibraryWarnings) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropLibraryWarnings(("tensorflow_datasets",)))
+  warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
+  if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+    return
+  from jaxkd import paths  # pylint: disable=g-import-not-at-top
+  with paths.stderr_silenced():
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
 
 
 def report(error: UserError) -> int:

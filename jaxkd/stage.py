@@ -96,6 +96,7 @@ class Stage:
   (Method.teacher_train_mode, Method.teacher_constants).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
+  `epochs_field`: the config field `num_epochs` comes from (named by the plan's refusals).
   """
   name: str
   config: ml_collections.ConfigDict
@@ -125,6 +126,7 @@ class Stage:
   teacher_preact: bool = False
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
+  epochs_field: str = "num_epochs"
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,
               num_train: Optional[int] = None) -> Network:

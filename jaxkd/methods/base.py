@@ -215,6 +215,11 @@ class Method:
       ...}, 'batch_stats': ...}`); the training step hands them to the bridge and the loss as
       `teacher_out['constants']` (`steps.train_step(teacher_constants=...)`; OFD's margins,
       read from the teacher's BatchNorms).
+    optional_hparams: hyper-parameters the method reads with a default of its own where a
+      config leaves them out (`hparams.get(name, default)`), kept out of `defaults` so that the
+      effective config of runs that do not set them stays as it was. With `defaults` and the
+      switches' fields they are the fields the method reads: a config field outside them is
+      reported as ignored before the run.
   """
   name: str
   loss: LossFn
@@ -238,6 +243,7 @@ class Method:
   teacher_preact: Optional[bool] = None
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
+  optional_hparams: Sequence[str] = ()
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None,
               pair: Optional[tuple[str, str]] = None) -> ml_collections.ConfigDict:
