@@ -105,9 +105,11 @@ def stderr_silenced() -> Iterator[None]:
 
 
 def probe(what: str, path: str, check: Callable[[epath.Path], Any],
-          seconds: float = PROBE_SECONDS) -> Any:
-  """`check(epath.Path(path))`, given at most `seconds`: a bucket that does not answer (no
-  network, retries for minutes) or refuses (no credentials) is one UserError naming `what`."""
+          seconds: Optional[float] = None) -> Any:
+  """`check(epath.Path(path))`, given at most `seconds` (default PROBE_SECONDS): a bucket that
+  does not answer (no network, retries for minutes) or refuses (no credentials) is one
+  UserError naming `what`."""
+  seconds = PROBE_SECONDS if seconds is None else seconds
   result: list[Any] = []
 
   def run() -> None:

@@ -23,9 +23,9 @@ RECIPES = sorted(p for p in glob.glob(str(helpers.REPO / "configs" / "**" / "*.p
 
 
 def _planned(config, tmp_path):
-  """The plan of `config` with its split sizes given in the config (no data is read), and a
-  stand-in file for a CLIP tower's weights."""
-  config.dataset.update(num_train_examples=64, num_eval_examples=32)
+  """The plan of `config` with its split sizes given in the config (no data is read; a batch
+  of training examples at least), and a stand-in file for a CLIP tower's weights."""
+  config.dataset.update(num_train_examples=max(64, config.batch_size), num_eval_examples=32)
   if config.teacher.name.startswith("clip"):
     config.teacher.checkpoint = str(tmp_path)
   return plan.make_plan(config, None, MESH, cache=False)
@@ -56,6 +56,7 @@ def test_every_table_run_has_a_plan(name, tmp_path):
   for row in table.own_run_rows(table.rows):
     config = tables.run_config(table, pair, [row.method], row=row)
     config.teacher.checkpoint = str(tmp_path / "teacher.msgpack")
+    (tmp_path / "teacher.msgpack").write_bytes(b"")  # The plan reads that it exists.
     made = _planned(config, tmp_path)
     names = [s.name for s in made.stages]
     assert names[0] == "teacher" and names[-1] == f"student_{row.method}"
