@@ -393,3 +393,14 @@ def test_a_bucket_that_does_not_answer_is_one_line_in_bounded_time(files, tmp_pa
   assert not os.path.exists(workdir)
   with pytest.raises(UserError, match="'gs://b/x' did not answer within 0.2 s"):
     paths.probe("dataset.data_dir", "gs://b/x", lambda _: time.sleep(5), seconds=0.2)
+
+
+def test_a_huge_run_is_planned_when_asked_for(files, tmp_path, capsys):
+  """Past 10^9 steps a stage needs allow_huge_run; past the int32 step counter, never."""
+  workdir = str(tmp_path / "run")
+  huge = ("--plan", "--config.num_epochs=50000000", "--config.allow_huge_run=True")
+  assert main.run(command_line(Case(huge, ""), workdir, files)) == 0
+  assert "1,100,000,000" in capsys.readouterr().out
+  line = refusal(capsys, command_line(Case(huge + ("--config.num_epochs=100000000",), ""),
+                                      workdir, files))
+  assert "more than the 2,147,483,647 its int32 step counter" in line
