@@ -481,9 +481,10 @@ def check_preparation(field: str, method: Method, prep: Any,
   epochs_field = f"{field}.{prep.num_epochs}"
   epochs = hparams.get(prep.num_epochs)
   if epochs not in COUNT:
+    example = method.defaults.get(prep.num_epochs, 1)
     raise out_of_range(epochs_field, epochs, f"{COUNT} (the epochs of stage "
                        f"{_preparation_stage(method, prep)})",
-                       f"set e.g. --config.{epochs_field}={method.defaults.get(prep.num_epochs, 1)}")
+                       f"set e.g. --config.{epochs_field}={example}")
   lr = hparams.get(prep.lr)
   if isinstance(lr, bool) or (lr != -1 and lr not in POSITIVE):
     raise out_of_range(f"{field}.{prep.lr}", lr, "a number > 0, or -1 for optimizer.lr (the "

@@ -218,9 +218,9 @@ def _quiet_libraries() -> None:
   stderr holds only its own lines: TensorFlow's C++ notices on import (printed before absl's
   logging is set up, so no log level hides them: it is imported with stderr on /dev/null; a run
   imports it anyway to read datasets), tfds' warnings (its advice to install OpenCV, a dataset
-  folder without metadata: a dataset it cannot read is one `error:` line of ours), and numpy's overflow
-  warning when a value float32 cannot hold (e.g. a learning rate of 1e39) becomes inf, which
-  the divergence check then reports in its line. `-v 0` shows them all."""
+  folder without metadata: a dataset it cannot read is one `error:` line of ours), and numpy's
+  overflow warning when a value float32 cannot hold (e.g. a learning rate of 1e39) becomes
+  inf, which the divergence check then reports in its line. `-v 0` shows them all."""
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _DropLibraryWarnings) for f in absl_logger.filters):
     absl_logger.addFilter(_DropLibraryWarnings(("tensorflow_datasets",)))
