@@ -37,9 +37,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The distillation method and its hyper-parameters. None = the method's own default (KD:
   # T 4, ce_weight 0.1, kd_weight 0.9; the baselines: RepDistiller's `-r -a -b`, see the README),
   # so that --config.method.name=<another method> starts from that method's defaults.
-  # `logit_standardize=True` standardizes the logits of KD, DKD and CTKD and brings its own
-  # defaults (KD: T 2, kd_weight 9). `configs/default.py:<method>` lists every hyper-parameter
-  # of <method> here instead.
+  # `logit_standardize=True` standardizes the logits of KD, DKD, CTKD and MLKD and brings its
+  # own defaults (KD, MLKD: T 2, kd_weight 9). `configs/default.py:<method>` lists every
+  # hyper-parameter of <method> here instead.
   config.method = ml_collections.ConfigDict(dict(
       name="kd", T=placeholder(float), ce_weight=placeholder(float),
       kd_weight=placeholder(float), feat_weight=placeholder(float),

@@ -27,8 +27,8 @@ paraphraser on the teacher), then KD and the student alone:
 
 The methods of today's papers against the same teacher, each distilling the same resnet8: KD,
 then ReviewKD, OFD, DIST, NKD, ICKD, SRD, CTKD (on KD and on DKD), DKD with logit
-standardization switched on (`method_overrides.dkd.logit_standardize=True`), and the student
-alone:
+standardization switched on (`method_overrides.dkd.logit_standardize=True`), KD stepped by DOT's
+optimiser, MLKD (on the weak and strong view of each digit), and the student alone:
 
     python -m jaxkd.main --config configs/demo.py:modern --workdir runs/demo_modern
 """
@@ -37,7 +37,6 @@ import ml_collections
 
 from configs import default
 from configs.ega import common as ega_recipes
-from jaxkd.methods import ega
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -49,7 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.baselines = "sskd,hsakd,ce"
   # The digits are small: the teachers' heads need 5 epochs, not the reference's 60 / 100.
   config.method_overrides = ml_collections.ConfigDict(dict(
-      sskd=dict(teacher_epochs=5, teacher_lr=0.05, teacher_milestones=(3, 4)),
+      sskd=dict(teacher_epochs=5, teacher_milestones=(3, 4)),
       hsakd=dict(teacher_epochs=5, teacher_lr=0.1, teacher_milestones=(3, 4))))
   config.num_epochs = 15
   config.batch_size = 64
@@ -89,7 +88,7 @@ BASELINES = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp",
 
 def _use_baselines(config: ml_collections.ConfigDict) -> None:
   """The classic baselines demo (see the module docstring)."""
-  config.method = ml_collections.ConfigDict(dict(name="kd", T=4.0, ce_weight=0.1, kd_weight=0.9))
+  config.method = default.method_fields("kd", config.teacher.name, config.student.name)
   config.baselines = ",".join(BASELINES + ("ce",))
   # The reference's preparation stages are 30 of 240 epochs and DKD's warm-up 20 of 240: about
   # the same shares of the demo's 15 epochs. The digits have about 1,300 examples of other classes
@@ -99,12 +98,13 @@ def _use_baselines(config: ml_collections.ConfigDict) -> None:
       crd=dict(nce_k=1024), crd_kd=dict(nce_k=1024), dkd=dict(warmup=1)))
 
 
-MODERN = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "dkd")
+MODERN = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "dkd", "dot",
+          "mlkd")
 
 
 def _use_modern(config: ml_collections.ConfigDict) -> None:
   """The modern methods demo (see the module docstring)."""
-  config.method = ml_collections.ConfigDict(dict(name="kd", T=4.0, ce_weight=0.1, kd_weight=0.9))
+  config.method = default.method_fields("kd", config.teacher.name, config.student.name)
   config.baselines = ",".join(MODERN + ("ce",))
   # ReviewKD's and DKD's warm-ups (20 of 240 epochs) and CTKD's temperature curriculum (10 of
   # 240) take about the same share of the demo's 15 epochs.
@@ -116,7 +116,7 @@ def _use_modern(config: ml_collections.ConfigDict) -> None:
 def _use_ega(config: ml_collections.ConfigDict, runlocal: bool, compare: bool) -> None:
   """The EGA demo (see the module docstring)."""
   config.teacher.pretrain = "simclr"
-  config.method = ml_collections.ConfigDict(dict(ega.DEFAULTS, name="ega"))
+  config.method = default.method_fields("ega", config.teacher.name, config.student.name)
   comparison = [f"ega_{d}" for d in ega_recipes.COMPARISON] if compare else []
   config.baselines = ",".join(comparison + ["ce"])
   # The digits have about 1,300 examples of other classes per example: CRD's 16,384 negatives

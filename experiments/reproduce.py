@@ -250,10 +250,12 @@ def run_all(runs: Sequence[Run], overrides: Sequence[tuple[str, str]], runlocal:
   """Each run in this process, in order, with a progress line before and after each."""
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from jaxkd import cli  # pylint: disable=g-import-not-at-top
   from jaxkd import train  # pylint: disable=g-import-not-at-top
   # As `python -m jaxkd.main` does: the same numerics, the same quiet libraries.
   jax.config.update("jax_default_matmul_precision", "highest")
   logging.set_verbosity(logging.WARNING)
+  cli.quiet_libraries(verbose_logs=False)
 
   # Every config first: a bad override fails before any training.
   configs = [run.config(overrides, runlocal) for run in runs]
@@ -330,4 +332,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  from jaxkd import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_environment(sys.argv)  # Before TensorFlow is imported (jaxkd.cli).
   sys.exit(main())

@@ -1,4 +1,4 @@
-"""Prints the model zoo as a markdown table: parameters and MACs per image, next to ZOO.md's.
+"""Prints the model zoo as a markdown table: parameters and MACs per image, next to PyTorch's.
 
     python experiments/zoo_table.py                 # the table
     python experiments/zoo_table.py --xla           # plus XLA's own estimate (slower)
@@ -29,8 +29,10 @@ from jaxkd.models import MODEL_NAMES, get_model, layers  # noqa: E402
 
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 
-# reference/ZOO.md: parameters and MACs (millions) per image at 32x32 with 100 classes
-# (section 1, section 5 for HSAKD's MobileNetV2) and at 224x224 with 1000 classes (section 6).
+# Parameters and MACs (millions) per image of the reference PyTorch networks (RepDistiller @
+# b84f547 and HSAKD @ 28c8dc2 `models/`, torchvision, mdistiller's MobileNetV1), counted with
+# forward hooks by the same rule, at 32x32 with 100 classes and at 224x224 with 1000 classes
+# (the ImageNet figures rounded to 1e-3 G).
 REFERENCE = {
     "resnet8": (83_892, 12.51), "resnet14": (181_108, 26.66), "resnet20": (278_324, 40.82),
     "resnet32": (472_756, 69.13), "resnet44": (667_188, 97.44), "resnet56": (861_620, 125.75),
@@ -100,7 +102,7 @@ def xla_macs(model: nn.Module, shape: tuple[int, ...]) -> float:
 
 
 def table(names, with_xla: bool = False) -> str:
-  head = ["model", "input", "params", "MACs (M)", "of which depthwise (M)", "ZOO.md MACs (M)"]
+  head = ["model", "input", "params", "MACs (M)", "of which depthwise (M)", "PyTorch MACs (M)"]
   if with_xla:
     head.append("XLA flops/2 (M)")
   rows = [head, ["---", "---"] + ["---:"] * (len(head) - 2)]
@@ -111,7 +113,7 @@ def table(names, with_xla: bool = False) -> str:
     params = count_params(model, shape)
     ref_params, ref_macs = REFERENCE.get(name, (None, None))
     if ref_params is not None and ref_params != params:
-      raise SystemExit(f"{name}: {params} parameters, ZOO.md says {ref_params}")
+      raise SystemExit(f"{name}: {params} parameters, the PyTorch network has {ref_params}")
     row = [f"`{name}`", f"{shape[1]}x{shape[2]}, {num_classes(name)} classes", f"{params:,}",
            f"{macs / 1e6:.2f}", f"{depthwise / 1e6:.2f}",
            "" if ref_macs is None else f"{ref_macs:.2f}"]
@@ -128,7 +130,8 @@ reference PyTorch code; CIFAR nets at 32x32 with 100 classes, ImageNet nets at 2
 CIFAR names are RepDistiller's `model_dict` keys (the ImageNet nets end in `_imagenet`);
 `MobileNetV2` is RepDistiller's `mobile_half` (stride-2 stem), `MobileNetV2_stride1` HSAKD's
 variant (stride-1 stem, the network behind HSAKD's MobileNetV2 numbers). Each family's module
-docstring lists its feature taps.
+docstring lists its feature taps; `docs/zoo.md` has the families, their taps and sizes, and
+`docs/weights.md` how PyTorch weights map onto them.
 
 A PyTorch teacher (`.pth` / `.pth.tar` from RepDistiller / CRD / mdistiller `{'model'}`, SSKD
 `{'state_dict'}`, HSAKD `{'net'}`, with or without `module.` / `backbone.` prefixes) becomes a

@@ -33,6 +33,15 @@ from jaxkd.tree_check import first_mismatch
 DIGEST_KEY = "state_sha256"
 
 
+class Misfit(UserError):
+  """A variables file that does not fit the architecture; `variables`: the tree it holds (for
+  a caller that names the architectures it does fit)."""
+
+  def __init__(self, message: str, variables: Any):
+    super().__init__(message)
+    self.variables = variables
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
   """Silences the libraries' log lines while checkpoints are read: a damaged one is reported in
@@ -213,6 +222,17 @@ def read_verified(path: str, what: str, sha256: Optional[str] = None, remedy: st
   return data
 
 
+def restore_variables(path: str, what: str, sha256: Optional[str] = None,
+                      remedy: str = "") -> Any:
+  """The tree of a msgpack variables file, as stored (see `read_verified`); a UserError when
+  it is missing, damaged or not such a file."""
+  data = read_verified(path, what, sha256, remedy)
+  try:
+    return flax.serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises several unrelated types on garbage
+    raise UserError(f"{what} {path!r} is not a jaxkd variables file ({e})") from None
+
+
 def import_variables(path: str, template: Any, what: str = "teacher checkpoint",
                      sha256: Optional[str] = None, remedy: str = "") -> Any:
   """Reads a msgpack variables file and checks it fits the tree of `template`.
@@ -220,13 +240,9 @@ def import_variables(path: str, template: Any, what: str = "teacher checkpoint",
   With `sha256`, the file is first verified against it (see `read_verified`). Raises a UserError
   naming the first missing, extra or misshapen leaf when it does not fit.
   """
-  data = read_verified(path, what, sha256, remedy)
-  try:
-    loaded = flax.serialization.msgpack_restore(data)
-  except Exception as e:  # msgpack raises several unrelated types on garbage
-    raise UserError(f"{what} {path!r} is not a jaxkd variables file ({e})") from None
+  loaded = restore_variables(path, what, sha256, remedy)
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
   problem = first_mismatch(template, loaded)
   if problem is not None:
-    raise UserError(f"{what} {path!r} does not fit the architecture: {problem}")
+    raise Misfit(f"{what} {path!r} does not fit the architecture: {problem}", loaded)
   return loaded

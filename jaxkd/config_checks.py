@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import ml_collections
 
+from jaxkd import defaults
 from jaxkd import models
 from jaxkd import optim
 from jaxkd import paths
@@ -109,6 +110,54 @@ def field_lines(config: ml_collections.ConfigDict) -> list[str]:
     else:
       lines.append(f"{name} = {value!r}")
   return lines
+
+
+def _method_fields(config: ml_collections.ConfigDict
+                   ) -> Iterator[tuple[str, Method, ml_collections.ConfigDict]]:
+  """(field, method, effective hyper-parameters) of every method the run trains, and of the
+  method that pretrains its teacher; names the registry does not know are left out."""
+  for name in recipe.student_methods(config):
+    try:
+      method = get_method(name)
+    except UserError:
+      continue
+    yield recipe.hparams_field(config, method), method, recipe.method_hparams(config, method)
+  pretrain = config.get("teacher", {}).get("pretrain", "")
+  if pretrain:
+    try:
+      method = get_method(pretrain)
+    except UserError:
+      return
+    yield f"method_overrides.{pretrain}", method, recipe.pretrain_hparams(config, method)
+
+
+def applied_field_lines(config: ml_collections.ConfigDict) -> list[str]:
+  """`field_lines` with the values that apply: the hyper-parameters of each method the run
+  trains as `recipe.method_hparams` resolves them. A field left None shows its method's default,
+  marked `# default`; a default the recipe has no field for is listed too, marked `# default;
+  no field in this recipe` (it cannot be set from the command line); a None field its method
+  does not read is marked so, and a switch left off (`logit_standardize`) `# default (off)`.
+  `dataset.flip` left None shows the dataset's choice (`defaults.default_flip`)."""
+  lines = {tuple(line.partition(" = ")[0].split(".")): line for line in field_lines(config)}
+  for field, method, hparams in _method_fields(config):
+    for key, value in hparams.items():
+      name = f"{field}.{key}"
+      given = lookup(config, name, _MISSING)
+      if given is _MISSING:
+        lines[tuple(name.split("."))] = f"{name} = {value!r}  # default; no field in this recipe"
+      elif given is None:
+        lines[tuple(name.split("."))] = f"{name} = {value!r}  # default"
+    section = lookup(config, field, None)
+    for key, value in (section.items() if isinstance(section, ml_collections.ConfigDict)
+                       else ()):
+      if value is None and key not in hparams:
+        note = ("default (off)" if key in method.switches() else f"not read by {method.name}")
+        lines[(*field.split("."), key)] = f"{field}.{key} = None  # {note}"
+  flip = lookup(config, "dataset.flip", _MISSING)
+  if flip is None:
+    lines[("dataset", "flip")] = (f"dataset.flip = {defaults.default_flip(config.dataset.name)!r}"
+                                  "  # default")
+  return [lines[name] for name in sorted(lines)]
 
 
 def lookup(config: ml_collections.ConfigDict, name: str, default: Any = _MISSING) -> Any:

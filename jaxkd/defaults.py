@@ -3,6 +3,15 @@ every recipe starts its `config.dataset` from here. Kept free of TensorFlow, so 
 recipe stays light."""
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def default_flip(name: str) -> bool:
+  """Whether dataset `name` flips its training images where `dataset.flip` is None: the
+  registry's datasets and `tfds:` sources do, except the digits (a mirrored digit is another
+  digit, or none); `folder:` sources do not (digits, text or medical images change meaning when
+  mirrored). The registry (jaxkd.data.sources) holds the same values."""
+  return not (name == "digits" or name.startswith("folder:"))
 
 
 def dataset_config(name: str = "cifar100") -> ml_collections.ConfigDict:
@@ -26,4 +35,8 @@ def dataset_config(name: str = "cifar100") -> ml_collections.ConfigDict:
       # (<workdir>/dataset_stats.json).
       mean=(),
       std=(),
+      # Random horizontal flips in training: None = the dataset's own choice (the registry's:
+      # yes, but not for digits; tfds: yes; folder: no, as digits, text or medical images
+      # change meaning when mirrored); True / False to decide.
+      flip=placeholder(bool),
   ))

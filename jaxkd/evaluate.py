@@ -10,6 +10,12 @@ counted once, as the trainer's evaluations count them (`jaxkd.evaluation.evaluat
 any jaxkd variables file of a zoo (or registered) network: an imported or trained teacher
 (`<workdir>/teacher/teacher.msgpack`), or a student exported by a method without heads (KD, CE).
 
+A file inside a stage of a workdir (`runs/demo/student_kd/student.msgpack`) needs no more: the
+model and the dataset are read from the stage's saved `config.json` (what the stage was trained
+with), unless `--model` or `--config.dataset.<field>=` say otherwise:
+
+    python -m jaxkd.evaluate --checkpoint runs/demo/student_kd/student.msgpack
+
 The config is built in (no recipe file is needed, so it works from an installed package): the
 dataset fields every recipe has (`jaxkd.defaults.dataset_config`), `eval_batch_size` and
 `half_precision`, each settable with `--config.<field>=` as in `jaxkd.main`. Bad input ends with
@@ -17,9 +23,11 @@ one line `error: …` and exit status 2.
 """
 
 import functools
+import json
+import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -27,9 +35,13 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from jaxkd import cli
 from jaxkd import config_checks
 from jaxkd import defaults
 from jaxkd.errors import UserError
+
+# A stage's saved config, beside the files it exports (jaxkd.stage_config.CONFIG_FILE).
+STAGE_CONFIG = "config.json"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,9 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-_MODEL = flags.DEFINE_string("model", None, "Zoo (or registered) network name, e.g. resnet32x4.")
+_MODEL = flags.DEFINE_string("model", None, "Zoo (or registered) network name, e.g. resnet32x4; "
+                              "default: the model of the workdir stage holding --checkpoint.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "jaxkd variables file (.msgpack) of it.")
-flags.mark_flags_as_required(["model", "checkpoint"])
+flags.mark_flags_as_required(["checkpoint"])
 
 
 def with_progress(fn: Callable, total: int, stream: Any = sys.stderr,
@@ -108,40 +121,70 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
   return dict(scores, count=info.num_eval)
 
 
+def saved_stage_config(path: str) -> Optional[dict[str, Any]]:
+  """The `config.json` of the workdir stage whose directory holds file `path`, or None."""
+  saved = os.path.join(os.path.dirname(os.path.abspath(path)), STAGE_CONFIG)
+  try:
+    with open(saved) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  ok = isinstance(record, dict) and "model" in record.get("effective", {}) and isinstance(
+      record.get("run", {}).get("dataset"), dict)
+  return record if ok else None
+
+
+def model_and_config(model: Optional[str], path: str, config: ml_collections.ConfigDict,
+                     given: Sequence[str]) -> tuple[str, ml_collections.ConfigDict]:
+  """The network name and config to evaluate file `path` with: `model` and `config` as the
+  command line gives them; where `path` lies in a workdir stage, the stage's model (when no
+  `model` is given) and its dataset fields (those not among the `given` overrides)."""
+  saved = saved_stage_config(path)
+  if saved is None:
+    if not model:
+      raise UserError(f"--model is required: {path!r} lies in no workdir stage (no "
+                      f"{STAGE_CONFIG} beside it) to read the network from; e.g. --model=resnet8")
+    return model, config
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in saved["run"]["dataset"].items():
+    if key in config.dataset and f"dataset.{key}" not in given:
+      config.dataset[key] = tuple(value) if isinstance(value, list) else value
+  return model or saved["effective"]["model"], config
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # No positional arguments (parse_flags).
   # Library INFO logs would drown the result; -v 0 brings them back.
-  if not flags.FLAGS["verbosity"].present:
+  verbose = flags.FLAGS["verbosity"].present
+  if not verbose:
     logging.set_verbosity(logging.WARNING)
+  cli.quiet_libraries(verbose)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main evaluates
-  config = flags.FLAGS.config
   try:
-    scores = evaluate_file(_MODEL.value, _CHECKPOINT.value, config, progress=sys.stderr)
+    model, config = model_and_config(_MODEL.value, _CHECKPOINT.value, flags.FLAGS.config,
+                                     config_checks.override_paths(sys.argv))
+    scores = evaluate_file(model, _CHECKPOINT.value, config, progress=sys.stderr)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(cli.report(e))
   dataset = config.dataset
-  print(f"{_MODEL.value} {_CHECKPOINT.value} on {dataset.name} {dataset.eval_split} "
+  print(f"{model} {_CHECKPOINT.value} on {dataset.name} {dataset.eval_split} "
         f"({scores['count']:,} images): top-1 {scores['top1']:.2f}  top-5 {scores['top5']:.2f}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with a mistake in a flag (a wrong type, a field the config does not have, a
-  missing --model) reported in one line and exit status 2, as `jaxkd.main` reports it."""
-  try:
+  missing --checkpoint) reported in one line and exit status 2, as `jaxkd.main` reports it."""
+  def parse(argv: list[str]) -> list[str]:
     config_checks.check_override_paths(default_config(), config_checks.override_paths(argv))
     # Defined here, after that check: the flag reads its overrides as it is defined.
     config_flags.DEFINE_config_dict("config", default_config(), "Dataset and evaluation "
                                     "settings.", lock_config=True, sys_argv=list(argv))
     return flags.FLAGS(argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-  except flags.Error as e:
-    print(f"error: {config_checks.one_line(e)}", file=sys.stderr)
-  sys.exit(2)
+
+  return cli.parse_flags(parse, argv)
 
 
 if __name__ == "__main__":
+  cli.quiet_environment(sys.argv)
   app.run(main, flags_parser=parse_flags)

@@ -12,15 +12,17 @@ prefixes are removed. The converted variables must fit `--arch` exactly; otherwi
 missing, unexpected or misshapen entry is named with its PyTorch key.
 """
 
-import re
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
 
+from jaxkd import cli
 from jaxkd.errors import UserError
+from jaxkd.interop import torch_layout
 
 _ARCH = flags.DEFINE_string("arch", None, "Zoo network name, e.g. resnet32x4, wrn_40_2, vgg13.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 100, "Classes of the network's head.")
@@ -38,83 +40,29 @@ _KEY_ALIASES = {
     "MobileNetV2_stride1": (("classifier.0.", "classifier."),),
 }
 
-_TO_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-                  ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
-                  ("batch_stats", "var"): "running_var"}
-
 
 def input_size(arch: str) -> int:
   """Image side the network is built for: 224 for the ImageNet nets, 32 for the CIFAR zoo."""
   return 224 if arch.endswith("_imagenet") else 32
 
 
-def template(arch: str, num_classes: int) -> Any:
-  """Shapes of a jaxkd teacher's variables, `Network(get_model(arch)).init` evaluated abstractly.
-
-  Nested dicts of `jax.ShapeDtypeStruct` in the order the layers are created (which is the
-  reference state_dict's order), unlike `jax.eval_shape`'s output, whose dicts come back sorted.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxkd.models import get_model  # pylint: disable=g-import-not-at-top
-  from jaxkd.networks import Network  # pylint: disable=g-import-not-at-top
-  network = Network(backbone=get_model(arch, num_classes))
+def template(arch: str, num_classes: int, channels: int = 3) -> Any:
+  """Shapes of a jaxkd teacher's variables, `Network(get_model(arch)).init` evaluated abstractly:
+  nested dicts of `jax.ShapeDtypeStruct` in the order the layers are created (which is the
+  reference state_dict's order); see `networks.variable_shapes`."""
+  from jaxkd import networks  # pylint: disable=g-import-not-at-top
   side = input_size(arch)
-  captured = {}
-
-  def abstract(tree):
-    if isinstance(tree, Mapping):
-      return {k: abstract(v) for k, v in tree.items()}
-    return jax.ShapeDtypeStruct(tree.shape, tree.dtype)
-
-  def init():
-    variables = network.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False)
-    captured["tree"] = abstract(variables)
-    return variables
-
-  jax.eval_shape(init)
-  return captured["tree"]
-
-
-def torch_key(collection: str, path: tuple[str, ...]) -> str:
-  """Inverse of `torch_layout.flax_module_path` for one leaf of the backbone:
-  ('params', ('layer1_0', 'bn1', 'scale')) -> 'layer1.0.bn1.weight'."""
-  *modules, leaf = path
-  torch_modules = [re.sub(r"_(\d+)", r".\1", m) for m in modules]
-  return ".".join(torch_modules + [_TO_TORCH_LEAF.get((collection, leaf), leaf)])
-
-
-def _torch_shape(collection: str, leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if collection == "params" and leaf == "kernel":
-    if len(shape) >= 3:  # (*k, I, O) -> (O, I, *k)
-      return (shape[-1], shape[-2]) + tuple(shape[:-2])
-    if len(shape) == 2:
-      return (shape[1], shape[0])
-  return tuple(shape)
+  return networks.variable_shapes(networks.build_network(arch, num_classes),
+                                  (side, side, channels))
 
 
 def _torch_view(variables: Any) -> dict[str, tuple[int, ...]]:
   """{PyTorch key: PyTorch shape} of the backbone of a variables tree, in the tree's dict order,
   each module's parameters followed by its batch statistics (PyTorch's BatchNorm order)."""
-  out = {}
-
-  def walk(params: Mapping[str, Any], stats: Mapping[str, Any], path: tuple[str, ...]):
-    for name, value in params.items():
-      if isinstance(value, Mapping):
-        walk(value, stats.get(name, {}), path + (name,))
-      else:
-        out[torch_key("params", path + (name,))] = _torch_shape("params", name, value.shape)
-    for name, value in stats.items():
-      if isinstance(value, Mapping):
-        if name not in params:
-          walk({}, value, path + (name,))
-      else:
-        out[torch_key("batch_stats", path + (name,))] = _torch_shape("batch_stats", name,
-                                                                     value.shape)
-
-  walk(variables.get("params", {}).get("backbone", {}),
-       variables.get("batch_stats", {}).get("backbone", {}), ())
-  return out
+  return dict(torch_layout.torch_entries(
+      variables.get("params", {}).get("backbone", {}),
+      variables.get("batch_stats", {}).get("backbone", {}),
+      lambda value, perm: tuple(np.shape(value)[i] for i in perm)))
 
 
 def describe_misfit(expected: Any, got: Any) -> Optional[str]:
@@ -150,7 +98,6 @@ def convert(path: str, arch: str, num_classes: int, key: str = "",
   the tree a jaxkd teacher file holds. Raises `UserError` when the file is unsafe or unreadable,
   has no state dict, or does not fit `arch`.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxkd.interop import torch_checkpoint  # pylint: disable=g-import-not-at-top
   from jaxkd.interop.torch_layout import torch_to_flax  # pylint: disable=g-import-not-at-top
   from jaxkd.models import get_model  # pylint: disable=g-import-not-at-top
@@ -185,9 +132,6 @@ def _leaves(tree: Any) -> list[Any]:
 
 
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError("give exactly one PyTorch checkpoint path, e.g. "
-                         "python -m jaxkd.import_teacher --arch resnet8x4 --out t.msgpack ckpt.pth")
   # JAX's INFO lines (which backends it probed) are noise here; -v 0 brings them back.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
@@ -209,5 +153,14 @@ def main(argv):
         f"--config.teacher.checkpoint={_OUT.value}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing; a mistake (a missing --out, no checkpoint path) is one `error:` line and
+  exit status 2."""
+  return cli.parse_flags(flags.FLAGS, argv, num_args=1, usage=(
+      "give exactly one PyTorch checkpoint path, e.g. python -m jaxkd.import_teacher "
+      "--arch resnet8x4 --out t.msgpack ckpt.pth"))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.quiet_environment(sys.argv)
+  app.run(main, flags_parser=parse_flags)

@@ -122,7 +122,8 @@ def frozen_parameters(stage: Stage, network: Network, variables: Any,
 def initial_state(stage: Stage, inputs: Inputs, network: Network, schedule: optax.Schedule,
                   mesh: jax.sharding.Mesh, info: data.DatasetInfo
                   ) -> tuple[TrainState, optax.GradientTransformation, Optional[TeacherHeadStep]]:
-  """The stage's first train state (replicated), its optimiser and its online teacher head."""
+  """The stage's first train state (replicated), its optimiser (the method's own, else the
+  config's SGD) and its online teacher head."""
   config, teacher = stage.config, inputs.teacher
   teacher_out = None
   if stage.bridge is not None and teacher is not None and not stage.online_teacher_head:
@@ -134,7 +135,9 @@ def initial_state(stage: Stage, inputs: Inputs, network: Network, schedule: opta
     loaded = jax.tree.map(jnp.copy, backbone_only(inputs.init_backbone))
     variables = {col: dict(tree, backbone=loaded[col]["backbone"])
                  for col, tree in variables.items()}
-  tx = make_optimizer(config, schedule, frozen_parameters(stage, network, variables, info))
+  frozen = frozen_parameters(stage, network, variables, info)
+  tx = (stage.optimizer.make(config, stage.hparams, schedule, frozen) if stage.optimizer
+        else make_optimizer(config, schedule, frozen))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
@@ -191,7 +194,10 @@ def compile_steps(stage: Stage, inputs: Inputs, network: Network,
                         hparams=stage.hparams, tx=tx, schedule=schedule,
                         steps_per_epoch=steps_per_epoch, teacher_head=head,
                         teacher_train_mode=stage.teacher_train_mode,
-                        teacher_constants=teacher_constants(stage, inputs)),
+                        teacher_constants=teacher_constants(stage, inputs),
+                        gradient_terms=stage.optimizer.terms if stage.optimizer else (),
+
+                        student_views_apart=stage.student_views_apart),
       donate_argnums=(0,), compiler_options=parallel.step_compiler_options())
   method_eval = None
   if stage.eval_metrics is not None:

@@ -24,12 +24,9 @@ Several processes (hosts of a TPU pod slice, GPU nodes) run the same command wit
 """
 
 import dataclasses
-import importlib.util
-import logging as pylogging
 import os
 import re
 import sys
-import warnings
 from typing import Optional, Sequence
 
 from absl import app
@@ -38,6 +35,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from jaxkd import cli
 from jaxkd import config_checks
 from jaxkd import interrupts
 from jaxkd.errors import UserError
@@ -45,8 +43,6 @@ from jaxkd.errors import UserError
 _CONFIG_HELP = "Recipe file, with an optional argument after a colon: configs/demo.py:runlocal."
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
                tuple: "a tuple, e.g. '(1, 2)'"}
-# absl's help flags: with them the command line is left to absl, which prints the help.
-_HELP = re.compile(r"^--?(help|helpshort|helpfull|helpxml|h|\?)(=|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +106,7 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues) -> Command:
   """The command line `argv` (argv[0] the program) parsed on `flag_values`, which holds none of
   this command's flags yet. Raises a one-line UserError for every mistake in it."""
   argv = _parse_flags(flag_values.read_flags_from_files, list(argv), force_gnu=False)
-  if any(_HELP.match(arg) for arg in argv[1:]):
+  if any(cli.HELP.match(arg) for arg in argv[1:]):
     define_flags(flag_values, argv, None)
     _parse_flags(flag_values, argv)  # absl's --help prints this module's docstring and exits.
   spec, argv = split_config_spec(argv)
@@ -160,7 +156,7 @@ def execute(command: Command) -> int:
   before the workdir is touched; a UserError ends the run with one line `error: …`."""
   try:
     if command.print_config:
-      print("\n".join(config_checks.field_lines(command.config)))
+      print("\n".join(config_checks.applied_field_lines(command.config)))
       return 0
     with interrupts.stop_at_once():
       return _train(command)
@@ -178,7 +174,7 @@ def _train(command: Command) -> int:
   # Library INFO logs (orbax, clu) would drown the progress line; -v 0 brings them back.
   if not command.verbosity_given:
     logging.set_verbosity(logging.WARNING)
-    _quiet_libraries()
+  cli.quiet_libraries(command.verbosity_given)
   import jax  # pylint: disable=g-import-not-at-top
   from jaxkd import distributed  # pylint: disable=g-import-not-at-top
   from jaxkd import train  # pylint: disable=g-import-not-at-top
@@ -200,38 +196,6 @@ def _train(command: Command) -> int:
   return 0
 
 
-class _DropLibraryWarnings(pylogging.Filter):
-  """Drops the log records below ERROR of the libraries in `packages` (their site-packages
-  folder names)."""
-
-  def __init__(self, packages: tuple[str, ...]):
-    super().__init__()
-    self.folders = tuple(f"{os.sep}{package}{os.sep}" for package in packages)
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.ERROR or not any(
-        folder in record.pathname for folder in self.folders)
-
-
-def _quiet_libraries() -> None:
-  """Silences what libraries print on stderr that says nothing about the run, so that a run's
-  stderr holds only its own lines: TensorFlow's C++ notices on import (printed before absl's
-  logging is set up, so no log level hides them: it is imported with stderr on /dev/null; a run
-  imports it anyway to read datasets), tfds' warnings (its advice to install OpenCV, a dataset
-  folder without metadata: a dataset it cannot read is one `error:` line of ours), and numpy's
-  overflow warning when a value float32 cannot hold (e.g. a learning rate of 1e39) becomes
-  inf, which the divergence check then reports in its line. `-v 0` shows them all."""
-  absl_logger = logging.get_absl_logger()
-  if not any(isinstance(f, _DropLibraryWarnings) for f in absl_logger.filters):
-    absl_logger.addFilter(_DropLibraryWarnings(("tensorflow_datasets",)))
-  warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
-  if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
-    return
-  from jaxkd import paths  # pylint: disable=g-import-not-at-top
-  with paths.stderr_silenced():
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-
-
 def report(error: UserError) -> int:
   """Prints `error: …` on stderr; returns the error's exit status."""
   print(f"error: {error}", file=sys.stderr)
@@ -250,7 +214,9 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _main() -> None:
-  """The real entry point: absl's app.run (help, logging) with this module's parser."""
+  """The real entry point: absl's app.run (help, logging) with this module's parser; the
+libraries' start-up lines are silenced first (jaxkd.cli)."""
+  cli.quiet_environment(sys.argv)
   parsed = []
 
   def parser(argv: list[str]) -> list[str]:
@@ -258,6 +224,8 @@ def _main() -> None:
       parsed.append(parse(argv, flags.FLAGS))
     except UserError as e:
       sys.exit(report(e))
+    except SystemExit as e:  # absl's --help exits with status 1: 0 here.
+      sys.exit(cli.help_exit_status(e, argv))
     return argv[:1]
 
   app.run(lambda argv: execute(parsed[0]), flags_parser=parser)

@@ -7,7 +7,7 @@ on a machine without TensorFlow.
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,9 @@ import ml_collections
 from jaxkd import checkpoint
 from jaxkd import models
 from jaxkd import parallel
+from jaxkd.errors import UserError
 from jaxkd.methods.base import HeadsFactory
+from jaxkd.tree_check import first_mismatch
 
 
 class Network(nn.Module):
@@ -134,11 +136,59 @@ def feature_parameters(backbone: nn.Module, variables: Any, image_shape: tuple[i
   return jax.tree.map(lambda g: bool(jnp.any(g != 0)), grads)
 
 
+def variable_shapes(network: Network, image_shape: tuple[int, ...]) -> Any:
+  """The tree of `network`'s variables as `jax.ShapeDtypeStruct`s, nothing initialised: nested
+  dicts in the order the layers are created (a reference PyTorch state_dict's order), unlike
+  `jax.eval_shape`'s output, whose dicts come back sorted."""
+  captured = {}
+
+  def abstract(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+      return {k: abstract(v) for k, v in tree.items()}
+    return jax.ShapeDtypeStruct(tree.shape, tree.dtype)
+
+  def init() -> Any:
+    variables = network.init(jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)),
+                             train=False)
+    captured["tree"] = abstract(variables)
+    return variables
+
+  jax.eval_shape(init)
+  return captured["tree"]
+
+
 def read_variables(network: Network, path: str, image_shape: tuple[int, ...],
                    what: str = "teacher checkpoint", sha256: Optional[str] = None,
                    remedy: str = "") -> Any:
   """The variables of `network` from a jaxkd variables file, checked to fit its tree (nothing is
-  initialised: the tree comes from `jax.eval_shape`); see checkpoint.import_variables."""
-  template = jax.eval_shape(lambda: network.init(
-      jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)), train=False))
-  return checkpoint.import_variables(path, template, what, sha256, remedy)
+  initialised: the tree comes from `jax.eval_shape`); see checkpoint.import_variables. A file
+  that does not fit raises `checkpoint.Misfit` (see `misfit_error`)."""
+  return checkpoint.import_variables(path, variable_shapes(network, image_shape), what, sha256,
+                                     remedy)
+
+
+def fitting_models(variables: Any, num_classes: int, image_shape: tuple[int, ...]) -> list[str]:
+  """The zoo networks (`models.MODEL_NAMES`) whose variables for `num_classes` classes and
+  images of `image_shape` have exactly the paths and shapes of `variables` (a few seconds:
+  each network's tree is evaluated abstractly)."""
+  fits = []
+  for name in models.MODEL_NAMES:
+    try:
+      shapes = variable_shapes(build_network(name, num_classes), image_shape)
+    except Exception:  # pylint: disable=broad-except  # A network these images do not suit.
+      continue
+    if first_mismatch(shapes, variables) is None:
+      fits.append(name)
+  return fits
+
+
+def misfit_error(error: checkpoint.Misfit, num_classes: int, image_shape: tuple[int, ...],
+                 flag: str) -> UserError:
+  """`error` (a file that does not fit its network) extended with the zoo networks the file
+  does fit and the `flag` that chooses one, or with the fact that none does."""
+  fits = fitting_models(error.variables, num_classes, image_shape)
+  if fits:
+    return UserError(f"{error}; it fits {', '.join(fits)} (set {flag}={fits[0]})")
+  shape = "x".join(str(d) for d in image_shape)
+  return UserError(f"{error}; it fits none of the zoo's networks for {num_classes} classes and "
+                   f"{shape} images")

@@ -39,6 +39,7 @@ from jaxkd import config_checks
 from jaxkd import data
 from jaxkd import method_inputs
 from jaxkd import models
+from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import paths
 from jaxkd import recipe
@@ -160,6 +161,7 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       preact=method.preact,
       teacher_preact=method.preact if method.teacher_preact is None else method.teacher_preact,
       teacher_train_mode=method.teacher_train_mode, teacher_constants=method.teacher_constants,
+      optimizer=method.optimizer, student_views_apart=method.student_views_apart,
       export_file=STUDENT_FILE)
   prep = method.student_preparation
   if prep is None:
@@ -169,6 +171,7 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       num_epochs=int(hparams[prep.num_epochs]),
       base_lr=recipe.preparation_lr(config, hparams[prep.lr]), milestones=(),
       features_only=True, scores_top1=False, eval_metrics=None, num_negatives=0,
+      optimizer=None,
       epochs_field=f"{recipe.hparams_field(config, method)}.{prep.num_epochs}")
   return [init, dataclasses.replace(student, init_from=init.name, freeze_backbone=False)]
 
@@ -228,11 +231,11 @@ def check_taps(config: ml_collections.ConfigDict, method: Method, info: data.Dat
   """Refuses a network that does not give the taps `method` reads (Method.taps), naming what
   is missing, and a pair whose numbers of paired taps differ."""
   hparams = recipe.method_hparams(config, method)
-  networks = [("student", config.student.name)]
+  roles = [("student", config.student.name)]
   if not clip_teacher:
-    networks.append(("teacher", config.teacher.name))
+    roles.append(("teacher", config.teacher.name))
   counts = []
-  for role, model in networks:
+  for role, model in roles:
     taps = objective.tap_shapes(model, info.num_classes, tuple(info.image_shape))
     shapes = [shape for _, shape in taps]
     missing = method.taps.missing(shapes, hparams)
@@ -257,18 +260,17 @@ def check_distils(config: ml_collections.ConfigDict, method: Method,
     return
   field = recipe.hparams_field(config, method)
   where = "method.name" if field == "method" else "baselines"
-  pretrainers = [n for n in METHOD_NAMES if not get_method(n).uses_teacher and n != "ce"]
   raise UserError(
       f"{where} names {method.name!r}, which is not a distillation method: it reads no teacher "
       "and its loss no labels (a self-supervised objective, it trains no classifier); "
-      f"distil with e.g. kd (ce: the student alone), and pretrain a teacher with "
-      f"--config.teacher.pretrain={method.name} ({', '.join(pretrainers)})")
+      "distil with e.g. kd (ce: the student alone), and pretrain a teacher with it: "
+      f"--config.teacher.pretrain={method.name}")
 
 
 def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                    mesh: jax.sharding.Mesh, clip_teacher: bool) -> None:
   """Each student method: one that distils or trains a classifier, against the pair, the
-  devices and the taps the networks give."""
+  devices, the taps the networks give and the config its own optimiser reads."""
   for name in recipe.student_methods(config):
     method = get_method(name)
     check_distils(config, method, info)
@@ -278,6 +280,8 @@ def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       method.check_mesh(mesh)
     if method.taps is not None:
       check_taps(config, method, info, clip_teacher)
+    if method.optimizer is not None and method.optimizer.check is not None:
+      method.optimizer.check(config, recipe.method_hparams(config, method))
 
 
 def _check_teacher(config: ml_collections.ConfigDict, clip_teacher: bool) -> None:
@@ -311,6 +315,7 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """The checks that read the dataset and the networks, after every field was checked alone;
   returns the dataset info of the run ('') and of the linear probe ('linear_probe')."""
   info = data.get_dataset_info(config.dataset, cache_dir=cache_dir)
+  data.check_readable(config.dataset)
   clip_teacher = config.teacher.name in clip.CLIP_MODELS
   for name in (config.student.name,) if clip_teacher else (config.teacher.name,
                                                            config.student.name):
@@ -321,6 +326,7 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if recipe.linear_probe_enabled(config):
     probe_info = data.get_dataset_info(recipe.linear_probe_config(config).dataset,
                                        cache_dir=cache_dir)
+    data.check_readable(recipe.linear_probe_config(config).dataset)
     if probe_info.image_shape[-1] != info.image_shape[-1]:
       raise UserError(
           f"linear_probe.dataset={probe_info.name!r} has {probe_info.image_shape[-1]} image "
@@ -330,6 +336,21 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   parallel.check_batch_divides(config.batch_size, mesh)
   parallel.check_batch_divides(config.eval_batch_size, mesh)
   return infos
+
+
+def check_teacher_file(stage: ImportStage, info: data.DatasetInfo) -> None:
+  """An imported teacher's file (`teacher.checkpoint`) exists and fits its network for the
+  dataset, read as the executor will read it (no device: the network's tree is evaluated
+  abstractly); a file that does not fit names the zoo networks it does fit."""
+  source = stage.source
+  if source.clip:
+    return  # Checked by _check_teacher; read when the stage runs.
+  network = networks.build_network(source.model_name, info.num_classes)
+  try:
+    networks.read_variables(network, source.path, info.image_shape)
+  except checkpoint.Misfit as e:
+    raise networks.misfit_error(e, info.num_classes, tuple(info.image_shape),
+                                "--config.teacher.name") from None
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -359,6 +380,9 @@ def make_plan(config: ml_collections.ConfigDict, workdir: Optional[str],
   warnings = config_checks.check_config(config, method_lookup=get_method)
   infos = check_run(config, mesh, cache_dir=workdir if cache else None)
   stages = tuple(stage_list(config, infos[""].num_classes))
+  for stage in stages:
+    if isinstance(stage, ImportStage):
+      check_teacher_file(stage, infos[""])
   stage_infos = {"": infos[""]}
   stage_infos.update({s.name: infos.get(s.name, infos[""]) for s in stages})
   for stage in stages:

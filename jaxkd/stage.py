@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxkd.methods.base import (BridgeFactory, EvalMetricsFn, HeadsFactory, LossFn,
-                                OnlineTeacherHead, TeacherConstantsFn)
+                                OnlineTeacherHead, TeacherConstantsFn, TermOptimizer)
 from jaxkd.networks import Network, build_network
 
 TEACHER_FILE = "teacher.msgpack"
@@ -94,6 +94,10 @@ class Stage:
   `teacher_train_mode`, `teacher_constants`: the teacher's BatchNorms run on the batch's
   statistics; constants computed once from the teacher's variables reach the loss
   (Method.teacher_train_mode, Method.teacher_constants).
+  `optimizer`: the method's own optimiser over the gradients of named loss terms
+  (Method.optimizer); None: the config's SGD (jaxkd.optim.make_optimizer).
+  `student_views_apart`: the student's training forward runs once per view
+  (Method.student_views_apart).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   `epochs_field`: the config field `num_epochs` comes from (named by the plan's refusals).
@@ -126,6 +130,8 @@ class Stage:
   teacher_preact: bool = False
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
+  optimizer: Optional[TermOptimizer] = None
+  student_views_apart: bool = False
   epochs_field: str = "num_epochs"
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,

@@ -50,7 +50,8 @@ def effective_config(stage: Any, config: ml_collections.ConfigDict) -> dict[str,
             "eval_every_epochs": config.eval_every_epochs}
   for group in ("optimizer", "schedule", "dataset"):
     for key, value in _flat(f"{group}.", config[group]).items():
-      if key.split(".")[-1] not in _NOT_EFFECTIVE:
+      # None: the default, which is what a file written before the field existed holds.
+      if key.split(".")[-1] not in _NOT_EFFECTIVE and value is not None:
         fields[key] = value
   fields.update(_flat("method.", stage.hparams.to_dict()))
   return _plain(fields)

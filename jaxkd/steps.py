@@ -7,9 +7,10 @@ global batch.
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -23,6 +24,35 @@ from jaxkd.state import TrainState
 def flatten_views(images: jax.Array) -> jax.Array:
   """[B, V, H, W, C] -> [B·V, H, W, C] with row V·i + k = image i, view k; [B, H, W, C] as is."""
   return images.reshape((-1,) + images.shape[-3:]) if images.ndim == 5 else images
+
+
+def interleave_views(*views: jax.Array) -> jax.Array:
+  """V arrays [B, ...] (view k of each image) -> [B·V, ...] with row V·i + k = views[k][i]."""
+  return jnp.stack(views, axis=1).reshape((-1,) + views[0].shape[1:])
+
+
+def student_forward(network: Network, params: Any, batch_stats: Any, batch: dict[str, jax.Array],
+                    teacher_out: Optional[Any], views_apart: bool = False
+                    ) -> tuple[dict[str, Any], Any]:
+  """The student's training forward over the step's rows: (outputs, updated batch_stats).
+
+  One forward over the B·V rows; with `views_apart` (Method.student_views_apart) and a view
+  axis, one forward per view k = 0, 1, ... of its B images (BatchNorm statistics per view, the
+  running statistics updated view after view), the outputs interleaved back into rows V·i + k.
+  """
+  images = batch["image"]
+  if not views_apart or images.ndim != 5:
+    out, updates = network.apply({"params": params, "batch_stats": batch_stats},
+                                 flatten_views(images), train=True, teacher_out=teacher_out,
+                                 batch=batch, mutable=["batch_stats"])
+    return out, updates["batch_stats"]
+  outs = []
+  for k in range(images.shape[1]):
+    out, updates = network.apply({"params": params, "batch_stats": batch_stats}, images[:, k],
+                                 train=True, batch=batch, mutable=["batch_stats"])
+    batch_stats = updates["batch_stats"]
+    outs.append(out)
+  return jax.tree.map(interleave_views, *outs), batch_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +87,71 @@ def teacher_head_step(head: TeacherHeadStep, head_state: dict[str, Any], teacher
   return jax.lax.stop_gradient(out), next_state, metrics
 
 
+def _depends_on_input(jaxpr: Any) -> list[bool]:
+  """For each output of `jaxpr`, whether it is computed from one of its inputs (an equation
+  with such an operand makes all its outputs depend on it: conservative inside nested calls)."""
+  live = set(jaxpr.invars)
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jax_core.Literal) and v in live for v in eqn.invars):
+      live.update(eqn.outvars)
+  return [not isinstance(v, jax_core.Literal) and v in live for v in jaxpr.outvars]
+
+
+def term_gradients(fn: Callable[[Any], tuple[jax.Array, tuple[dict[str, jax.Array], Any]]],
+                   params: Any, terms: Sequence[str]
+                   ) -> tuple[dict[str, Any], dict[str, Any], tuple[dict[str, jax.Array], Any]]:
+  """The gradients of named loss terms, from one forward and one backward pass per term.
+
+  `fn(params) -> (loss, (metrics, aux))`; each of `terms` is a scalar of `metrics`. Returns
+  ({term: ∇_params metrics[term]}, {term: pytree of bool}, (metrics, aux)). The booleans say
+  which parameters a term's gradient reaches at all (PyTorch's `p.grad is not None` after that
+  term's backward): read from the backward pass's computation, a leaf whose gradient does not
+  depend on the term's cotangent is an instantiated zero, never reached. Static for a given
+  `fn`: decided when the step is traced.
+  """
+  def values(p):
+    _, (metrics, aux) = fn(p)
+    missing = [term for term in terms if term not in metrics]
+    if missing:
+      raise ValueError(f"the loss returns no term {missing} (its metrics: {sorted(metrics)})")
+    return tuple(metrics[term] for term in terms), (metrics, aux)
+
+  outs, vjp_fn, aux = jax.vjp(values, params, has_aux=True)
+  grads, reached = {}, {}
+  for i, term in enumerate(terms):
+    def pull(seed, i=i):
+      return vjp_fn(tuple(seed if j == i else jnp.zeros_like(o) for j, o in enumerate(outs)))[0]
+    grads[term] = pull(jnp.ones_like(outs[i]))
+    closed = jax.make_jaxpr(pull, return_shape=True)(jnp.ones_like(outs[i]))
+    reached[term] = jax.tree.unflatten(jax.tree.structure(closed[1]),
+                                       _depends_on_input(closed[0].jaxpr))
+  return grads, reached, aux
+
+
+def _gradients_and_updates(loss_fn: Callable, state: TrainState,
+                           tx: optax.GradientTransformation, gradient_terms: Sequence[str]
+                           ) -> tuple[Any, Any, Any, tuple[dict[str, jax.Array], Any]]:
+  """(gradient of the loss, the optimiser's updates, its next state, the loss's aux). With
+  `gradient_terms` the optimiser takes each term's gradient (see term_gradients) as
+  `tx.update({term: grads}, opt_state, params, reached={term: pytree of bool})`, and the
+  gradient returned is their sum."""
+  if not gradient_terms:
+    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return grads, updates, opt_state, aux
+  term_grads, reached, aux = term_gradients(loss_fn, state.params, gradient_terms)
+  updates, opt_state = tx.update(term_grads, state.opt_state, state.params, reached=reached)
+  grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *term_grads.values())
+  return grads, updates, opt_state, aux
+
+
 def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array], *,
                network: Network, teacher_network: Optional[Network], loss: LossFn,
                hparams: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                schedule: optax.Schedule, steps_per_epoch: int,
                teacher_head: Optional[TeacherHeadStep] = None,
-               teacher_train_mode: bool = False, teacher_constants: Optional[Any] = None
+               teacher_train_mode: bool = False, teacher_constants: Optional[Any] = None,
+               gradient_terms: Sequence[str] = (), student_views_apart: bool = False
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of the student on a global batch; the teacher runs in inference mode.
 
@@ -77,9 +166,12 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
   teacher's BatchNorms on the batch's statistics, discarding their running-statistics update
   (Method.teacher_train_mode); `teacher_constants`, a pytree of arrays computed once from the
   teacher's variables (Method.teacher_constants), reaches the bridge and the loss as
-  `teacher_out['constants']`.
+  `teacher_out['constants']`. `student_views_apart` runs the student once per view
+  (Method.student_views_apart, see student_forward); the teacher always sees all rows at once.
+
+  With `gradient_terms` (Method.optimizer) the optimiser steps the gradient of each named term
+  of the loss apart (see _gradients_and_updates); `train/grad_norm` is the norm of their sum.
   """
-  images = flatten_views(batch["image"])
   teacher_out = None
   head_state, head_metrics = state.teacher_head, {}
   if teacher_network is not None:
@@ -97,15 +189,14 @@ def train_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.A
       teacher_out = dict(teacher_out, constants=jax.tree.map(jnp.asarray, teacher_constants))
 
   def loss_fn(params):
-    out, updates = network.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                 train=True, teacher_out=teacher_out, batch=batch,
-                                 mutable=["batch_stats"])
+    out, batch_stats = student_forward(network, params, state.batch_stats, batch, teacher_out,
+                                       student_views_apart)
     out = dict(out, epoch=state.step // steps_per_epoch + 1)
     value, metrics = loss(out, teacher_out, batch["label"], hparams)
-    return value, (metrics, updates["batch_stats"])
+    return value, (metrics, batch_stats)
 
-  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grads, updates, opt_state, (metrics, batch_stats) = _gradients_and_updates(
+      loss_fn, state, tx, gradient_terms)
   params = optax.apply_updates(state.params, updates)
   # The gradient norm is also what the loop checks for divergence (with the loss terms).
   metrics = dict(metrics, **head_metrics, lr=schedule(state.step),

@@ -10,13 +10,16 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
+from jaxkd import checkpoint
 from jaxkd import executor
 from jaxkd import interrupts
 from jaxkd import parallel
 from jaxkd import paths
 from jaxkd import plan as plan_lib
 from jaxkd import workdir_lock
+from jaxkd.errors import UserError
 from jaxkd.progress import percent
 from jaxkd.results import RESULT_FILE
 
@@ -26,14 +29,43 @@ def check_workdir(workdir: str) -> None:
   paths.check_writable(workdir, "workdir", "pass a --workdir you can write to")
 
 
+def holds_work(workdir: str) -> bool:
+  """Whether `workdir` holds something a rerun reuses: a finished stage or a checkpoint."""
+  return any(stage_dir.is_dir() and ((stage_dir / RESULT_FILE).exists()
+                                     or checkpoint.saved_steps(str(stage_dir / "checkpoints")))
+             for stage_dir in epath.Path(workdir).iterdir())
+
+
+def remove_if_idle(workdir: str) -> None:
+  """Removes the directory `workdir` unless it holds work (`holds_work`); best effort: a
+  refusal is reported whether or not this succeeds."""
+  root = epath.Path(workdir)
+  try:
+    if root.is_dir() and not holds_work(workdir):
+      root.rmtree()
+  except paths.io_errors():
+    pass
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-  """Runs every stage of `config` in `workdir` and returns their result records."""
+  """Runs every stage of `config` in `workdir` and returns their result records.
+
+  A refused run (a UserError, exit status 2) removes the workdir where this run created it and
+  it holds no finished stage and no checkpoint (its lock, a stage's config.json, logs of a stage
+  refused before its first checkpoint); a workdir that existed is never touched.
+  """
   mesh = parallel.create_mesh()
-  plan = plan_lib.make_plan(config, workdir, mesh)
-  check_workdir(workdir)
-  # Signals become a checkpoint and a clean exit while the stages run (jaxkd.interrupts).
-  with workdir_lock.hold(workdir), interrupts.catch_signals():
-    results = executor.execute(plan, mesh)
+  created = not epath.Path(workdir).exists()
+  try:
+    plan = plan_lib.make_plan(config, workdir, mesh)
+    check_workdir(workdir)
+    # Signals become a checkpoint and a clean exit while the stages run (jaxkd.interrupts).
+    with workdir_lock.hold(workdir), interrupts.catch_signals():
+      results = executor.execute(plan, mesh)
+  except UserError as e:
+    if created and e.exit_status == UserError.exit_status and jax.process_index() == 0:
+      remove_if_idle(workdir)
+    raise
   if jax.process_index() == 0:
     print(results_table(results, workdir))
   return results

@@ -11,6 +11,11 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
 
 
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/backbone/fc/kernel': shape, ...}: every leaf's path and shape."""
+  return {path: tuple(np.shape(leaf)) for path, leaf in _flat(tree).items()}
+
+
 def _key_name(key: Any) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):

@@ -1,5 +1,5 @@
 """Helpers the test modules share: loading a file as `--config` does, dotted config overrides,
-mock CIFAR-100 and random zoo variables."""
+dataset configs, mock CIFAR-100 and random zoo variables."""
 
 import dataclasses
 import functools
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxkd import defaults
 from jaxkd import networks
 from jaxkd.data import records
 
@@ -35,6 +36,15 @@ def set_fields(config: ml_collections.ConfigDict,
     for part in path:
       target = target[part]
     target[last] = value
+  return config
+
+
+def dataset_config(name: str = "digits", data_dir: Union[str, pathlib.Path] = "",
+                   **fields: Any) -> ml_collections.ConfigDict:
+  """`config.dataset` of a recipe (`jaxkd.defaults.dataset_config`) for dataset `name` in
+  `data_dir`, with `fields` set."""
+  config = defaults.dataset_config(name)
+  config.update(data_dir=str(data_dir), **fields)
   return config
 
 

@@ -13,6 +13,7 @@ from configs import default
 from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import steps
+from jaxkd.data import views as views_lib
 from jaxkd.methods import get_method
 from jaxkd.optim import learning_rate_schedule, make_optimizer
 from jaxkd.state import TrainState
@@ -21,10 +22,13 @@ IMAGE_SHAPE = (8, 8, 3)
 NUM_CLASSES = 10
 
 
-def random_batches(num_steps: int, batch_size: int = 8, seed: int = 0) -> list[dict[str, Any]]:
-  """`num_steps` batches of random 8×8 images and labels of 10 classes."""
+def random_batches(num_steps: int, batch_size: int = 8, seed: int = 0, num_views: int = 1
+                   ) -> list[dict[str, Any]]:
+  """`num_steps` batches of random 8×8 images and labels of 10 classes; with `num_views` > 1
+  each image has that many views ([B, V, H, W, C])."""
   rng = np.random.default_rng(seed)
-  return [{"image": rng.normal(size=(batch_size,) + IMAGE_SHAPE).astype(np.float32),
+  views = (num_views,) if num_views > 1 else ()
+  return [{"image": rng.normal(size=(batch_size,) + views + IMAGE_SHAPE).astype(np.float32),
            "label": rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)}
           for _ in range(num_steps)]
 
@@ -51,7 +55,8 @@ def train_steps(mesh: jax.sharding.Mesh, name: str, batches: Sequence[dict[str, 
       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
   step = jax.jit(functools.partial(
       steps.train_step, network=network, teacher_network=teacher_net, loss=method.loss,
-      hparams=hparams, tx=tx, schedule=schedule, steps_per_epoch=len(batches)))
+      hparams=hparams, tx=tx, schedule=schedule, steps_per_epoch=len(batches),
+      student_views_apart=method.student_views_apart))
   metrics = []
   for batch in batches:
     state, m = step(state, teacher_vars, parallel.to_global(batch, mesh))
@@ -61,8 +66,9 @@ def train_steps(mesh: jax.sharding.Mesh, name: str, batches: Sequence[dict[str, 
 
 def one_and_four_devices(name: str, num_steps: int = 2, **kwargs: Any
                          ) -> tuple[tuple[TrainState, list], tuple[TrainState, list]]:
-  """`train_steps` of the same batches on a mesh of 1 and of 4 CPU devices."""
-  batches = random_batches(num_steps)
+  """`train_steps` of the same batches (as many views per image as the method's) on a mesh of 1
+  and of 4 CPU devices."""
+  batches = random_batches(num_steps, num_views=views_lib.num_views(get_method(name).views))
   one = train_steps(parallel.create_mesh(jax.devices()[:1]), name, batches, **kwargs)
   four = train_steps(parallel.create_mesh(jax.devices()[:4]), name, batches, **kwargs)
   return one, four

@@ -174,7 +174,7 @@ def test_pairs_with_unequal_widths_are_refused_before_any_work(tmp_path, name):
   config.method = ml_collections.ConfigDict(dict(name=name))
   with pytest.raises(UserError, match="wrn_40_2.*wrn_40_1"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert os.listdir(tmp_path / "run") == []
+  assert not (tmp_path / "run").exists()  # Refused by the plan, before the workdir is made.
 
 
 def test_kdsvd_runs_on_one_cpu_device_and_is_refused_on_four(tmp_path):
@@ -183,7 +183,7 @@ def test_kdsvd_runs_on_one_cpu_device_and_is_refused_on_four(tmp_path):
   config.baselines = ""
   with pytest.raises(UserError, match="kdsvd cannot run on 4 CPU devices"):
     train.train_and_evaluate(config, str(tmp_path / "four"))
-  assert os.listdir(tmp_path / "four") == []
+  assert not (tmp_path / "four").exists()  # Refused by the plan, before the workdir is made.
   create_mesh = parallel.create_mesh
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(sources, "data_source", helpers.mock_cifar100)

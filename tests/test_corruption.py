@@ -21,6 +21,7 @@ from jaxkd import checkpoint
 from jaxkd import results
 from jaxkd import train
 from jaxkd.errors import UserError
+from jaxkd.results import RESULT_FILE
 
 # One epoch of 64 examples, batch 8, per stage; checkpoints every 4 steps, the last 2 kept.
 TOTAL_STEPS, OLDER_STEP = 8, 4
@@ -69,7 +70,7 @@ def _assert_same_params(workdir, reference):
 
 def _interrupt(workdir, stage="student_kd"):
   """The stage as a run killed after its next-to-last checkpoint leaves it."""
-  os.remove(os.path.join(workdir, stage, results.RESULT_FILE))
+  os.remove(os.path.join(workdir, stage, RESULT_FILE))
   shutil.rmtree(os.path.join(workdir, stage, "checkpoints", str(TOTAL_STEPS)))
 
 
@@ -100,7 +101,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_older_one_reaches_the_sam
     trained, tmp_path, capfd):
   config, reference, _ = trained
   workdir = _copy(reference, tmp_path)
-  os.remove(os.path.join(workdir, "student_kd", results.RESULT_FILE))
+  os.remove(os.path.join(workdir, "student_kd", RESULT_FILE))
   directory = os.path.join(workdir, "student_kd", "checkpoints")
   # Bytes in the middle of the largest array file: orbax alone restores them without a word.
   state_files = [os.path.join(root, name)
@@ -261,7 +262,7 @@ def test_damaged_teacher_file_is_refused_naming_the_stage_and_nothing_is_written
 
 def test_result_paths_are_relative_to_the_workdir(trained):
   _, workdir, records = trained
-  with open(os.path.join(workdir, "student_kd", results.RESULT_FILE)) as f:
+  with open(os.path.join(workdir, "student_kd", RESULT_FILE)) as f:
     recorded = json.load(f)
   assert {k: recorded[k] for k in results.PATH_FIELDS} == {
       "checkpoints": "student_kd/checkpoints", "logdir": "student_kd",
@@ -299,7 +300,7 @@ def _as_older_version_wrote_it(workdir, original):
   """Rewrites each result.json with absolute paths into `original`, as records were written
   before paths were relative to the workdir."""
   for stage in ("teacher", "student_kd"):
-    path = os.path.join(workdir, stage, results.RESULT_FILE)
+    path = os.path.join(workdir, stage, RESULT_FILE)
     with open(path) as f:
       result = json.load(f)
     for key in results.PATH_FIELDS:

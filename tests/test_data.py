@@ -5,10 +5,11 @@ import importlib
 import itertools
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+
+import helpers
 
 from jaxkd import errors
 from jaxkd.data import digits
@@ -18,19 +19,7 @@ from jaxkd.data import views
 
 
 def _config(name='digits', data_dir='', **overrides):
-  config = ml_collections.ConfigDict(dict(
-      name=name, data_dir=str(data_dir), train_split='train', eval_split='test',
-      num_train_examples=-1, num_eval_examples=-1))
-  config.update(overrides)
-  return config
-
-
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  """A data_dir with the digits built once for the whole module."""
-  data_dir = tmp_path_factory.mktemp('tfds')
-  sources.get_builder(_config(data_dir=data_dir))
-  return data_dir
+  return helpers.dataset_config(name, data_dir, **overrides)
 
 
 def _read_all(builder, split):

@@ -41,9 +41,10 @@ def expected_digests() -> dict[str, str]:
 
 def worker(data_dir: str, ready: str, go: str) -> None:
   """One builder: waits for `go`, then reads both splits (building them if nobody has yet)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jaxkd import defaults  # pylint: disable=g-import-not-at-top
   from jaxkd.data import sources  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(dict(name="digits", data_dir=data_dir))
+  config = defaults.dataset_config("digits")
+  config.data_dir = data_dir
   build = tfds.core.DatasetBuilder.download_and_prepare
 
   def say_and_build(self, *args, **kwargs):
@@ -112,9 +113,11 @@ def test_a_build_finished_elsewhere_meanwhile_is_read_with_its_split_sizes(tmp_p
     return builder
 
   monkeypatch.setattr(tfds, "builder", make_then_another_process_finishes)
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jaxkd import defaults  # pylint: disable=g-import-not-at-top
   from jaxkd.data import sources  # pylint: disable=g-import-not-at-top
-  builder = sources.get_builder(ml_collections.ConfigDict(dict(name="digits", data_dir=data_dir)))
+  config = defaults.dataset_config("digits")
+  config.data_dir = data_dir
+  builder = sources.get_builder(config)
   assert builder.info.splits["train"].num_examples == digits.NUM_TRAIN
   assert builder.info.splits["test"].num_examples == digits.NUM_TEST
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
+
 from jaxkd import models
 from jaxkd import parallel
 from jaxkd.data import sources
@@ -327,9 +329,7 @@ def test_clip_teacher_view_shapes_ranges_and_normalisation(image):
 
 
 def _config(name, data_dir):
-  return ml_collections.ConfigDict(dict(
-      name=name, data_dir=str(data_dir), train_split="train", eval_split="test",
-      num_train_examples=-1, num_eval_examples=-1))
+  return helpers.dataset_config(name, data_dir)
 
 
 def test_stl10_offline_is_a_clear_error(tmp_path):

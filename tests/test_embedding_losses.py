@@ -11,6 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import helpers
+
 from jaxkd import data
 from jaxkd.data import negatives
 from jaxkd.errors import UserError
@@ -170,10 +172,9 @@ def test_other_class_sampler_draws_distinct_other_class_examples():
     negatives.OtherClassSampler(np.zeros(5, np.int64), 2)
 
 
-def test_training_batches_carry_index_and_other_class_negatives(tmp_path):
-  config = ml_collections.ConfigDict(dict(name="digits", data_dir=str(tmp_path / "tfds"),
-                                          num_train_examples=40, num_eval_examples=8,
-                                          train_fraction=0.5))
+def test_training_batches_carry_index_and_other_class_negatives(digits_dir):
+  config = helpers.dataset_config("digits", digits_dir, num_train_examples=40,
+                                  num_eval_examples=8, train_fraction=0.5)
   info = data.get_dataset_info(config)
   split_index, set_labels = data.pipeline.training_set(config, info, seed=3)
   assert len(set_labels) == info.num_train == 20

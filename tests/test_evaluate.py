@@ -1,10 +1,13 @@
 """`python -m jaxkd.evaluate`: a network file's top-1 / top-5 on a dataset's eval split, as the
-trainer's own evaluation gives them, and one-line errors for bad input."""
+trainer's own evaluation gives them, the model and dataset of a workdir stage read from its
+saved config, and one-line errors for bad input."""
 
 import functools
 import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -30,10 +33,10 @@ def _config(data_dir, **fields):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, digits_dir):
   """A resnet8 for the digits with freshly initialised variables, as a jaxkd variables file,
   and what `jaxkd.evaluation.evaluate` gives for it in this process."""
-  data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  data_dir = str(digits_dir)
   path = str(tmp_path_factory.mktemp("evaluate") / "resnet8.msgpack")
   mesh = parallel.create_mesh()
   network = networks.build_network("resnet8", 10)
@@ -79,13 +82,15 @@ def test_bad_checkpoint_is_one_line_and_exit_status_2(exported, tmp_path):
      "--config.dataset.name?"),
     (["--model=resnet8", "--checkpoint=x", "--config.eval_batch_size=abc"],
      "error: flag --config.eval_batch_size=abc: invalid literal for int() with base 10: 'abc'"),
-    (["--checkpoint=x"], "error: flag --model=None: Flag --model must have a value other than "
-                         "None."),
+    (["--checkpoint=x"], "error: --model is required: 'x' lies in no workdir stage (no "
+                         "config.json beside it) to read the network from; e.g. --model=resnet8"),
+    (["--model=resnet8"], "error: flag --checkpoint=None: Flag --checkpoint must have a value "
+                          "other than None."),
+    (["--model=resnet8", "--checkpoint=x", "extra"], "error: unexpected arguments: extra"),
 ])
 def test_flag_mistakes_are_one_line_and_exit_status_2(args, line):
   done = _run(*args)
-  assert done.returncode == 2 and "Traceback" not in done.stderr
-  assert done.stderr.strip().splitlines()[-1] == line
+  assert (done.returncode, done.stdout, done.stderr.strip()) == (2, "", line)
 
 
 @pytest.mark.parametrize("model,fields,message", [
@@ -127,3 +132,42 @@ def test_progress_lines_come_only_after_their_interval():
   quiet = io.StringIO()
   evaluate.with_progress(lambda x: x, total=3, stream=quiet, interval_s=60.0)(0)
   assert quiet.getvalue() == ""
+
+
+@pytest.fixture(scope="module")
+def stage_file(exported, tmp_path_factory):
+  """The exported file inside a workdir stage, beside the config.json a digits run saves there
+  (its model, and the run's dataset fields)."""
+  data_dir, path, _ = exported
+  stage_dir = tmp_path_factory.mktemp("workdir") / "student_kd"
+  stage_dir.mkdir()
+  shutil.copy(path, stage_dir / "student.msgpack")
+  dataset = dict(_config(data_dir).dataset.to_dict(), mean=[], std=[], num_eval_examples=-1)
+  (stage_dir / "config.json").write_text(json.dumps(
+      {"effective": {"model": "resnet8", "method": "kd", "dataset.name": "digits"},
+       "history": [], "run": {"dataset": dataset, "eval_batch_size": 16}}))
+  return str(stage_dir / "student.msgpack")
+
+
+def test_a_stage_file_brings_its_model_and_dataset(stage_file):
+  default = evaluate.default_config()
+  model, config = evaluate.model_and_config(None, stage_file, default, given=[])
+  assert (model, config.dataset.name, config.dataset.mean) == ("resnet8", "digits", ())
+  assert config.eval_batch_size == default.eval_batch_size  # Only the dataset is read.
+  # The command line wins: a model, a dataset field.
+  given = evaluate.default_config()
+  given.dataset.eval_split = "train"
+  model, config = evaluate.model_and_config("resnet14", stage_file, given,
+                                            given=["dataset.eval_split"])
+  assert (model, config.dataset.name, config.dataset.eval_split) == ("resnet14", "digits",
+                                                                      "train")
+
+
+def test_command_on_a_stage_file_needs_no_model_or_dataset(exported, stage_file):
+  _, _, scores = exported
+  done = _run(f"--checkpoint={stage_file}", "--config.eval_batch_size=120")
+  assert done.returncode == 0, done.stderr[-3000:]
+  # Nothing but the result (and, on a slow machine, a progress line every 10 s).
+  assert all(line.startswith("[eval] batch ") for line in done.stderr.splitlines()), done.stderr
+  assert done.stdout == (f"resnet8 {stage_file} on digits test (360 images): top-1 "
+                         f"{scores['top1']:.2f}  top-5 {scores['top5']:.2f}\n")

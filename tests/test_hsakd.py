@@ -1,6 +1,6 @@
 """HSAKD against the reference code: rotations and joint labels, every loss term, gradient and
 accuracy count of golden_hsakd.npz, the two auxiliary networks of golden_hsakd_net_*.npz,
-parameter counts of reference/HSAKD.md, the method's wiring and the recipes.
+parameter counts of HSAKD's PyTorch classifiers, the method's wiring and the recipes.
 """
 
 import functools
@@ -172,7 +172,8 @@ def test_both_teacher_variants_are_registered():
 
 # --- the auxiliary networks ----------------------------------------------------------------------
 
-# reference/HSAKD.md "Parameter counts": (classes, backbone, classifiers, L).
+# Parameter counts of winycg/HSAKD @ 28c8dc2's `<arch>_aux` models (docs/zoo.md): (classes,
+# backbone, classifiers, L).
 PARAMS = {
     "resnet20": (100, 278_324, 762_992, 3),
     "resnet56": (100, 861_620, 2_206_064, 3),

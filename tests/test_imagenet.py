@@ -3,11 +3,12 @@
 import math
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+import helpers
 
 from jaxkd import errors
 from jaxkd.data import imagenet
@@ -16,11 +17,7 @@ from jaxkd.data import sources
 
 
 def _config(data_dir, **overrides):
-  config = ml_collections.ConfigDict(dict(
-      name='imagenet2012', data_dir=str(data_dir), train_split='train',
-      eval_split='validation', num_train_examples=-1, num_eval_examples=-1))
-  config.update(overrides)
-  return config
+  return helpers.dataset_config('imagenet2012', data_dir, eval_split='validation', **overrides)
 
 
 def _jpeg(image: np.ndarray) -> bytes:

@@ -1,10 +1,12 @@
-"""Importing PyTorch teachers: the safe reader, the layouts, misfits, the CLI and a run with it.
+"""Importing PyTorch teachers: the safe reader, the layouts, misfits, the CLI and a run with it;
+and the way back, a network exported to a PyTorch state_dict (`jaxkd.export_student`).
 
 The files in tests/data/torch_checkpoints hold the weights of golden_resnet8x4.npz in the layouts
-users have (see the golden README); `malicious.pth` runs `touch /tmp/jaxkd_unsafe_unpickle_ran`
-when unpickled without restriction. Files in other variants (the legacy format, wrapper prefixes,
-strided tensors) are written here by `_torch_save`, a minimal re-implementation of torch.save's
-two layouts, since PyTorch is not installed.
+users have: RepDistiller/CRD `{'model': state_dict}`, SSKD `{'state_dict': ...}`, HSAKD
+`{'net': ...}` and a DataParallel `module.` prefix (`LAYOUTS`); `malicious.pth` runs
+`touch /tmp/jaxkd_unsafe_unpickle_ran` when unpickled without restriction. Files in other
+variants (the legacy format, wrapper prefixes, strided tensors) are written here by `_torch_save`,
+a minimal re-implementation of torch.save's two layouts, since PyTorch is not installed.
 """
 
 import collections
@@ -21,13 +23,15 @@ import types
 import zipfile
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import helpers
+
 from configs import demo
 from jaxkd import checkpoint
+from jaxkd import export_student
 from jaxkd import import_teacher
 from jaxkd import train
 from jaxkd.errors import UserError
@@ -364,9 +368,8 @@ def test_imported_teacher_drives_a_student_stage(imported, tmp_path, monkeypatch
   monkeypatch.setattr(checkpoint.ocp, "CheckpointManagerOptions", functools.partial(
       checkpoint.ocp.CheckpointManagerOptions, enable_async_checkpointing=False))
   config = demo.get_config("runlocal")
-  config.dataset = ml_collections.ConfigDict(dict(
-      name="cifar100", data_dir=str(tmp_path / "tfds"), train_split="train", eval_split="test",
-      num_train_examples=16, num_eval_examples=8))
+  config.dataset = helpers.dataset_config("cifar100", tmp_path / "tfds", num_train_examples=16,
+                                          num_eval_examples=8)
   config.teacher.name, config.teacher.checkpoint = "resnet8x4", str(out)
   config.student.name = "resnet8"
   config.method.name = "kd"
@@ -379,3 +382,77 @@ def test_imported_teacher_drives_a_student_stage(imported, tmp_path, monkeypatch
   student = results[1]
   assert student["teacher_sha256"] == checkpoint.file_sha256(str(out))
   assert student["steps"] == 2 and 0.0 <= student["top1_last"] <= 100.0
+
+
+# --- back to PyTorch -----------------------------------------------------------------------------
+
+
+def _golden_state_dict(name):
+  with np.load(DATA / name) as npz:
+    return {k: npz[k] for k in json.loads(str(npz["meta"]))["state_keys"]}
+
+
+def _assert_same_state_dict(got, want):
+  """Key for key, value for value: the same dtypes (int64 num_batches_tracked), shapes, bits."""
+  assert list(got) == list(want)
+  for key, value in want.items():
+    assert (got[key].dtype, got[key].shape) == (value.dtype, value.shape), key
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("golden_file,arch", [("golden_resnet8x4.npz", "resnet8x4"),
+                                              ("golden_wrn_16_2.npz", "wrn_16_2")])
+def test_import_then_export_gives_back_the_golden_state_dict(golden_file, arch, tmp_path):
+  want = _golden_state_dict(golden_file)
+  pth = tmp_path / "reference.pth"
+  _torch_save(lambda t, s: {"model": collections.OrderedDict((k, t(v)) for k, v in want.items()),
+                            "epoch": 240}, pth)
+  variables, _ = import_teacher.convert(str(pth), arch, 100)
+  msgpack = str(tmp_path / "network.msgpack")
+  checkpoint.export_variables(msgpack, variables)
+  got, report = export_student.torch_state_dict(arch, msgpack)
+  _assert_same_state_dict(got, want)
+  assert (report["num_classes"], report["channels"], report["left_out"]) == (100, 3, [])
+
+
+def test_export_reads_the_sizes_off_the_file_and_names_what_it_fits(tmp_path):
+  """A digits network (10 classes, one channel) with a head beside it: the sizes come from
+  the file, the head is left out, and a wrong --model is told the network the file fits."""
+  from jaxkd import networks  # pylint: disable=g-import-not-at-top
+  shapes = networks.variable_shapes(networks.build_network("resnet8", 10), (8, 8, 1))
+  variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+  variables["params"]["heads"] = {"proj": {"kernel": np.ones((64, 8), np.float32)}}
+  path = str(tmp_path / "digits.msgpack")
+  checkpoint.export_variables(path, variables)
+  state_dict, report = export_student.torch_state_dict("resnet8", path)
+  assert (report["num_classes"], report["channels"], report["left_out"]) == (10, 1, ["heads"])
+  assert state_dict["conv1.weight"].shape == (16, 1, 3, 3)
+  assert state_dict["fc.weight"].shape == (10, 64)
+  assert state_dict["bn1.num_batches_tracked"].dtype == np.int64
+  with pytest.raises(UserError, match=r"does not fit resnet14 with 10 classes: missing leaf .*; "
+                                      r"it fits resnet8 \(set --model=resnet8\)"):
+    export_student.torch_state_dict("resnet14", path)
+  with pytest.raises(UserError, match="unknown model 'resnet9'"):
+    export_student.torch_state_dict("resnet9", path)
+  with pytest.raises(UserError, match="does not exist"):
+    export_student.torch_state_dict("resnet8", str(tmp_path / "none.msgpack"))
+
+
+def test_export_cli_writes_safetensors_that_torch_loads(imported, tmp_path):
+  """`python -m jaxkd.export_student` on the imported teacher: the file safetensors.torch's
+  load_file reads (read here with its numpy API) holds the reference state_dict."""
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "student.safetensors"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxkd.export_student", "--model", "resnet8x4", "--variables",
+       str(imported[0]), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr[-3000:]
+  assert "1,233,540 parameters in 62 state_dict entries" in proc.stdout
+  want = _golden_state_dict("golden_resnet8x4.npz")
+  got = st_numpy.load_file(str(out))
+  _assert_same_state_dict({k: got[k] for k in want}, want)
+  assert set(got) == set(want)
+  with safe_open(str(out), framework="numpy") as f:
+    assert f.metadata()["format"] == "pt"  # What transformers and timm expect of a torch file.

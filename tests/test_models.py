@@ -1,7 +1,8 @@
-"""Model zoo tests: registry, parameter counts (reference/ZOO.md), golden parity with PyTorch.
+"""Model zoo tests: registry, parameter counts (docs/zoo.md), golden parity with PyTorch.
 
-The golden files in tests/data are the RepDistiller (PyTorch) reference outputs; see the
-"Zoo" section of the golden README. They are compared under
+The golden files in tests/data (golden_resnet8x4.npz, golden_wrn_16_2.npz) hold a state_dict,
+inputs and outputs of RepDistiller's PyTorch networks (HobbitLong/RepDistiller @ b84f547,
+`models/`). They are compared under
 `jax.default_matmul_precision('highest')` because the default float32 conv/matmul precision on
 GPU/TPU (TF32/bf16 passes) would exceed the 1e-4 tolerance; on CPU it changes nothing.
 """
@@ -26,7 +27,7 @@ from jaxkd.tree_check import first_mismatch
 DATA = pathlib.Path(__file__).parent / "data"
 FEAT_KEYS = ("stem", "stage1", "stage2", "stage3", "pooled")
 
-# ZOO.md section 1: params, BN running-stat elements, is_feat shapes (C, H, W) at 32x32.
+# The PyTorch networks' params, BN running-stat elements, is_feat shapes (C, H, W) at 32x32.
 _PLAIN = ((16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8), (64,))
 _X4 = ((32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (256,))
 _WRN2 = ((16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8), (128,))

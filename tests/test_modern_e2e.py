@@ -15,8 +15,11 @@ import helpers
 from jaxkd import train
 from jaxkd.data import sources
 
-METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "kd")
-# Per method: the terms its student stage logs (metrics.jsonl), unweighted.
+METHODS = ("reviewkd", "ofd", "dist", "nkd", "ickd", "srd", "ctkd", "ctkd_dkd", "kd", "dot",
+           "mlkd")
+# Per method: the terms its student stage logs (metrics.jsonl), unweighted (DOT's loss_task and
+# loss_distill are the weighted summands its optimiser steps apart; MLKD's are weighted, as its
+# reference returns them).
 TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
          "ofd": ("loss_ce", "loss_ofd"),
          "dist": ("loss_ce", "loss_dist", "loss_dist_inter", "loss_dist_intra"),
@@ -25,7 +28,9 @@ TERMS = {"reviewkd": ("loss_ce", "loss_hcl", "loss_reviewkd"),
          "srd": ("loss_ce", "loss_srd", "loss_srd_rep", "loss_srd_logit"),
          "ctkd": ("loss_cls", "loss_div", "ctkd_temperature"),
          "ctkd_dkd": ("loss_cls", "loss_div", "ctkd_temperature"),
-         "kd": ("loss_ce", "loss_kd")}
+         "kd": ("loss_ce", "loss_kd"),
+         "dot": ("loss_ce", "loss_kd", "loss_task", "loss_distill"),
+         "mlkd": ("loss_ce", "loss_kd", "loss_cc", "loss_bc", "mlkd_kept", "mlkd_class_kept")}
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,8 @@ def test_folder_reads_the_files_pixels_and_labels(folder):
   info = sources.get_dataset_info(config)
   assert (info.num_classes, info.image_shape, info.num_train, info.num_eval) == (
       3, (16, 16, 3), 48, 24)
-  assert (info.crop_padding, info.flip) == (2, True)  # CIFAR's 4 at 32 px, scaled.
+  # CIFAR's padding 4 at 32 px, scaled; no flips (a mirrored digit, letter or scan changes).
+  assert (info.crop_padding, info.flip) == (2, False)
   mean, std = _expected_statistics([image for _, image in written["train"]])
   np.testing.assert_allclose(info.mean, mean, rtol=1e-12)
   np.testing.assert_allclose(info.std, std, rtol=1e-12)
@@ -176,6 +177,54 @@ def test_views_and_switches_go_through_the_pipeline(folder):
   _, clean_labels = pipeline.training_set(clean, sources.get_dataset_info(clean), seed=0)
   _, noisy_labels = pipeline.training_set(noisy, sources.get_dataset_info(noisy), seed=0)
   assert int((clean_labels != noisy_labels).sum()) == 12  # int(0.25 * 48)
+
+
+def _ramps(root, size=8):
+  """<root>/{train,test}/{a,b}/*.png: grey images whose pixels grow from left to right."""
+  ramp = np.tile((10 + 30 * np.arange(size, dtype=np.uint8))[None, :, None], (size, 1, 1))
+  for split in ("train", "test"):
+    for label in ("a", "b"):
+      for i in range(4):
+        _write_png(root / split / label / f"{i}.png", ramp)
+
+
+def _row_orders(batch, info):
+  """For each row of each training view, +1 where its pixels (back in [0, 255], the crop's zero
+  padding left out) grow from left to right, -1 where they shrink (a flipped view)."""
+  pixels = np.round((batch["image"] * np.array(info.std) + np.array(info.mean)) * 255)
+  orders = set()
+  for row in pixels.reshape(-1, pixels.shape[-2]):
+    row = row[row > 0]
+    if len(row) > 1:
+      steps = np.sign(np.diff(row))
+      assert len(set(steps)) == 1, row  # a crop moves the ramp, never breaks it
+      orders.add(int(steps[0]))
+  return orders
+
+
+@pytest.mark.parametrize("views", ["none", "rotations"])
+def test_flip_off_never_mirrors_an_example(tmp_path, views):
+  """Every training view of a folder of left-to-right ramps (padding 1, 16 steps of 8 views)
+  still rises from left to right with flips off (the folder's default); with dataset.flip=True
+  some are mirrored. Rotated views (k = 1..3) are left out of the count."""
+  _ramps(tmp_path / "ramps")
+  for flip, want in ((None, {1}), (False, {1}), (True, {1, -1})):
+    config = _dataset_config(f"folder:{tmp_path / 'ramps'}", flip=flip)
+    info = sources.get_dataset_info(config)
+    assert info.flip is bool(flip)
+    orders = set()
+    for _, batch in zip(range(16), pipeline.train_batches(config, views, 8, seed=0)):
+      if views == "rotations":
+        batch = dict(batch, image=batch["image"][:, 0])  # k = 0: the view as cropped
+      orders |= _row_orders(batch, info)
+    assert orders == want, (flip, views)
+
+
+def test_default_flips_follow_the_registry():
+  """`defaults.default_flip` (what --print_config shows) agrees with every registry entry."""
+  for name in sources.DATASET_NAMES:
+    assert defaults.default_flip(name) == sources._REGISTRY[name].flip, name
+  assert defaults.default_flip("tfds:mnist") and not defaults.default_flip("folder:/data")
 
 
 # --------------------------------------------------------------------------- tfds:

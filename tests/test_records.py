@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import tensorflow_datasets as tfds
 
-from jaxkd import defaults
+import helpers
+
 from jaxkd.data import pipeline
 from jaxkd.data import records
 from jaxkd.data import sources
@@ -20,16 +20,7 @@ SIDE = 128  # Mock images of 48 KiB each, decoded.
 
 
 def _config(name, data_dir, **fields):
-  config = defaults.dataset_config(name)
-  config.update(data_dir=str(data_dir), **fields)
-  return config
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds")
-  sources.get_builder(_config("digits", data_dir))
-  return data_dir
+  return helpers.dataset_config(name, data_dir, **fields)
 
 
 def test_each_process_reads_only_its_rows(digits_dir, monkeypatch):

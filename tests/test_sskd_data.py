@@ -2,9 +2,10 @@
 
 import collections
 
-import ml_collections
 import numpy as np
 import pytest
+
+import helpers
 
 from jaxkd import errors
 from jaxkd.data import pipeline
@@ -12,18 +13,7 @@ from jaxkd.data import sources
 
 
 def _config(data_dir, **overrides):
-  config = ml_collections.ConfigDict(dict(
-      name='digits', data_dir=str(data_dir), train_split='train', eval_split='test',
-      num_train_examples=-1, num_eval_examples=-1, train_fraction=1.0, label_noise=0.0))
-  config.update(overrides)
-  return config
-
-
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp('tfds')
-  sources.get_builder(_config(data_dir))
-  return data_dir
+  return helpers.dataset_config('digits', data_dir, **overrides)
 
 
 @pytest.fixture(scope='module')

@@ -1,8 +1,9 @@
 """The rest of the zoo: VGG, MobileNetV2, ShuffleNetV1/V2, the CIFAR ResNet50 and the ImageNet nets.
 
-Parameter / BN-statistic counts and tap shapes are the reference/ZOO.md figures; the grouped,
-depthwise, shuffle and avg-pool-shortcut blocks are compared with the PyTorch blocks of
-`golden_zoo_blocks.npz` (see the golden README); the PyTorch key of every variable is checked
+Parameter / BN-statistic counts and tap shapes are those of the PyTorch networks (docs/zoo.md;
+RepDistiller @ b84f547 `models/`, HSAKD @ 28c8dc2 `models/`, torchvision); the grouped,
+depthwise, shuffle and avg-pool-shortcut blocks are compared with outputs of RepDistiller's
+PyTorch blocks in `golden_zoo_blocks.npz`; the PyTorch key of every variable is checked
 against the reference state_dict entry counts and key patterns, so reference checkpoints load 1:1.
 """
 
@@ -30,7 +31,7 @@ _VGG_TAPS = ("stage0", "stage1", "stage2", "stage3", "stage4", "pooled")
 _VGG_SHAPES = ((64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4), (512,))
 
 # name -> (params, BN running-stat elements, state_dict entries incl. num_batches_tracked,
-#          tap keys, tap shapes (C, H, W) at the net's input size); ZOO.md sections 1 and 6.
+#          tap keys, tap shapes (C, H, W) at the net's input size), as docs/zoo.md lists them.
 ZOO = {
     "vgg8": (3_965_028, 2_944, 37, _VGG_TAPS, _VGG_SHAPES),
     "vgg11": (9_277_284, 5_504, 58, _VGG_TAPS, _VGG_SHAPES),
@@ -138,7 +139,7 @@ def test_pytorch_keys_match_the_reference_state_dict(name):
                         torch_to_flax(fake_state_dict)["params"]) is None
 
 
-# Entries of the reference state_dicts (WEIGHTS.md section 6 and section 1 examples).
+# Entries of the reference PyTorch state_dicts (key naming: docs/weights.md).
 _KNOWN_KEYS = {
     "vgg13": {"block1.0.weight": (128, 64, 3, 3), "block1.0.bias": (128,),
               "block1.4.running_var": (128,), "block4.3.weight": (512, 512, 3, 3),
@@ -307,7 +308,7 @@ def zoo_table():
     ("ShuffleV1", 38.69, 1.18), ("ShuffleV2", 44.50, 1.36), ("ResNet50", 1298.01, 0.0),
     ("resnet34_imagenet", 3663.76, 0.0), ("mobilenetv1_imagenet", 568.74, None)])
 def test_macs_are_the_zoo_figures(zoo_table, name, macs, depthwise):
-  """ZOO.md's conv + linear MACs per image (its ImageNet figures are rounded to 1e-3 G)."""
+  """The PyTorch networks' conv + linear MACs per image (ImageNet figures rounded to 1e-3 G)."""
   model = get_model(name, _classes(name))
   got, got_depthwise = zoo_table.count_macs(model, (2, _side(name), _side(name), 3))
   assert round(got / 1e6, 2) == macs

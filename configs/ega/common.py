@@ -1,7 +1,7 @@
 """What every EGA recipe shares: the reference schedule and all EGA hyper-parameters.
 
-Reference (yccm/EGA `train_student.py`, `scripts/run_vit32.sh`, `scripts/ega_seq.sh`;
-reference/EGA.md), CIFAR-100, one stage after loading the teacher:
+Reference (yccm/EGA @ 0963f8e: `train_student.py`, `scripts/run_vit32.sh`, `scripts/ega_seq.sh`;
+the loss is in docs/methods.md), CIFAR-100, one stage after loading the teacher:
   teacher      a CLIP image tower, frozen, never trained: its weights come from disk
                (`--config.teacher.checkpoint`, a Hugging Face folder with config.json +
                model.safetensors, or OpenAI's .pt file); nothing is downloaded. It sees its own
@@ -32,11 +32,12 @@ tinyimagenet, prepared for tfds) trains a linear classifier on the frozen studen
 features after distillation (stage `linear_probe`, `--config.linear_probe.num_epochs/lr`).
 """
 
+from typing import Optional
+
 import ml_collections
 
 from configs import default
 from jaxkd.methods import ega
-from jaxkd.methods import get_method
 
 STUDENTS = ("resnet8x4", "resnet32x4", "vgg13", "ResNet50", "ShuffleV1")
 LOW_LR_STUDENTS = ("ShuffleV1",)   # lr 0.01 in the reference
@@ -44,9 +45,10 @@ COMPARISON = ("kd", "hint", "rkd", "pkt", "crd")   # the reference's comparison 
 ARGS = STUDENTS + ega.DISTILL_NAMES + ("compare", "runlocal")
 
 
-def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
+def get_config(teacher: str, arg: str = "", edge_weight: Optional[float] = None
                ) -> ml_collections.ConfigDict:
-  """The CIFAR-100 EGA recipe for CLIP tower `teacher`, the student and `runlocal` from `arg`."""
+  """The CIFAR-100 EGA recipe for CLIP tower `teacher`, the student and `runlocal` from `arg`;
+  `edge_weight` where the teacher's reference script changes the method's default."""
   tokens = default.recipe_tokens(arg, ARGS)
   students = [t for t in tokens if t in STUDENTS]
   distills = [t for t in tokens if t in ega.DISTILL_NAMES]
@@ -63,8 +65,9 @@ def get_config(teacher: str, arg: str = "", edge_weight: float = 0.24
   config.teacher.lr = -1.0              # a zoo teacher pretrained here: the student's lr
 
   name = "ega" if distill == "ega" else f"ega_{distill}"
-  config.method = ml_collections.ConfigDict(dict(get_method(name).defaults, name=name))
-  config.method.edge_weight = edge_weight
+  config.method = default.method_fields(name, teacher, student)
+  if edge_weight is not None:
+    config.method.edge_weight = edge_weight
   # e.g. "ce" adds the student trained alone
   config.baselines = (",".join(f"ega_{d}" for d in COMPARISON if d != distill)
                       if "compare" in tokens else "")

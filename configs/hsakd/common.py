@@ -1,6 +1,7 @@
 """What every HSAKD recipe shares: the reference schedule and all HSAKD hyper-parameters.
 
-Reference (winycg/HSAKD, reference/HSAKD.md (c), (f)), CIFAR-100:
+Reference (winycg/HSAKD @ 28c8dc2: `train_teacher_cifar.py`, `train_student_cifar.py` and their
+`.sh` scripts; the loss is in docs/methods.md), CIFAR-100:
   student (and "Teacher*"): SGD Nesterov 0.9, wd 5e-4 on every parameter, batch 64, 240 epochs,
     lr 0.05 (0.01 for MobileNetV2 / ShuffleNet students) ×0.1 at epochs 150/180/210;
   "Teacher" classifiers on the frozen teacher: 100 epochs, lr 0.05 ×0.1 at 30/60/90;
@@ -39,19 +40,14 @@ def base_config(teacher: str, student: str) -> ml_collections.ConfigDict:
   config = default.cifar100_recipe(
       teacher, student, lr=0.01 if student in LOW_LR_STUDENTS else 0.05, nesterov=True)
 
-  config.method = ml_collections.ConfigDict(dict(
-      name="hsakd",
-      T=3.0,                                   # both KL terms
-      # "Teacher": classifiers on the frozen teacher (method hsakd).
-      teacher_epochs=100, teacher_lr=0.05, teacher_milestones=(30, 60, 90),
-      # "Teacher*": backbone + classifiers from scratch (method hsakd_star).
-      joint_teacher_epochs=240, joint_teacher_lr=0.05,
-      joint_teacher_milestones=(150, 180, 210),
-      # The prepared teacher the student gets: 'last', the last epoch, is what the reference's
-      # CIFAR student scripts load (`<arch>.pth.tar`, rewritten every epoch); 'best' is the
-      # epoch with the highest aux joint-label accuracy (`_best`, what its ImageNet scripts load).
-      teacher_checkpoint="last",
-  ))
+  # Every HSAKD hyper-parameter at the method's default (the reference's T = 3 and the two
+  # teacher schedules), listed so that each one can be set on the command line.
+  config.method = default.method_fields("hsakd", teacher, student)
+  # The prepared teacher the student gets: 'last', the last epoch, is what the reference's
+  # CIFAR student scripts load (`<arch>.pth.tar`, rewritten every epoch); the method's default
+  # 'best' is the epoch with the highest aux joint-label accuracy (`_best`, what its ImageNet
+  # scripts load).
+  config.method.teacher_checkpoint = "last"
   config.baselines = ""                        # e.g. "ce" adds the student trained alone
 
   return config

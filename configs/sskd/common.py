@@ -1,7 +1,7 @@
 """What every SSKD recipe shares: the reference schedule and all SSKD hyper-parameters.
 
-Reference (xuguodong03/SSKD `student.py`, `teacher.py`, `command.sh`; reference/SSKD.md (d)),
-CIFAR-100, three stages:
+Reference (xuguodong03/SSKD @ 661b972: `student.py`, `teacher.py`, `command.sh`; the loss is in
+docs/methods.md), CIFAR-100, three stages:
   teacher       cross-entropy, 240 epochs, batch 64, SGD momentum 0.9, wd 5e-4, lr 0.05 ×0.1 at
                 150/180/210 (the reference `teacher.py`); skipped with `--config.teacher.checkpoint`
                 (a jaxkd teacher file, e.g. from `python -m jaxkd.import_teacher` of an SSKD
@@ -11,7 +11,8 @@ CIFAR-100, three stages:
   student_sskd  240 epochs, batch 64 images (256 rows), SGD momentum 0.9 (no Nesterov), wd 5e-4,
                 lr 0.05 (0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students) ×0.1 at
                 150/180/210, loss weights ce/kd/tf/ss 0.1/0.9/2.7/10, temperatures kd/tf/ss
-                4/4/0.5, selection ratios tf 1.0 and ss 0.75.
+                4/4/0.5, selection ratios tf 1.0 and ss 0.75 (the defaults of
+                jaxkd/methods/sskd.py).
 The SSKD README reports the student's top-1 on the original test images: `eval/top1` (its
 `student_best.pth` is the best test epoch: `top1_best` in result.json).
 
@@ -38,14 +39,10 @@ def get_config(teacher: str, student: str, arg: str = "") -> ml_collections.Conf
   config = default.cifar100_recipe(
       teacher, student, lr=0.01 if student in LOW_LR_STUDENTS else 0.05, nesterov=False)
 
-  config.method = ml_collections.ConfigDict(dict(
-      name="sskd",
-      ce_weight=0.1, kd_weight=0.9, tf_weight=2.7, ss_weight=10.0,   # λ of ce, kd, tf, ss
-      kd_T=4.0, tf_T=4.0, ss_T=0.5,                                  # temperatures
-      ratio_tf=1.0, ratio_ss=0.75,      # share of the teacher's wrong rows kept by tf and ss
-      # The teacher's SS module, trained on the frozen teacher (stage teacher_sskd).
-      teacher_epochs=60, teacher_lr=0.05, teacher_milestones=(30, 45),
-  ))
+  # Every SSKD hyper-parameter at the method's default, which is the reference's (the loss
+  # weights, temperatures and selection ratios, and the SS module's schedule on the frozen
+  # teacher, stage teacher_sskd): listed so that each one can be set on the command line.
+  config.method = default.method_fields("sskd", teacher, student)
   config.baselines = ""                 # e.g. "ce,kd" adds the student alone and with KD
   # The reference's student loads the teacher's best.pth: its best test epoch.
   config.teacher.keep = "best"

@@ -1,11 +1,11 @@
 """CRD (Tian et al., ICLR 2020) / RepDistiller, CIFAR-100 top-1: 13 teacher → student pairs.
 
-Numbers: the HobbitLong/RepDistiller README at commit 0eb3a95 (the paper's Tables 1 and 2; also
-reference/TABLES.md). The README states neither the number of runs nor the epoch a number is
+Numbers: the HobbitLong/RepDistiller README at commit 0eb3a95 (the paper's Tables 1 and 2). The
+README states neither the number of runs nor the epoch a number is
 taken at. Its FSP cell for wrn_40_2 → wrn_40_1 reads 0.00 (FSP cannot run on unequal widths;
 jaxkd refuses that pair too) and its cross-architecture table has no FSP row; the README has no
-CRD+KD row: the two CRD+KD numbers here are the CRD paper's, as reference/TABLES.md gives them
-(resnet32x4 → resnet8x4 and wrn_40_2 → wrn_16_2 only). Every row is trained on RepDistiller's
+CRD+KD row: the two CRD+KD numbers here are the CRD paper's (Tian et al., ICLR 2020, Table 1;
+resnet32x4 → resnet8x4 and wrn_40_2 → wrn_16_2 only). Every row is trained on RepDistiller's
 schedule (`configs/default.py` `cifar100_recipe`: 240 epochs, batch 64, lr 0.05, 0.01 for
 MobileNetV2 / ShuffleNet students, no Nesterov) with RepDistiller's hyper-parameters (jaxkd's
 defaults: `-r -a -b` of `scripts/run_cifar_distill.sh`).
@@ -81,12 +81,11 @@ TABLE = Table(
     ),
     pairs=PAIRS,
     paper=tables.by_pair(PAIRS, NUMBERS),
-    source="HobbitLong/RepDistiller README @0eb3a95 = CRD paper Tables 1-2 (reference/TABLES.md)",
+    source="HobbitLong/RepDistiller README @0eb3a95 = CRD paper Tables 1-2",
     statistic="1 number; epoch and runs not stated",
     notes="The README states neither the number of runs nor the epoch a number is taken at. "
           "FSP is N/A (0.00) on wrn_40_2 → wrn_40_1 and absent from the cross-architecture "
-          "table; CRD+KD is not in the README: its two numbers are the paper's, via "
-          "reference/TABLES.md.",
+          "table; CRD+KD is not in the README: its two numbers are the paper's.",
     row_notes={"crd_kd": "1 number (CRD paper, not in the README)"},
     base_config=base_config,
 )

@@ -1,14 +1,15 @@
 """HSAKD (Yang et al., IJCAI 2021), CIFAR-100 top-1: 8 teacher → student pairs, mean ± std.
 
-Numbers: the paper's Table 1 (poster and slides carry the same table), as transcribed in
-reference/HSAKD.md §(g). Mean ± std over runs; the number of runs could not be read. The
-reference selects the student's best test epoch (`_best`). "HSAKD" is taught by the frozen
-teacher with trained auxiliary classifiers; "HSAKD*" by "Teacher*", backbone and classifiers
-trained jointly from scratch (the Teacher* row is that teacher's own top-1). The MobileNetV2
-columns use HSAKD's stronger stride-1 variant (`MobileNetV2_stride1`; the authors re-ran the
-baselines on it, reference issue #11). Every row is trained on the HSAKD recipe of the pair
-(`configs/hsakd/<pair>.py`: 240 epochs, batch 64, SGD Nesterov, lr 0.05, 0.01 for MobileNetV2 /
-ShuffleNet students); the baselines take RepDistiller's hyper-parameters (jaxkd's defaults).
+Numbers: the paper's Table 1, as the poster and slide 22 of winycg/HSAKD's
+`poster/765_IJCAI_poster.pdf` and `poster/765_IJCAI_slides.pdf` carry it. Mean ± std over runs; the
+number of runs could not be read. The reference selects the student's best test epoch (`_best`).
+"HSAKD" is taught by the frozen teacher with trained auxiliary classifiers; "HSAKD*" by "Teacher*",
+backbone and classifiers trained jointly from scratch (the Teacher* row is that teacher's own
+top-1). The MobileNetV2 columns use HSAKD's stronger stride-1 variant (`MobileNetV2_stride1`; the
+authors re-ran the baselines on it, winycg/HSAKD issue #11). Every row is trained on the HSAKD
+recipe of the pair (`configs/hsakd/<pair>.py`: 240 epochs, batch 64, SGD Nesterov, lr 0.05, 0.01 for
+MobileNetV2 / ShuffleNet students); the baselines take RepDistiller's hyper-parameters (jaxkd's
+defaults).
 
     python experiments/reproduce.py --table hsakd_cifar100 --seeds 3 --workdir runs/tables \
         --config.dataset.data_dir=/path/to/tensorflow_datasets
@@ -85,7 +86,7 @@ TABLE = Table(
     ),
     pairs=PAIRS,
     paper=tables.by_pair(PAIRS, NUMBERS),
-    source="HSAKD IJCAI'21 Table 1, from the poster/slides (reference/HSAKD.md §(g))",
+    source="HSAKD IJCAI'21 Table 1, from winycg/HSAKD poster/765_IJCAI_{poster,slides}.pdf",
     statistic="mean±std; best epoch (code), runs not stated",
     notes="Mean ± std over runs; the number of runs could not be read. The reference code keeps "
           "the student's best test epoch (`_best`). The MobileNetV2 columns are HSAKD's stride-1 "

@@ -1,12 +1,12 @@
 """SSKD (Xu et al., ECCV 2020), CIFAR-100 top-1: 11 teacher → student pairs.
 
-Numbers: the xuguodong03/SSKD README (the paper's Tables 1 and 2), as transcribed in
-reference/SSKD.md §(e). The README does not say whether a number is one run or a mean; the
-reference code keeps the best test epoch (`student_best.pth`). SSKD's teachers and plain students
-are its own, and its baseline rows (except KD, copied from CRD) differ from RepDistiller's: compare
-a jaxkd row with this column only. Every row is trained on the SSKD recipe of the pair
-(`configs/sskd/<pair>.py`: 240 epochs, batch 64, lr 0.05, 0.01 for MobileNetV2 / ShuffleNet
-students); the baselines take RepDistiller's hyper-parameters (jaxkd's defaults).
+Numbers: the xuguodong03/SSKD README at 661b972 (the paper's Tables 1 and 2). The README does not
+say whether a number is one run or a mean; the reference code keeps the best test epoch
+(`student_best.pth`). SSKD's teachers and plain students are its own, and its baseline rows (except
+KD, copied from CRD) differ from RepDistiller's: compare a jaxkd row with this column only. Every
+row is trained on the SSKD recipe of the pair (`configs/sskd/<pair>.py`: 240 epochs, batch 64, lr
+0.05, 0.01 for MobileNetV2 / ShuffleNet students); the baselines take RepDistiller's
+hyper-parameters (jaxkd's defaults).
 
     python experiments/reproduce.py --table sskd_cifar100 --seeds 3 --workdir runs/tables \
         --config.dataset.data_dir=/path/to/tensorflow_datasets
@@ -67,7 +67,7 @@ TABLE = Table(
     ),
     pairs=PAIRS,
     paper=tables.by_pair(PAIRS, NUMBERS),
-    source="xuguodong03/SSKD README = paper Tables 1-2 (reference/SSKD.md §(e))",
+    source="xuguodong03/SSKD README @661b972 = paper Tables 1-2",
     statistic="1 number; best epoch (code), runs not stated",
     notes="The README does not say whether a number is one run or a mean; the reference code "
           "keeps the best test epoch (student_best.pth). Teachers and plain students are SSKD's "

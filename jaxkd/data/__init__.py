@@ -13,6 +13,7 @@ _EXPORTS = {
     'steps_per_epoch': 'jaxkd.data.pipeline',
     'train_batches': 'jaxkd.data.pipeline',
     'DATASET_NAMES': 'jaxkd.data.sources',
+    'check_readable': 'jaxkd.data.sources',
     'DatasetInfo': 'jaxkd.data.info',
     'get_builder': 'jaxkd.data.sources',
     'get_dataset_info': 'jaxkd.data.sources',

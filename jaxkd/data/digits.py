@@ -95,6 +95,15 @@ with (tfds.core.registered.skip_registration() if _is_registered()
               'howpublished={UCI Machine Learning Repository}}'),
       )
 
+    # tfds announces a download (of "Unknown size") and its end on stdout; nothing is
+    # downloaded here, so one line of jaxkd's says what happens instead.
+    def _log_download_bytes(self) -> None:
+      print(f"dataset digits: building tfds '{TFDS_NAME}' from scikit-learn's copy in "
+            f'{self.data_dir} (once; later runs read it)', flush=True)
+
+    def _log_download_done(self) -> None:
+      pass
+
     def _split_generators(self, dl_manager):
       del dl_manager  # Everything comes from the scikit-learn wheel.
       images, labels = digit_images_and_labels()
@@ -129,9 +138,8 @@ def prepared_builder(data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
       builder = tfds.builder(TFDS_NAME, data_dir=data_dir, file_format=FILE_FORMAT)
       if not builder.is_prepared():
         try:
-          with paths.stderr_silenced():  # tfds' progress bars for a build of a second.
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+          builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         except Exception as e:  # pylint: disable=broad-except
           if not builder.is_prepared():
             raise errors.UserError(

@@ -12,6 +12,9 @@ torchvision: the JPEG is decoded, the window resized to 224 x 224 with PIL's bil
   `rotations`  one crop + flip, then its rotations by k*90 degrees (HSAKD's ImageNet batches,
                which rotate the augmented tensor)                -> [4, 224, 224, 3]
   `two_crops`  two independent crop + flip views                 -> [2, 224, 224, 3]
+  `weak_strong`  the `none` view of the key, then a strong view: its own crop + flip from
+               `keys.strong_view_key(key)`, then RandAugment drawn from that key too (MLKD's
+               ImageNet pair, jaxkd.data.randaugment)   -> [2, 224, 224, 3]
 Images reach these functions still encoded: the data source leaves the images of datasets whose
 `DatasetInfo.transform` is 'inception_crop' undecoded (jaxkd.data.sources), so each is decoded
 once, where its views are made.
@@ -26,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from jaxkd.data import keys
+from jaxkd.data import randaugment
 from jaxkd.data import views as views_lib
 from jaxkd.data.info import DatasetInfo
 
@@ -85,14 +89,15 @@ def decode(jpeg: bytes) -> Image.Image:
   return image if image.mode == 'RGB' else image.convert('RGB')
 
 
-def _train_crop(image: Image.Image, key: keys.Key) -> np.ndarray:
-  """Random-resized crop + flip of one decoded image: uint8 [224, 224, 3]."""
+def _train_crop(image: Image.Image, key: keys.Key, flip: bool = True) -> np.ndarray:
+  """Random-resized crop + flip (unless `flip` is False) of one decoded image: uint8
+  [224, 224, 3]."""
   crop_key, flip_key = keys.split(key, 2)
   top, left, h, w = (int(v) for v in random_resized_crop_window(crop_key, image.height,
                                                                  image.width))
   crop = np.asarray(image.resize((CROP, CROP), Image.BILINEAR,
                                  box=(left, top, left + w, top + h)))
-  return views_lib.random_flip(crop, keys.rng(flip_key))
+  return views_lib.random_flip(crop, keys.rng(flip_key)) if flip else crop
 
 
 def _eval_crop(image: Image.Image) -> np.ndarray:
@@ -112,20 +117,26 @@ def train_views(views: str, jpeg: bytes, key: keys.Key, info: DatasetInfo) -> np
   views_lib.check_views(views, info)
   image = decode(jpeg)
   if views == 'none':
-    return views_lib.normalized(_train_crop(image, key), info)
+    return views_lib.normalized(_train_crop(image, key, info.flip), info)
   if views == 'two_crops':
-    return views_lib.normalized(np.stack([_train_crop(image, k) for k in keys.split(key, 2)]),
-                                info)
-  return views_lib.normalized(_rotations(_train_crop(image, key)), info)
+    return views_lib.normalized(
+        np.stack([_train_crop(image, k, info.flip) for k in keys.split(key, 2)]), info)
+  if views == 'weak_strong':
+    strong_key = keys.strong_view_key(key)
+    strong = randaugment.rand_augment(_train_crop(image, strong_key, info.flip),
+                                      keys.rng(strong_key))
+    return views_lib.normalized(np.stack([_train_crop(image, key, info.flip), strong]), info)
+  return views_lib.normalized(_rotations(_train_crop(image, key, info.flip)), info)
 
 
 def eval_views(views: str, jpeg: bytes, info: DatasetInfo) -> np.ndarray:
-  """Resize + center crop, normalised; `two_crops` gives it twice, `rotations` rotated 4 ways."""
+  """Resize + center crop, normalised; `two_crops` and `weak_strong` give it twice, `rotations`
+  rotated 4 ways."""
   views_lib.check_views(views, info)
   image = views_lib.normalized(_eval_crop(decode(jpeg)), info)
   if views == 'none':
     return image
-  if views == 'two_crops':
+  if views in ('two_crops', 'weak_strong'):
     return np.stack([image, image])
   return _rotations(image)
 

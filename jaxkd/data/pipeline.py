@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from jaxkd import errors
+from jaxkd.data import imagenet
 from jaxkd.data import negatives
 from jaxkd.data import records
 from jaxkd.data import sources
@@ -64,9 +65,14 @@ def num_eval_steps(info: DatasetInfo, global_batch_size: int) -> int:
 
 def _views_fn(views: str, info: DatasetInfo, teacher_input: Optional[TeacherInput],
               train: bool):
-  """fn(image, key) -> {'image': student views[, 'teacher_image': the teacher's view]}."""
+  """fn(image, key) -> {'image': student views[, 'teacher_image': the teacher's view]}.
+
+  The student's views are made by the module of the dataset's `transform`: jaxkd.data.views for
+  'pad_crop' (decoded images), jaxkd.data.imagenet for 'inception_crop' (encoded JPEGs).
+  """
   if teacher_input is None:
-    return functools.partial(stream.image_only, views_lib.make_views_fn(views, info, train))
+    family = imagenet if info.transform == 'inception_crop' else views_lib
+    return functools.partial(stream.image_only, family.make_views_fn(views, info, train))
   if views != 'none' or info.transform != 'pad_crop':
     raise errors.UserError(
         f'a teacher with its own input needs views \'none\' on a decoded dataset; got views '

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from jaxkd import defaults
 from jaxkd import errors
 from jaxkd import paths
 from jaxkd.data import digits
@@ -396,7 +397,9 @@ def _own_entry(dataset_config: ml_collections.ConfigDict
   """The entry of a `tfds:` or `folder:` dataset, mean/std still empty, and its builder.
 
   Classes and image shape come from the builder's features; a variable image size is refused
-  unless dataset.image_size is set. Augmentation as CIFAR's: padding 1/8 of the side, flips.
+  unless dataset.image_size is set. Augmentation as CIFAR's: padding 1/8 of the side; flips
+  for a tfds dataset, none for a folder (mirroring changes what digits, text or medical images
+  show; `dataset.flip` decides otherwise).
   """
   name = dataset_config.name
   builder = get_builder(dataset_config)
@@ -425,7 +428,7 @@ def _own_entry(dataset_config: ml_collections.ConfigDict
   info = DatasetInfo(
       name=name, tfds_name=tfds_name, num_classes=label.num_classes,
       image_shape=(height, width, channels), num_train=0, num_eval=0, mean=(), std=(),
-      crop_padding=min(height, width) // 8, flip=True)
+      crop_padding=min(height, width) // 8, flip=defaults.default_flip(name))
   _check_splits(info, dataset_config, builder)
   return info, builder
 
@@ -476,6 +479,7 @@ def get_dataset_info(dataset_config: ml_collections.ConfigDict,
   else `normalization` = 'clip' gives CLIP's (the reference normalises EGA's students so); else
   the registry's, or, for a `tfds:`/`folder:` source, those of its train split, computed once
   (`pixel_statistics`) and kept in `<cache_dir>/dataset_stats.json` when cache_dir is given.
+  Flips: `dataset.flip` when it is set (True / False), else the dataset's own.
   """
   builder = None
   if own_source(dataset_config.name) is not None:
@@ -492,6 +496,9 @@ def get_dataset_info(dataset_config: ml_collections.ConfigDict,
     raise errors.UserError(
         f'dataset.train_fraction is {fraction}; it must be in (0, 1] (1: the whole train split)')
   info = dataclasses.replace(info, num_train=int(num_train * fraction), num_eval=num_eval)
+  flip = dataset_config.get('flip', None)
+  if flip is not None:
+    info = dataclasses.replace(info, flip=bool(flip))
   return _statistics(info, dataset_config, cache_dir, builder)
 
 
@@ -651,6 +658,14 @@ def data_source(dataset_config: ml_collections.ConfigDict, split: str,
           f'for {num_examples}; lower num_train_examples / num_eval_examples')
     opened = records.Head(opened, num_examples)
   return opened
+
+
+def check_readable(dataset_config: ml_collections.ConfigDict) -> None:
+  """Opens the train and eval splits as the pipeline will (`data_source`), so that a dataset
+  that is not prepared, or only as TFRecord, is refused before anything is written (also
+  where the example counts are given and no split size was read)."""
+  for split in _splits(dataset_config):
+    data_source(dataset_config, split)
 
 
 def load_split(dataset_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:

@@ -6,9 +6,14 @@ A view set turns one uint8 image [H, W, C] into float32 normalised views:
                (k = 0..3, `np.rot90(img, k)`), then an independent crop per view -> [4, H, W, C]
   `rotations_of_crop`  HSAKD's order: one crop + flip, then its four rotations -> [4, H, W, C]
   `two_crops`  two independent crop+flip augmentations (contrastive methods) -> [2, H, W, C]
-Eval views skip the crop and the flip. All randomness comes from `key` (jaxkd.data.keys), derived
-from (seed, epoch, example index), so the data stream is a pure function of the seed. The crops
-and flips move uint8 pixels; the conversion to float happens once, at the end.
+  `weak_strong`  MLKD's pair: view 0 the weak view, the dataset's crop + flip drawn from the
+               example's key exactly as `none` draws it; view 1 the strong view, its own crop +
+               flip, then RandAugment (jaxkd.data.randaugment), all drawn from
+               `keys.strong_view_key(key)` -> [2, H, W, C]
+Eval views skip the crop and the flip (and RandAugment). All randomness comes from `key`
+(jaxkd.data.keys), derived from (seed, epoch, example index), so the data stream is a pure
+function of the seed. The crops, flips and RandAugment move uint8 pixels; the conversion to float
+happens once, at the end.
 """
 
 import functools
@@ -18,25 +23,33 @@ import numpy as np
 
 from jaxkd import errors
 from jaxkd.data import keys
+from jaxkd.data import randaugment
 from jaxkd.data.info import DatasetInfo
 from jaxkd.data.keys import example_key  # noqa: F401 (the key of one example, re-exported)
 
-VIEWS = ('none', 'rotations', 'rotations_of_crop', 'two_crops')
+VIEWS = ('none', 'rotations', 'rotations_of_crop', 'two_crops', 'weak_strong')
 _ROTATED = ('rotations', 'rotations_of_crop')
 
 
 def num_views(views: str) -> int:
-  """Views per example: 1 for `none` (which has no view axis), 4 rotations, 2 crops."""
-  return {'none': 1, 'rotations': 4, 'rotations_of_crop': 4, 'two_crops': 2}[check_views(views)]
+  """Views per example: 1 for `none` (which has no view axis), 4 rotations, 2 crops, 2 (weak,
+  strong)."""
+  return {'none': 1, 'rotations': 4, 'rotations_of_crop': 4, 'two_crops': 2,
+          'weak_strong': 2}[check_views(views)]
 
 
 def check_views(views: str, info: DatasetInfo | None = None) -> str:
-  """Raises a UserError for an unknown view set (or rotations of non-square images)."""
+  """Raises a UserError for an unknown view set (or rotations of non-square images, or
+  RandAugment on images of neither 1 nor 3 channels)."""
   if views not in VIEWS:
     raise errors.unknown_name('views', views, VIEWS)
   if views in _ROTATED and info is not None and info.image_shape[0] != info.image_shape[1]:
     raise errors.UserError(
         f'views {views!r} need square images; dataset {info.name!r} has {info.image_shape}')
+  if views == 'weak_strong' and info is not None and info.image_shape[-1] not in (1, 3):
+    raise errors.UserError(
+        f'views {views!r} need images of 1 or 3 channels (RandAugment runs on PIL L or RGB '
+        f'images); dataset {info.name!r} has {info.image_shape}')
   return views
 
 
@@ -88,6 +101,15 @@ def _augment(image: np.ndarray, rng: np.random.Generator, info: DatasetInfo) -> 
   return random_crop(image, rng, info.crop_padding)
 
 
+def weak_strong(image: np.ndarray, key: keys.Key, info: DatasetInfo) -> np.ndarray:
+  """uint8 [2, H, W, C]: the weak view (`none`'s augmentation of `key`) and the strong view
+  (crop + flip + RandAugment, all from `keys.strong_view_key(key)`)."""
+  weak = _augment(image, keys.rng(key), info)
+  strong_rng = keys.rng(keys.strong_view_key(key))
+  strong = randaugment.rand_augment(_augment(image, strong_rng, info), strong_rng)
+  return np.stack([weak, strong])
+
+
 def _rotations(image: np.ndarray) -> list[np.ndarray]:
   return [np.rot90(image, k) for k in range(4)]
 
@@ -101,6 +123,8 @@ def train_views(views: str, image: np.ndarray, key: keys.Key, info: DatasetInfo)
     return normalized(_augment(image, rng, info), info)
   if views == 'two_crops':
     return normalized(np.stack([_augment(image, rng, info) for _ in range(2)]), info)
+  if views == 'weak_strong':
+    return normalized(weak_strong(image, key, info), info)
   if views == 'rotations_of_crop':
     return normalized(np.stack(_rotations(_augment(image, rng, info))), info)
   if info.flip:
@@ -110,12 +134,13 @@ def train_views(views: str, image: np.ndarray, key: keys.Key, info: DatasetInfo)
 
 
 def eval_views(views: str, image: np.ndarray, info: DatasetInfo) -> np.ndarray:
-  """Normalised views with no crop and no flip; `two_crops` gives the same image twice."""
+  """Normalised views with no crop and no flip; `two_crops` and `weak_strong` give the same
+  image twice."""
   check_views(views, info)
   image = normalized(image, info)
   if views == 'none':
     return image
-  if views == 'two_crops':
+  if views in ('two_crops', 'weak_strong'):
     return np.stack([image, image])
   return np.stack(_rotations(image))
 
@@ -124,14 +149,15 @@ def make_views_fn(views: str, info: DatasetInfo,
                   train: bool) -> Callable[[np.ndarray, keys.Key], np.ndarray]:
   """fn(image uint8 [H, W, C], key) -> float32 views; eval ignores the key (None).
 
-  Datasets whose `info.transform` is 'inception_crop' (ImageNet) get the functions of
-  jaxkd/data/imagenet.py instead, which take the encoded JPEG. The function pickles (it is a
-  partial of module functions), so input workers in other processes can run it.
+  For datasets whose `info.transform` is 'pad_crop'; those with 'inception_crop' (ImageNet) take
+  `jaxkd.data.imagenet.make_views_fn`, on the encoded JPEG (the pipeline picks by the transform).
+  The function pickles (it is a partial of module functions), so input workers in other
+  processes can run it.
   """
   check_views(views, info)
   if info.transform == 'inception_crop':
-    from jaxkd.data import imagenet  # pylint: disable=g-import-not-at-top (it imports this module)
-    return imagenet.make_views_fn(views, info, train)
+    raise ValueError(f'dataset {info.name!r} has transform {info.transform!r}: its views are '
+                     'made by jaxkd.data.imagenet.make_views_fn, not jaxkd.data.views')
   if train:
     return functools.partial(train_views, views, info=info)
   return functools.partial(_eval_views_fn, views, info=info)

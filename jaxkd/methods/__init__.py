@@ -49,9 +49,12 @@ _MODULES = {
     "ickd": "ickd",
     "ickd_kd": "ickd",
     "srd": "srd",
+    "mlkd": "mlkd",
     # Feature distillation of mdistiller's CIFAR-100 table.
     "reviewkd": "reviewkd",
     "ofd": "ofd",
+    # mdistiller's DOT: KD stepped by its own optimiser (two momentum buffers).
+    "dot": "dot",
 }
 METHOD_NAMES = tuple(n for n in _MODULES
                      if importlib.util.find_spec(f"jaxkd.methods.{_MODULES[n]}") is not None)

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 
 from jaxkd.methods.base import Method
 from jaxkd.methods.connectors import pool_to_smaller
+from jaxkd.methods.numerics import l2_normalize
 from jaxkd.methods.objective import STAGE_MAPS, WEIGHTS, distillation_objective, taps
-
-NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -33,14 +32,6 @@ def _power(f: jax.Array, p: float) -> jax.Array:
   return jnp.power(f, p)
 
 
-def _l2_normalize_rows(x: jax.Array) -> jax.Array:
-  """x_i / max(‖x_i‖, ε) per row (torch F.normalize, dim=1), gradient finite at a zero row."""
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  positive = sq > 0
-  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-  return x / jnp.maximum(norm, NORMALIZE_EPS)
-
-
 def attention_map(f: jax.Array, p: float = 2.0) -> jax.Array:
   """The spatial attention vector of an NHWC map, [B, H·W]:
 
@@ -50,7 +41,7 @@ def attention_map(f: jax.Array, p: float = 2.0) -> jax.Array:
   """
   f = _f32(f)
   q = jnp.mean(_power(f, p), axis=-1)
-  return _l2_normalize_rows(q.reshape(f.shape[0], -1))
+  return l2_normalize(q.reshape(f.shape[0], -1))
 
 
 def at_tap_loss(f_s: jax.Array, f_t: jax.Array, p: float = 2.0) -> jax.Array:

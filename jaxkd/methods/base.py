@@ -33,6 +33,9 @@ BridgeFactory = Callable[[int, ml_collections.ConfigDict], Any]
 # teacher_constants(teacher_model_name, teacher_variables, hparams) -> pytree of arrays; see
 # Method.teacher_constants.
 TeacherConstantsFn = Callable[[str, Any, ml_collections.ConfigDict], Any]
+# make(config, hparams, schedule, frozen) -> optax transformation; see TermOptimizer.
+OptimizerFactory = Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict, Any,
+                             Optional[Any]], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +138,39 @@ class OnlineTeacherHead:
 
 
 @dataclasses.dataclass(frozen=True)
+class TermOptimizer:
+  """An optimiser a method supplies in place of the config's SGD, stepping the gradients of
+  named loss terms separately (mdistiller's DOT: the task and the distillation gradients, each
+  with its own momentum).
+
+  The training step runs the student forward once, then takes the gradient of each term in
+  `terms` (metrics the loss returns, e.g. `loss_task`, `loss_distill`: the weighted summands of
+  its objective) in one backward pass each, and calls
+
+    tx.update({term: grads}, opt_state, params, reached={term: pytree of bool})
+
+  `reached[term]` is True on the parameters the term's gradient reaches at all — PyTorch's
+  `p.grad is not None` after that term's backward, static for the stage: a parameter the term
+  does not depend on, or depends on only through `stop_gradient`, is False (its gradient is
+  zeros). The optimiser's state is the train state's `opt_state`: checkpointed and resumed
+  with it.
+
+  Attributes:
+    terms: names of the loss's metrics whose gradients the optimiser takes, in this order.
+    make: `(config, hparams, schedule, frozen) -> optax.GradientTransformationExtraArgs`: the
+      run's config (its `optimizer` fields), the method's hyper-parameters, the stage's
+      learning-rate schedule (of the optimiser's step count) and `frozen`, a pytree prefix of
+      the params with True on subtrees that must never change (or None), as
+      jaxkd.optim.make_optimizer takes it.
+    check: optional `(config, hparams) -> None` raising a UserError on a config the optimiser
+      cannot run (e.g. a momentum it cannot split), called by the plan before any work.
+  """
+  terms: tuple[str, ...]
+  make: OptimizerFactory
+  check: Optional[Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], None]] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class SwitchDefaults:
   """Defaults that replace some of a method's own while hyper-parameter `field` equals `value`
   (e.g. logit standardization's temperature and weights while `logit_standardize` is True).
@@ -215,6 +251,15 @@ class Method:
       ...}, 'batch_stats': ...}`); the training step hands them to the bridge and the loss as
       `teacher_out['constants']` (`steps.train_step(teacher_constants=...)`; OFD's margins,
       read from the teacher's BatchNorms).
+    optimizer: optional TermOptimizer that replaces the config's SGD in the student stage
+      (not in its preparation stages), stepping the gradients of named loss terms separately
+      (mdistiller's DOT); None: `jaxkd.optim.make_optimizer` on the gradient of the loss.
+    student_views_apart: the student's training forward runs once per view of the batch's
+      [B, V, H, W, C] images, view 0 first, instead of once over the B·V rows: its BatchNorms
+      normalise each view by the statistics of that view's B images, and their running
+      statistics are updated view after view; the outputs are interleaved back into rows
+      V·i + k (`steps.train_step(student_views_apart=...)`; MLKD's reference calls its student
+      on the weak, then on the strong images). Not with a `bridge` (it reads every row).
     optional_hparams: hyper-parameters the method reads with a default of its own where a
       config leaves them out (`hparams.get(name, default)`), kept out of `defaults` so that the
       effective config of runs that do not set them stays as it was. With `defaults` and the
@@ -243,7 +288,14 @@ class Method:
   teacher_preact: Optional[bool] = None
   teacher_train_mode: bool = False
   teacher_constants: Optional[TeacherConstantsFn] = None
+  optimizer: Optional[TermOptimizer] = None
+  student_views_apart: bool = False
   optional_hparams: Sequence[str] = ()
+
+  def __post_init__(self):
+    if self.student_views_apart and self.bridge is not None:
+      raise ValueError(f"method {self.name!r}: a bridge reads every row of the step, so the "
+                       f"student's views cannot run apart (student_views_apart)")
 
   def hparams(self, overrides: Optional[ml_collections.ConfigDict] = None,
               pair: Optional[tuple[str, str]] = None) -> ml_collections.ConfigDict:

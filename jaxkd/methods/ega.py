@@ -1,6 +1,8 @@
 """EGA: distilling a self-supervised (or CLIP) teacher by Embedding Graph Alignment.
 
-Ma, Chen and Akata, BMVC 2022, as the reference code computes it (reference/EGA.md).
+Ma, Chen and Akata, BMVC 2022, as the reference code computes it (yccm/EGA @ 0963f8e,
+`distiller_zoo/EGA.py`, `models/stud_net.py`, `models/teac_net.py`, `train_student.py`;
+docs/methods.md).
 
 The frozen teacher gives one embedding per image (CLIP's `encode_image`, or the pooled feature
 of a self-supervised zoo backbone); the student is a zoo backbone whose classifier is not used.
@@ -43,6 +45,7 @@ from jaxkd.methods import crd
 from jaxkd.methods import embedding_losses
 from jaxkd.methods.base import Method, OnlineTeacherHead, Outputs
 from jaxkd.methods.losses import cross_entropy, distill_kl, topk_correct
+from jaxkd.methods.numerics import safe_norm
 from jaxkd.methods.objective import POOLED
 from jaxkd.models import layers
 
@@ -75,11 +78,9 @@ def frobenius_norm(a: jax.Array) -> jax.Array:
   """‖a‖_F = sqrt(Σ a²) over all entries (torch.norm(a, 2) with no dim), gradient 0 at a = 0.
 
   Not `jnp.linalg.norm(a, 2)`, which is the spectral norm of a matrix. At a = 0 the gradient of
-  sqrt is infinite; torch returns 0 there and so does this (the double-`where` trick).
+  sqrt is infinite; torch returns 0 there and so does this (`numerics.safe_norm`).
   """
-  sq = jnp.sum(jnp.square(a.astype(jnp.float32)))
-  positive = sq > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return safe_norm(a.astype(jnp.float32).reshape(-1), keepdims=False)
 
 
 def ega_terms(ft: jax.Array, fs: jax.Array, eps: float = PCC_EPS

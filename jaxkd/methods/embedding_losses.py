@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.methods.losses import distill_kl
+from jaxkd.methods.numerics import l2_normalize, safe_norm
 
 # The epsilons the reference formulas add; they decide values near degenerate inputs.
 PDIST_EPS = 1e-12   # floor of RKD's squared distances
-NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
 PKT_EPS = 1e-7
 NCE_EPS = 1e-10
 
@@ -27,13 +27,6 @@ def _f32(x: jax.Array) -> jax.Array:
 
 def _teacher(x: jax.Array) -> jax.Array:
   return jax.lax.stop_gradient(_f32(x))
-
-
-def _row_norms(x: jax.Array) -> jax.Array:
-  """‖x_i‖ as [.., 1], with gradient 0 (not NaN) at a zero row, as torch's norm has."""
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  positive = sq > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
 def hint_loss(fs: jax.Array, ft: jax.Array) -> jax.Array:
@@ -65,7 +58,7 @@ def _angles(e: jax.Array) -> jax.Array:
   """a_ijk = <n_ji, n_ki> with n_ji = (e_j − e_i)/max(‖e_j − e_i‖, ε) (the unit vector from
   e_i to e_j): the cosine of the angle at e_i, for every triple; shape [B·B·B]."""
   diff = e[None, :, :] - e[:, None, :]  # diff[i, j] = e_j − e_i
-  unit = diff / jnp.maximum(_row_norms(diff), NORMALIZE_EPS)
+  unit = l2_normalize(diff)
   return jnp.einsum("ijd,ikd->ijk", unit, unit).reshape(-1)
 
 
@@ -88,7 +81,7 @@ def rkd_loss(fs: jax.Array, ft: jax.Array, distance_weight: float = 25.0,
 
 def _cosine_affinity(e: jax.Array, eps: float) -> jax.Array:
   """Row-stochastic P_ij ∝ (1 + cos(e_i, e_j)) / 2, cosines of e_i / (‖e_i‖ + eps)."""
-  unit = e / (_row_norms(e) + eps)
+  unit = e / (safe_norm(e) + eps)
   unit = jnp.where(jnp.isnan(unit), 0.0, unit)
   similarity = (unit @ unit.T + 1.0) / 2.0
   return similarity / jnp.sum(similarity, axis=-1, keepdims=True)
@@ -105,11 +98,6 @@ def pkt_loss(fs: jax.Array, ft: jax.Array, eps: float = PKT_EPS) -> jax.Array:
   return jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps)))
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  """x / max(‖x‖, ε) per row (torch F.normalize)."""
-  return x / jnp.maximum(_row_norms(x), NORMALIZE_EPS)
-
-
 def class_nce_loss(fs: jax.Array, ft: jax.Array, labels: jax.Array, temperature: float = 0.1
                    ) -> jax.Array:
   """The class-aware contrastive term of the reference (`NCELoss`, and CCL's `nce`):
@@ -121,8 +109,8 @@ def class_nce_loss(fs: jax.Array, ft: jax.Array, labels: jax.Array, temperature:
   A row with no negative in the batch (all one class) gives 0/0 = NaN in the reference; here its
   negative mean is 0.
   """
-  u = _l2_normalize(_f32(fs))
-  v = _l2_normalize(_teacher(ft))
+  u = l2_normalize(_f32(fs))
+  v = l2_normalize(_teacher(ft))
   dist = jnp.sum(jnp.square(u[:, None, :] - v[None, :, :]), axis=-1)
   p = jax.nn.softmax((1.0 - 0.5 * dist) / temperature, axis=-1)
   positive = (labels[:, None] == labels[None, :]).astype(jnp.float32)

@@ -37,23 +37,19 @@ from jaxkd.methods.connectors import ConvTranspose, pool_to_smaller, torch_conv2
 from jaxkd.methods.embedding_losses import hint_loss
 from jaxkd.models import layers
 from jaxkd.methods.base import Method, TeacherPreparation
+from jaxkd.methods.numerics import l2_normalize
 from jaxkd.methods.objective import LAST_MAP, WEIGHTS, bridge_term, distillation_objective, taps
 
 P1 = 2
 P2 = 1
 K = 0.5
-NORMALIZE_EPS = 1e-12  # torch F.normalize's floor of a vector's norm
 NEGATIVE_SLOPE = 0.1
 
 
 def factor(x: jax.Array, p1: int = P1) -> jax.Array:
   """FT's normalised factor of a map x [B, H, W, C]: a = mean_c x^p1 flattened to [B, H·W]
   (row-major (H, W), as the reference's NCHW view), then a / max(‖a‖₂, 1e-12) per sample."""
-  a = jnp.mean(x.astype(jnp.float32) ** p1, axis=-1).reshape(x.shape[0], -1)
-  sq = jnp.sum(jnp.square(a), axis=-1, keepdims=True)
-  positive = sq > 0
-  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-  return a / jnp.maximum(norm, NORMALIZE_EPS)
+  return l2_normalize(jnp.mean(x.astype(jnp.float32) ** p1, axis=-1).reshape(x.shape[0], -1))
 
 
 def ft_loss(factor_s: jax.Array, factor_t: jax.Array, p1: int = P1, p2: int = P2) -> jax.Array:

@@ -1,5 +1,6 @@
 """HSAKD: Hierarchical Self-supervised Augmented Knowledge Distillation (Yang et al., IJCAI 2021),
-as the reference code computes it (reference/HSAKD.md).
+as the reference code computes it (winycg/HSAKD @ 28c8dc2, `train_teacher_cifar.py` and
+`train_student_cifar.py`; docs/methods.md).
 
 Every image b of a batch of B originals is seen under the four rotations t_k, k = 0..3
 (k·90° counter-clockwise), interleaved: row 4b + k of the 4B rows is image b rotated k times,

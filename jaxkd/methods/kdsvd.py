@@ -50,11 +50,10 @@ import jax
 import jax.numpy as jnp
 from jaxkd.errors import UserError
 from jaxkd.methods.base import Method
+from jaxkd.methods.numerics import l2_normalize
 from jaxkd.methods.objective import (STAGE_MAPS, WEIGHTS, distillation_objective, equal_channels,
                                      taps)
 
-
-NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
 RBF_SCALE = 8.0   # the reference's exp(−d² / 8)
 
 Sign = Union[float, jax.Array]
@@ -67,14 +66,6 @@ def _swap(x: jax.Array) -> jax.Array:
 def _finite(x: jax.Array) -> jax.Array:
   """x with its non-finite entries set to 0 (the reference's `removenan`)."""
   return jnp.where(jnp.isfinite(x), x, 0.0)
-
-
-def _normalize(x: jax.Array, axis: int) -> jax.Array:
-  """x / max(‖x‖₂ along axis, 1e-12) (torch F.normalize), gradient finite at a zero vector."""
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  positive = sq > 0
-  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-  return x / jnp.maximum(norm, NORMALIZE_EPS)
 
 
 @jax.custom_jvp
@@ -134,8 +125,8 @@ def top_right_singular(f: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
   s, v = svd_right(f.reshape(b, height * width, c))
   s, v = _finite(s), _finite(v)
   if n > 0:
-    s = _normalize(s[:, :n], axis=1)
-    v = _normalize(v[:, :, :n], axis=1)
+    s = l2_normalize(s[:, :n], axis=1)
+    v = l2_normalize(v[:, :, :n], axis=1)
   return s, v
 
 

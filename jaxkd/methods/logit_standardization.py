@@ -11,7 +11,7 @@ std is torch's default, the unbiased (N − 1) estimate, and ε is added to it (
 the student's and the teacher's logits are standardized; the gradient reaches the raw student
 logits through the standardization. The cross-entropy with the labels reads the raw logits.
 
-It is a switch, not a method: `kd`, `dkd` and `ctkd` standardize the logits of their
+It is a switch, not a method: `kd`, `dkd`, `ctkd` and `mlkd` standardize the logits of their
 distillation terms when `logit_standardize` is True (`--config.method.logit_standardize=True`),
 and the switch brings its own defaults (a SwitchDefaults of the method), those that the
 `--logit-stand` block of the reference's tools/train.py sets with its `--base-temp 2
@@ -21,6 +21,8 @@ and the switch brings its own defaults (a SwitchDefaults of the method), those t
   DKD:   α ← 9 · α, β ← 9 · β (the pair's β), T = 2 (ce_weight 1 and the warm-up stay)
   CTKD:  kd_weight = 9 (the reference's CTKD/scripts/run_cifar_distill.sh, `-a 9`; the
          temperature is the learned one)
+  MLKD:  T = 2, kd_weight = 9, as KD (the fork's MLKD.py standardizes only its instance-level
+         terms)
 
 A field the config sets keeps its value (the reference's command line would multiply a BETA
 given in its opts by 9 as well).

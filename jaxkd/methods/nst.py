@@ -16,9 +16,8 @@ import jax.numpy as jnp
 
 from jaxkd.methods.connectors import pool_to_smaller
 from jaxkd.methods.base import Method
+from jaxkd.methods.numerics import l2_normalize
 from jaxkd.methods.objective import STAGE_MAPS, WEIGHTS, distillation_objective, taps
-
-NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
 
 
 def channel_distributions(f: jax.Array) -> jax.Array:
@@ -27,11 +26,7 @@ def channel_distributions(f: jax.Array) -> jax.Array:
   z[b, :, c] = f[b, :, :, c] / max(‖f[b, :, :, c]‖₂, 1e-12).
   """
   f = f.astype(jnp.float32)
-  x = f.reshape(f.shape[0], -1, f.shape[-1])
-  sq = jnp.sum(jnp.square(x), axis=1, keepdims=True)
-  positive = sq > 0
-  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-  return x / jnp.maximum(norm, NORMALIZE_EPS)
+  return l2_normalize(f.reshape(f.shape[0], -1, f.shape[-1]), axis=1)
 
 
 def poly_kernel_mean(a: jax.Array, b: jax.Array) -> jax.Array:

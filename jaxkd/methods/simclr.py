@@ -15,13 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxkd.methods.base import Method, Outputs
+from jaxkd.methods.numerics import l2_normalize
 from jaxkd.models import layers
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(‖x‖, eps) per row (torch's F.normalize)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def nt_xent(z_a: jax.Array, z_b: jax.Array, temperature: float
@@ -38,7 +33,7 @@ def nt_xent(z_a: jax.Array, z_b: jax.Array, temperature: float
   Over the global batch under jit, as the reference computes it on one device.
   """
   b = z_a.shape[0]
-  u = _l2_normalize(jnp.concatenate([z_a, z_b], axis=0).astype(jnp.float32))
+  u = l2_normalize(jnp.concatenate([z_a, z_b], axis=0).astype(jnp.float32))
   sim = u @ u.T / temperature
   self_mask = jnp.eye(2 * b, dtype=bool)
   sim = jnp.where(self_mask, -jnp.inf, sim)  # A row is never its own negative.

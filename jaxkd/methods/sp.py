@@ -12,17 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.methods.base import Method
+from jaxkd.methods.numerics import l2_normalize
 from jaxkd.methods.objective import LAST_MAP, WEIGHTS, distillation_objective, taps
-
-NORMALIZE_EPS = 1e-12   # torch F.normalize's floor of a vector's norm
-
-
-def _l2_normalize_rows(x: jax.Array) -> jax.Array:
-  """x_i / max(‖x_i‖, ε) per row (torch F.normalize, dim=1), gradient finite at a zero row."""
-  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-  positive = sq > 0
-  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-  return x / jnp.maximum(norm, NORMALIZE_EPS)
 
 
 def similarity_matrix(f: jax.Array) -> jax.Array:
@@ -34,7 +25,7 @@ def similarity_matrix(f: jax.Array) -> jax.Array:
   Gram matrix does not depend on the flattening order, so NHWC and NCHW maps give the same Ĝ.
   """
   f = f.astype(jnp.float32).reshape(f.shape[0], -1)
-  return _l2_normalize_rows(f @ f.T)
+  return l2_normalize(f @ f.T)
 
 
 def sp_loss(fs: jax.Array, ft: jax.Array) -> jax.Array:

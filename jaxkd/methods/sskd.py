@@ -32,6 +32,7 @@ import optax
 
 from jaxkd.methods.base import Method, Outputs, TeacherPreparation
 from jaxkd.methods.losses import cross_entropy, distill_kl, kl_rows, topk_correct
+from jaxkd.methods.numerics import l2_normalize
 from jaxkd.methods.objective import POOLED
 from jaxkd.models import layers
 
@@ -103,11 +104,7 @@ def cosine_matrix(rep: jax.Array, num_views: int = NUM_VIEWS, eps: float = COSIN
   """
   rep = rep.astype(jnp.float32)
   originals, transformed = split_views(rep, num_views)
-
-  def normalise(x):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-  return normalise(transformed) @ normalise(originals).T
+  return l2_normalize(transformed, eps=eps) @ l2_normalize(originals, eps=eps).T
 
 
 def target_rank(scores: jax.Array, targets: jax.Array) -> jax.Array:

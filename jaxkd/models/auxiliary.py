@@ -1,5 +1,6 @@
 """HSAKD's auxiliary classifiers: one per tapped backbone stage, each predicting the 4N joint
-(class, rotation) labels (reference/HSAKD.md section (b)).
+(class, rotation) labels (winycg/HSAKD @ 28c8dc2, the `Auxiliary_Classifier` of each
+`models/*.py`; docs/zoo.md).
 
 The backbone is cut at its L taps into L segments (segment l ends at tap l). Classifier l reads
 tap l and runs
@@ -8,8 +9,12 @@ tap l and runs
   -- the last classifier, which has none left, runs a copy of segment L at stride 1 --
   -> the family's own pre-pool head, if any -> spatial mean -> Linear(C_L -> 4N)
 
-so every branch ends at the backbone's last width and resolution. The copies reuse the families'
-block modules; initialisers follow the reference classifiers (not always their backbones').
+so every branch ends at the backbone's last width and resolution. One module,
+`AuxiliaryClassifiers`, runs this loop for every family; what differs between families -- the
+taps, the blocks that replay a segment, the layers after them, the fc's init -- is a `Family`
+description (`CifarResNetBlocks`, `VGGBlocks`, ...), built from the backbone module by
+`for_backbone`. The copies reuse the families' block modules; initialisers follow the reference
+classifiers (not always their backbones').
 
 A classifier set is a heads module for `jaxkd.networks.Network`:
 
@@ -30,7 +35,8 @@ ShuffleV2                   stage1..3             1x1 conv 1024 + BN + ReLU   Py
 ResNet50, resnet*_imagenet  stage1..4             -                           kaiming, fc default
 """
 
-from typing import Any, Callable, Mapping, Sequence
+import dataclasses
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -74,80 +80,118 @@ def _taps(outputs: Mapping[str, Any], names: Sequence[str], detach: bool) -> lis
   return [jax.lax.stop_gradient(feats[n]) if detach else feats[n] for n in names]
 
 
-def _stacked(logits: list[jax.Array]) -> Logits:
-  return {"aux_logits": jnp.stack(logits)}
+# --- the families' block descriptions -------------------------------------------------------
+#
+# A branch is the reference's `block_extractor{l}` Sequential: a list of entries, entry i named
+# `block_extractor{l}_{i}` (an entry that holds several blocks names block b `..._{i}_{b}`). A
+# family says which entries replay one segment, which entries follow the last segment inside the
+# Sequential (`tail`), and what runs between the Sequential and the pool (`head`, own names).
+
+# One entry of a branch: `entry(x, name, train) -> x`, creating its modules under `name`.
+Entry = Callable[[jax.Array, str, bool], jax.Array]
+
+_FC_ZERO_BIAS = {"bias_init": layers.zeros}
 
 
-class CifarResNetAuxiliary(nn.Module):
-  """Classifiers on stage1..3 of a CIFAR ResNet: BasicBlock copies (`block_extractor{l}_{s}_{b}`),
-  spatial mean, `fc{l}` (PyTorch-default weight, zero bias).
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """The block description of one backbone family; `AuxiliaryClassifiers` replays it.
+
+  Subclasses set `taps` (the feats the classifiers read, in backbone order: tap l ends
+  segment l), `fc_init` (keyword initialisers of the 4N-way `fc{l}`; empty: PyTorch's default)
+  and `segment`; `tail` and `head` default to nothing.
+  """
+  taps: ClassVar[tuple[str, ...]] = ("stage1", "stage2", "stage3")
+  fc_init: ClassVar[Mapping[str, layers.Initializer]] = {}
+
+  def segment(self, seg: int, stride_one: bool, dtype: Dtype) -> Sequence[Entry]:
+    """The entries that replay 0-based segment `seg`; `stride_one`: the last branch's copy."""
+    raise NotImplementedError
+
+  def tail(self, dtype: Dtype) -> Sequence[Entry]:
+    """Entries after the replayed segments, inside the same Sequential."""
+    del dtype
+    return ()
+
+  def head(self, x: jax.Array, tap: int, dtype: Dtype, train: bool) -> jax.Array:
+    """The branch's own layers between the Sequential and the spatial mean."""
+    del tap, dtype, train
+    return x
+
+
+def _blocks(make: Callable[[int, str], nn.Module], count: int) -> Entry:
+  """An entry of `count` blocks in a row, block b = `make(b, f"{name}_{b}")`; a block that
+  returns (x, pre-activation) passes x on."""
+  def entry(x: jax.Array, name: str, train: bool) -> jax.Array:
+    for b in range(count):
+      x = make(b, f"{name}_{b}")(x, train)
+      if isinstance(x, tuple):
+        x = x[0]
+    return x
+  return entry
+
+
+def _identity(x: jax.Array, name: str, train: bool) -> jax.Array:
+  del name, train
+  return x
+
+
+def _max_pool(x: jax.Array, name: str, train: bool) -> jax.Array:
+  del name, train
+  return nn.max_pool(x, (2, 2), (2, 2))
+
+
+def _relu(x: jax.Array, name: str, train: bool) -> jax.Array:
+  del name, train
+  return nn.relu(x)
+
+
+_CIFAR_STRIDES = (1, 2, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class CifarResNetBlocks(Family):
+  """CIFAR ResNet: BasicBlock copies (`block_extractor{l}_{s}_{b}`); fc bias 0.
 
   `stage_widths` = (C1, C2, C3); every copied stage has `blocks_per_stage` blocks.
   """
   blocks_per_stage: int
   stage_widths: tuple[int, ...]
-  num_outputs: int
-  detach: bool = False
-  dtype: Dtype = jnp.float32
+  fc_init: ClassVar[Mapping[str, layers.Initializer]] = _FC_ZERO_BIAS
 
-  @property
-  def taps(self) -> tuple[str, ...]:
-    return ("stage1", "stage2", "stage3")
-
-  @nn.compact
-  def __call__(self, outputs: Mapping[str, Any], train: bool = False) -> Logits:
-    strides = (1, 2, 2)
-    logits = []
-    for l, x in enumerate(_taps(outputs, self.taps, self.detach), start=1):
-      segments, stride_one = branch_segments(len(self.taps), l)
-      for s, seg in enumerate(segments):
-        for b in range(self.blocks_per_stage):
-          stride = 1 if b or stride_one else strides[seg]
-          x, _ = resnet_cifar.BasicBlock(self.stage_widths[seg], stride, dtype=self.dtype,
-                                         name=f"block_extractor{l}_{s}_{b}")(x, train)
-      x = layers.global_avg_pool(x)
-      logits.append(layers.Linear(self.num_outputs, dtype=self.dtype, bias_init=layers.zeros,
-                                  name=f"fc{l}")(x))
-    return _stacked(logits)
+  def segment(self, seg: int, stride_one: bool, dtype: Dtype) -> Sequence[Entry]:
+    def block(b: int, name: str) -> nn.Module:
+      stride = 1 if b or stride_one else _CIFAR_STRIDES[seg]
+      return resnet_cifar.BasicBlock(self.stage_widths[seg], stride, dtype=dtype, name=name)
+    return (_blocks(block, self.blocks_per_stage),)
 
 
-class WideResNetAuxiliary(nn.Module):
-  """Classifiers on block1..3 of a WRN (raw residual-sum taps): NetworkBlock copies
-  (`block_extractor{l}_{s}/layer_{b}`), each branch's own BN `bn{l}` + ReLU, spatial mean,
-  `fc{l}` (PyTorch-default weight, zero bias).
+@dataclasses.dataclass(frozen=True)
+class WideResNetBlocks(Family):
+  """WRN (raw residual-sum taps): NetworkBlock copies (`block_extractor{l}_{s}/layer_{b}`),
+  then each branch's own BN `bn{l}` + ReLU; fc bias 0.
 
   `stage_widths` = (16k, 32k, 64k); every copied stage has `blocks_per_stage` blocks.
   """
   blocks_per_stage: int
   stage_widths: tuple[int, ...]
-  num_outputs: int
-  detach: bool = False
-  dtype: Dtype = jnp.float32
+  fc_init: ClassVar[Mapping[str, layers.Initializer]] = _FC_ZERO_BIAS
 
-  @property
-  def taps(self) -> tuple[str, ...]:
-    return ("stage1", "stage2", "stage3")
+  def segment(self, seg: int, stride_one: bool, dtype: Dtype) -> Sequence[Entry]:
+    def entry(x: jax.Array, name: str, train: bool) -> jax.Array:
+      return wrn.NetworkBlock(self.blocks_per_stage, x.shape[-1], self.stage_widths[seg],
+                              1 if stride_one else _CIFAR_STRIDES[seg], dtype=dtype,
+                              name=name)(x, train)
+    return (entry,)
 
-  @nn.compact
-  def __call__(self, outputs: Mapping[str, Any], train: bool = False) -> Logits:
-    strides = (1, 2, 2)
-    logits = []
-    for l, x in enumerate(_taps(outputs, self.taps, self.detach), start=1):
-      segments, stride_one = branch_segments(len(self.taps), l)
-      for s, seg in enumerate(segments):
-        x = wrn.NetworkBlock(self.blocks_per_stage, x.shape[-1], self.stage_widths[seg],
-                             1 if stride_one else strides[seg], dtype=self.dtype,
-                             name=f"block_extractor{l}_{s}")(x, train)
-      x = nn.relu(layers.BatchNorm(dtype=self.dtype, name=f"bn{l}")(x, not train))
-      x = layers.global_avg_pool(x)
-      logits.append(layers.Linear(self.num_outputs, dtype=self.dtype, bias_init=layers.zeros,
-                                  name=f"fc{l}")(x))
-    return _stacked(logits)
+  def head(self, x: jax.Array, tap: int, dtype: Dtype, train: bool) -> jax.Array:
+    return nn.relu(layers.BatchNorm(dtype=dtype, name=f"bn{tap}")(x, not train))
 
 
-class ResNetAuxiliary(nn.Module):
-  """Classifiers on stage1..4 of the CIFAR ResNet50 or a torchvision ImageNet ResNet: BasicBlock
-  or Bottleneck copies (`block_extractor{l}_{s}_{b}`), spatial mean, `fc{l}` (PyTorch default).
+@dataclasses.dataclass(frozen=True)
+class ResNetBlocks(Family):
+  """The CIFAR ResNet50 or a torchvision ImageNet ResNet: BasicBlock or Bottleneck copies
+  (`block_extractor{l}_{s}_{b}`); PyTorch-default fc.
 
   `stages` = (planes, blocks, stride) of layer1..4; `shortcut` names the bottleneck projection
   ('shortcut' in the CIFAR ResNet50, 'downsample' in torchvision's).
@@ -155,262 +199,203 @@ class ResNetAuxiliary(nn.Module):
   stages: tuple[tuple[int, int, int], ...]
   bottleneck: bool
   shortcut: str
-  num_outputs: int
-  detach: bool = False
-  dtype: Dtype = jnp.float32
 
   @property
-  def taps(self) -> tuple[str, ...]:
+  def taps(self) -> tuple[str, ...]:  # type: ignore[override]
     return tuple(f"stage{i + 1}" for i in range(len(self.stages)))
 
-  @nn.compact
-  def __call__(self, outputs: Mapping[str, Any], train: bool = False) -> Logits:
-    logits = []
-    for l, x in enumerate(_taps(outputs, self.taps, self.detach), start=1):
-      segments, stride_one = branch_segments(len(self.taps), l)
-      for s, seg in enumerate(segments):
-        planes, blocks, first_stride = self.stages[seg]
-        for b in range(blocks):
-          stride = 1 if b or stride_one else first_stride
-          name = f"block_extractor{l}_{s}_{b}"
-          if self.bottleneck:
-            block = resnet_v2.Bottleneck(planes, stride, shortcut=self.shortcut, dtype=self.dtype,
-                                         name=name)
-          else:
-            block = resnet_cifar.BasicBlock(planes, stride, dtype=self.dtype, name=name)
-          x, _ = block(x, train)
-      x = layers.global_avg_pool(x)
-      logits.append(layers.Linear(self.num_outputs, dtype=self.dtype, name=f"fc{l}")(x))
-    return _stacked(logits)
+  def segment(self, seg: int, stride_one: bool, dtype: Dtype) -> Sequence[Entry]:
+    planes, blocks, first_stride = self.stages[seg]
+
+    def block(b: int, name: str) -> nn.Module:
+      stride = 1 if b or stride_one else first_stride
+      if self.bottleneck:
+        return resnet_v2.Bottleneck(planes, stride, shortcut=self.shortcut, dtype=dtype,
+                                    name=name)
+      return resnet_cifar.BasicBlock(planes, stride, dtype=dtype, name=name)
+    return (_blocks(block, blocks),)
 
 
-class VGGAuxiliary(nn.Module):
-  """Classifiers on ReLU(block0), ReLU(block1), ReLU(block2) and ReLU(block4) of a VGG-BN.
+@dataclasses.dataclass(frozen=True)
+class VGGBlocks(Family):
+  """VGG-BN, taps ReLU(block0), ReLU(block1), ReLU(block2), ReLU(block4).
 
-  Segments: block0 | block1 | block2 | block3 + block4; a 2x2 max-pool precedes a copied block
-  wherever the backbone pools before it (blocks 1..3), except in the stride-1 last branch. Every
-  copied block is [conv3x3 (bias) -> BN -> ReLU] * n. Layers keep the indices of the reference
-  `block_extractor{l}` Sequential (pool, block, ReLU, ...), a block's conv j at 3j and BN at
-  3j+1: `block_extractor{l}_{i}_{3j}`. PyTorch-default init throughout (the reference's custom
-  init of these classifiers is never called).
+  Segments: block0 | block1 | block2 | block3 + block4; a 2x2 max-pool entry precedes a copied
+  block wherever the backbone pools before it (blocks 1..3), except in the stride-1 last branch.
+  Each copied block is one entry, [conv3x3 (bias) -> BN -> ReLU] * n with conv j at
+  `block_extractor{l}_{i}_{3j}` and its BN at `_{i}_{3j+1}`, followed by the reference's ReLU
+  entry (a no-op on the block's ReLU output). PyTorch-default init throughout (the reference's
+  custom init of these classifiers is never called).
   """
   config: tuple[tuple[int, ...], ...]
-  num_outputs: int
-  detach: bool = False
-  dtype: Dtype = jnp.float32
+  taps: ClassVar[tuple[str, ...]] = ("stage0", "stage1", "stage2", "stage4")
+  segment_blocks: ClassVar[tuple[tuple[int, ...], ...]] = ((0,), (1,), (2,), (3, 4))
 
-  @property
-  def taps(self) -> tuple[str, ...]:
-    return ("stage0", "stage1", "stage2", "stage4")
+  def segment(self, seg: int, stride_one: bool, dtype: Dtype) -> Sequence[Entry]:
+    entries = []
+    for block in self.segment_blocks[seg]:
+      if block <= 3 and not stride_one:
+        entries.append(_max_pool)
+      entries += [self._conv_bn_relu(self.config[block], dtype), _identity]
+    return entries
 
-  @nn.compact
-  def __call__(self, outputs: Mapping[str, Any], train: bool = False) -> Logits:
-    # The backbone blocks of each segment (segment l ends at tap l).
-    segment_blocks = ((0,), (1,), (2,), (3, 4))
-    logits = []
-    for l, x in enumerate(_taps(outputs, self.taps, self.detach), start=1):
-      segments, stride_one = branch_segments(len(self.taps), l)
-      index = 0
-      for block in (b for seg in segments for b in segment_blocks[seg]):
-        if block <= 3 and not stride_one:
-          x = nn.max_pool(x, (2, 2), (2, 2))
-          index += 1
-        for j, features in enumerate(self.config[block]):
-          fan_in = 9 * x.shape[-1]
-          x = layers.conv(features, 3, 1, 1, use_bias=True, dtype=self.dtype,
-                          kernel_init=layers.torch_default_kernel,
-                          bias_init=layers.torch_default_bias(fan_in),
-                          name=f"block_extractor{l}_{index}_{3 * j}")(x)
-          x = layers.BatchNorm(dtype=self.dtype,
-                               name=f"block_extractor{l}_{index}_{3 * j + 1}")(x, not train)
-          x = nn.relu(x)
-        index += 2  # the block and the ReLU after it
-      x = layers.global_avg_pool(x)
-      logits.append(layers.Linear(self.num_outputs, dtype=self.dtype, name=f"fc{l}")(x))
-    return _stacked(logits)
+  @staticmethod
+  def _conv_bn_relu(widths: tuple[int, ...], dtype: Dtype) -> Entry:
+    def entry(x: jax.Array, name: str, train: bool) -> jax.Array:
+      for j, features in enumerate(widths):
+        fan_in = 9 * x.shape[-1]
+        x = layers.conv(features, 3, 1, 1, use_bias=True, dtype=dtype,
+                        kernel_init=layers.torch_default_kernel,
+                        bias_init=layers.torch_default_bias(fan_in), name=f"{name}_{3 * j}")(x)
+        x = nn.relu(layers.BatchNorm(dtype=dtype, name=f"{name}_{3 * j + 1}")(x, not train))
+      return x
+    return entry
 
 
-class MobileNetV2Auxiliary(nn.Module):
-  """Classifiers on the outputs of stages 2, 3, 5 and 7 of MobileNetV2 (T=6, width 0.5).
+# pylint: disable=protected-access
+@dataclasses.dataclass(frozen=True)
+class MobileNetV2Blocks(Family):
+  """MobileNetV2 (T=6, width 0.5), taps the outputs of stages 2, 3, 5 and 7.
 
-  Segments: stages 1-2 | 3 | 4-5 | 6-7; the last branch runs stage 6 at stride 1. Inverted
-  residual copies `block_extractor{l}_{s}_{b}`, then each branch's own 1x1 conv 160 -> 1280 +
-  BN + ReLU (`conv2_{l}_0`, `conv2_{l}_1`), spatial mean, `fc{l}` N(0, 0.01) with zero bias.
+  Segments: stages 1-2 | 3 | 4-5 | 6-7, one entry per stage (inverted residual copies
+  `block_extractor{l}_{s}_{b}`); the last branch runs stage 6 at stride 1. Each branch's own
+  1x1 conv 160 -> 1280 + BN + ReLU (`conv2_{l}_0`, `conv2_{l}_1`); fc N(0, 0.01), bias 0.
   """
-  num_outputs: int
-  detach: bool = False
-  dtype: Dtype = jnp.float32
+  taps: ClassVar[tuple[str, ...]] = tuple(f"stage{i + 1}" for i in range(len(mobilenetv2._TAPPED)))
+  fc_init: ClassVar[Mapping[str, layers.Initializer]] = {"kernel_init": layers.normal_001,
+                                                         "bias_init": layers.zeros}
 
-  @property
-  def taps(self) -> tuple[str, ...]:
-    tapped = mobilenetv2._TAPPED  # pylint: disable=protected-access
-    return tuple(f"stage{i + 1}" for i in range(len(tapped)))
+  def segment(self, seg: int, stride_one: bool, dtype: Dtype) -> Sequence[Entry]:
+    bounds = (-1,) + tuple(mobilenetv2._TAPPED)
+    stages = range(bounds[seg] + 1, bounds[seg + 1] + 1)
+    return [self._stage(*mobilenetv2._STAGES[stage], stride_one and i == 0, dtype)
+            for i, stage in enumerate(stages)]
 
-  @nn.compact
-  def __call__(self, outputs: Mapping[str, Any], train: bool = False) -> Logits:
-    stages = mobilenetv2._STAGES  # pylint: disable=protected-access
-    tapped = mobilenetv2._TAPPED  # pylint: disable=protected-access
-    last = mobilenetv2._LAST  # pylint: disable=protected-access
-    bounds = (-1,) + tuple(tapped)
-    logits = []
-    for l, x in enumerate(_taps(outputs, self.taps, self.detach), start=1):
-      segments, stride_one = branch_segments(len(self.taps), l)
-      plan = [i for seg in segments for i in range(bounds[seg] + 1, bounds[seg + 1] + 1)]
-      for s, stage in enumerate(plan):
-        t, c, n, first_stride = stages[stage]
-        for b in range(n):
-          stride = 1 if b or (stride_one and s == 0) else first_stride
-          x = mobilenetv2.InvertedResidual(c, stride, t, dtype=self.dtype,
-                                           name=f"block_extractor{l}_{s}_{b}")(x, train)
-      x = layers.conv1x1(last, dtype=self.dtype, name=f"conv2_{l}_0")(x)
-      x = nn.relu(layers.BatchNorm(dtype=self.dtype, name=f"conv2_{l}_1")(x, not train))
-      x = layers.global_avg_pool(x)
-      logits.append(layers.Linear(self.num_outputs, dtype=self.dtype,
-                                  kernel_init=layers.normal_001, bias_init=layers.zeros,
-                                  name=f"fc{l}")(x))
-    return _stacked(logits)
+  @staticmethod
+  def _stage(t: int, c: int, n: int, first_stride: int, stride_one: bool, dtype: Dtype) -> Entry:
+    def block(b: int, name: str) -> nn.Module:
+      stride = 1 if b or stride_one else first_stride
+      return mobilenetv2.InvertedResidual(c, stride, t, dtype=dtype, name=name)
+    return _blocks(block, n)
+
+  def head(self, x: jax.Array, tap: int, dtype: Dtype, train: bool) -> jax.Array:
+    x = layers.conv1x1(mobilenetv2._LAST, dtype=dtype, name=f"conv2_{tap}_0")(x)
+    return nn.relu(layers.BatchNorm(dtype=dtype, name=f"conv2_{tap}_1")(x, not train))
 
 
-class ShuffleNetV1Auxiliary(nn.Module):
-  """Classifiers on layer1..3 of ShuffleV1 (g = 3): Bottleneck copies
-  (`block_extractor{l}_{s}_{b}`; stride 2 + concat on each copied stage's first block, all
-  stride 1 and additive in the last branch), spatial mean, `fc{l}` (zero bias).
+@dataclasses.dataclass(frozen=True)
+class ShuffleNetV1Blocks(Family):
+  """ShuffleV1 (g = 3): Bottleneck copies (`block_extractor{l}_{s}_{b}`; stride 2 + concat on
+  each copied stage's first block, all stride 1 and additive in the last branch); fc bias 0.
   Convs N(0, 2 / (k*k*C_out)) as the reference classifiers (its backbone keeps PyTorch's).
   """
-  stage_widths: tuple[int, ...]
-  stage_blocks: tuple[int, ...]
-  num_outputs: int
-  detach: bool = False
-  dtype: Dtype = jnp.float32
+  stage_widths: tuple[int, ...] = shufflenetv1._WIDTHS
+  stage_blocks: tuple[int, ...] = shufflenetv1._BLOCKS
+  fc_init: ClassVar[Mapping[str, layers.Initializer]] = _FC_ZERO_BIAS
 
-  @property
-  def taps(self) -> tuple[str, ...]:
-    return ("stage1", "stage2", "stage3")
+  def segment(self, seg: int, stride_one: bool, dtype: Dtype) -> Sequence[Entry]:
+    width = self.stage_widths[seg]
 
-  @nn.compact
-  def __call__(self, outputs: Mapping[str, Any], train: bool = False) -> Logits:
-    logits = []
-    for l, x in enumerate(_taps(outputs, self.taps, self.detach), start=1):
-      segments, stride_one = branch_segments(len(self.taps), l)
-      for s, seg in enumerate(segments):
-        width = self.stage_widths[seg]
-        for b in range(self.stage_blocks[seg]):
-          down = b == 0 and not stride_one
-          x, _ = shufflenetv1.Bottleneck(
-              width - x.shape[-1] if down else width, 2 if down else 1,
-              kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype,
-              name=f"block_extractor{l}_{s}_{b}")(x, train)
-      x = layers.global_avg_pool(x)
-      logits.append(layers.Linear(self.num_outputs, dtype=self.dtype, bias_init=layers.zeros,
-                                  name=f"fc{l}")(x))
-    return _stacked(logits)
+    def entry(x: jax.Array, name: str, train: bool) -> jax.Array:
+      for b in range(self.stage_blocks[seg]):
+        down = b == 0 and not stride_one
+        x, _ = shufflenetv1.Bottleneck(
+            width - x.shape[-1] if down else width, 2 if down else 1,
+            kernel_init=layers.kaiming_normal_fan_out, dtype=dtype, name=f"{name}_{b}")(x, train)
+      return x
+    return (entry,)
 
 
-class ShuffleNetV2Auxiliary(nn.Module):
-  """Classifiers on layer1..3 of ShuffleV2: stage copies (`block_extractor{l}_{s}_0` the
-  DownBlock -- stride 1 in the last branch --, `_{s}_{b}` the BasicBlocks), then the 1x1 conv
-  C3 -> 1024 + BN + ReLU as the next two entries of the reference Sequential, spatial mean,
-  `fc{l}`. PyTorch-default init, as the reference.
+@dataclasses.dataclass(frozen=True)
+class ShuffleNetV2Blocks(Family):
+  """ShuffleV2: stage copies (`block_extractor{l}_{s}_0` the DownBlock -- stride 1 in the last
+  branch --, `_{s}_{b}` the BasicBlocks), then the 1x1 conv C3 -> 1024, BN and ReLU as the next
+  entries of the Sequential. PyTorch-default init, as the reference.
   """
-  stage_widths: tuple[int, ...]
-  stage_blocks: tuple[int, ...]
-  head_features: int
+  stage_widths: tuple[int, ...] = shufflenetv2._WIDTHS
+  stage_blocks: tuple[int, ...] = shufflenetv2._BASIC_BLOCKS
+  head_features: int = shufflenetv2._HEAD
+
+  def segment(self, seg: int, stride_one: bool, dtype: Dtype) -> Sequence[Entry]:
+    def block(b: int, name: str) -> nn.Module:
+      if b == 0:
+        return shufflenetv2.DownBlock(self.stage_widths[seg], stride=1 if stride_one else 2,
+                                      dtype=dtype, name=name)
+      return shufflenetv2.BasicBlock(dtype=dtype, name=name)
+    return (_blocks(block, self.stage_blocks[seg] + 1),)
+
+  def tail(self, dtype: Dtype) -> Sequence[Entry]:
+    def conv(x: jax.Array, name: str, train: bool) -> jax.Array:
+      del train
+      return layers.conv(self.head_features, 1, dtype=dtype,
+                         kernel_init=layers.torch_default_kernel, name=name)(x)
+
+    def bn(x: jax.Array, name: str, train: bool) -> jax.Array:
+      return layers.BatchNorm(dtype=dtype, name=name)(x, not train)
+    return (conv, bn, _relu)
+# pylint: enable=protected-access
+
+
+class AuxiliaryClassifiers(nn.Module):
+  """HSAKD's classifier set on one backbone, replaying `family`'s blocks (module docstring).
+
+  For each tap l: the tap -> the entries of segments l+1..L (segment L at stride 1 for the last
+  classifier) and the family's tail, entry i named `block_extractor{l}_{i}` -> the family's
+  head -> spatial mean -> `fc{l}` with `num_outputs` outputs.
+  """
+  family: Family
   num_outputs: int
   detach: bool = False
   dtype: Dtype = jnp.float32
 
   @property
   def taps(self) -> tuple[str, ...]:
-    return ("stage1", "stage2", "stage3")
+    return self.family.taps
 
   @nn.compact
   def __call__(self, outputs: Mapping[str, Any], train: bool = False) -> Logits:
     logits = []
     for l, x in enumerate(_taps(outputs, self.taps, self.detach), start=1):
       segments, stride_one = branch_segments(len(self.taps), l)
-      for s, seg in enumerate(segments):
-        x = shufflenetv2.DownBlock(self.stage_widths[seg], stride=1 if stride_one else 2,
-                                   dtype=self.dtype, name=f"block_extractor{l}_{s}_0")(x, train)
-        for b in range(1, self.stage_blocks[seg] + 1):
-          x, _ = shufflenetv2.BasicBlock(dtype=self.dtype,
-                                         name=f"block_extractor{l}_{s}_{b}")(x, train)
-      head = len(segments)
-      x = layers.conv(self.head_features, 1, dtype=self.dtype,
-                      kernel_init=layers.torch_default_kernel,
-                      name=f"block_extractor{l}_{head}")(x)
-      x = layers.BatchNorm(dtype=self.dtype, name=f"block_extractor{l}_{head + 1}")(x, not train)
-      x = layers.global_avg_pool(nn.relu(x))
-      logits.append(layers.Linear(self.num_outputs, dtype=self.dtype, name=f"fc{l}")(x))
-    return _stacked(logits)
+      entries = [e for seg in segments for e in self.family.segment(seg, stride_one, self.dtype)]
+      for i, entry in enumerate([*entries, *self.family.tail(self.dtype)]):
+        x = entry(x, f"block_extractor{l}_{i}", train)
+      x = layers.global_avg_pool(self.family.head(x, l, self.dtype, train))
+      logits.append(layers.Linear(self.num_outputs, dtype=self.dtype, name=f"fc{l}",
+                                  **self.family.fc_init)(x))
+    return {"aux_logits": jnp.stack(logits)}
 
 
-# --- one builder per backbone class ----------------------------------------------------------
-
-AuxBuilder = Callable[[Any, int, bool], nn.Module]
-
-
-def _cifar_resnet(backbone: resnet_cifar.CifarResNet, n: int, detach: bool) -> nn.Module:
-  return CifarResNetAuxiliary(backbone.blocks_per_stage, tuple(backbone.widths[1:]), n,
-                              detach=detach, dtype=backbone.dtype)
-
-
-def _wide_resnet(backbone: wrn.WideResNet, n: int, detach: bool) -> nn.Module:
-  k = backbone.widen_factor
-  return WideResNetAuxiliary((backbone.depth - 4) // 6, (16 * k, 32 * k, 64 * k), n,
-                             detach=detach, dtype=backbone.dtype)
+# --- a family's description from its backbone module -----------------------------------------
 
 
 def _resnet_stages(blocks: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
   return tuple(zip((64, 128, 256, 512), tuple(blocks), (1, 2, 2, 2)))
 
 
-def _cifar_resnet50(backbone: resnet_v2.CifarResNetBottleneck, n: int,
-                    detach: bool) -> nn.Module:
-  return ResNetAuxiliary(_resnet_stages(backbone.blocks_per_stage), True, "shortcut", n,
-                         detach=detach, dtype=backbone.dtype)
+def _wide_resnet(backbone: wrn.WideResNet) -> Family:
+  k = backbone.widen_factor
+  return WideResNetBlocks((backbone.depth - 4) // 6, (16 * k, 32 * k, 64 * k))
 
 
-def _imagenet_resnet(backbone: imagenet.ImageNetResNet, n: int, detach: bool) -> nn.Module:
-  return ResNetAuxiliary(_resnet_stages(backbone.blocks_per_stage), backbone.bottleneck,
-                         "downsample", n, detach=detach, dtype=backbone.dtype)
-
-
-def _vgg(backbone: vgg.VGG, n: int, detach: bool) -> nn.Module:
-  return VGGAuxiliary(tuple(tuple(b) for b in backbone.config), n, detach=detach,
-                      dtype=backbone.dtype)
-
-
-def _mobilenetv2(backbone: mobilenetv2.MobileNetV2, n: int, detach: bool) -> nn.Module:
-  return MobileNetV2Auxiliary(n, detach=detach, dtype=backbone.dtype)
-
-
-# pylint: disable=protected-access
-def _shufflenetv1(backbone: shufflenetv1.ShuffleNetV1, n: int, detach: bool) -> nn.Module:
-  return ShuffleNetV1Auxiliary(shufflenetv1._WIDTHS, shufflenetv1._BLOCKS, n, detach=detach,
-                               dtype=backbone.dtype)
-
-
-def _shufflenetv2(backbone: shufflenetv2.ShuffleNetV2, n: int, detach: bool) -> nn.Module:
-  return ShuffleNetV2Auxiliary(shufflenetv2._WIDTHS, shufflenetv2._BASIC_BLOCKS,
-                               shufflenetv2._HEAD, n, detach=detach, dtype=backbone.dtype)
-# pylint: enable=protected-access
-
-
-_BUILDERS: dict[type, AuxBuilder] = {
-    resnet_cifar.CifarResNet: _cifar_resnet,
+_FAMILIES: dict[type, Callable[[Any], Family]] = {
+    resnet_cifar.CifarResNet:
+        lambda m: CifarResNetBlocks(m.blocks_per_stage, tuple(m.widths[1:])),
     wrn.WideResNet: _wide_resnet,
-    resnet_v2.CifarResNetBottleneck: _cifar_resnet50,
-    imagenet.ImageNetResNet: _imagenet_resnet,
-    vgg.VGG: _vgg,
-    mobilenetv2.MobileNetV2: _mobilenetv2,
-    shufflenetv1.ShuffleNetV1: _shufflenetv1,
-    shufflenetv2.ShuffleNetV2: _shufflenetv2,
+    resnet_v2.CifarResNetBottleneck:
+        lambda m: ResNetBlocks(_resnet_stages(m.blocks_per_stage), True, "shortcut"),
+    imagenet.ImageNetResNet:
+        lambda m: ResNetBlocks(_resnet_stages(m.blocks_per_stage), m.bottleneck, "downsample"),
+    vgg.VGG: lambda m: VGGBlocks(tuple(tuple(b) for b in m.config)),
+    mobilenetv2.MobileNetV2: lambda m: MobileNetV2Blocks(),
+    shufflenetv1.ShuffleNetV1: lambda m: ShuffleNetV1Blocks(),
+    shufflenetv2.ShuffleNetV2: lambda m: ShuffleNetV2Blocks(),
 }
 
 
 def has_auxiliary(backbone: nn.Module) -> bool:
   """Whether HSAKD classifiers are defined for this backbone's family."""
-  return type(backbone) in _BUILDERS
+  return type(backbone) in _FAMILIES
 
 
 def for_backbone(backbone: nn.Module, num_classes: int, *, detach: bool = False) -> nn.Module:
@@ -419,12 +404,13 @@ def for_backbone(backbone: nn.Module, num_classes: int, *, detach: bool = False)
   `detach=True` stops gradients at the taps (the frozen-backbone "Teacher"). Computes in the
   backbone's dtype.
   """
-  build = _BUILDERS.get(type(backbone))
-  if build is None:
+  family = _FAMILIES.get(type(backbone))
+  if family is None:
     raise errors.UserError(
         f"HSAKD auxiliary classifiers are not defined for {type(backbone).__name__} backbones; "
         f"models with them: {', '.join(model_names())}")
-  return build(backbone, NUM_ROTATIONS * num_classes, detach)
+  return AuxiliaryClassifiers(family(backbone), NUM_ROTATIONS * num_classes, detach=detach,
+                              dtype=backbone.dtype)
 
 
 def for_model(name: str, num_classes: int, dtype: Any = jnp.float32, *,

@@ -1,5 +1,5 @@
 """ImageNet networks (224x224 input): `resnet18_imagenet`, `resnet34_imagenet`,
-`resnet50_imagenet` and `mobilenetv1_imagenet` (reference/ZOO.md section 6).
+`resnet50_imagenet` and `mobilenetv1_imagenet` (docs/zoo.md).
 
 The ResNets are torchvision's definition (HSAKD's `resnet_imagenet.py` is the same): 7x7/2 stem
 conv -> BN -> ReLU -> 3x3/2 max-pool, stages `layer1..4` (BasicBlocks 2/2/2/2 for ResNet18,

@@ -1,6 +1,6 @@
 """Building blocks shared by the model zoo: PyTorch-faithful BatchNorm, conv/linear helpers, inits.
 
-Everything here follows PyTorch numerics (see reference/WEIGHTS.md) so that converted
+Everything here follows PyTorch numerics (see docs/weights.md) so that converted
 PyTorch checkpoints reproduce their reference outputs. Layout is NHWC, kernels HWIO.
 Every module takes `dtype`, the compute dtype; parameters and BN statistics always stay float32.
 """
@@ -18,7 +18,7 @@ Initializer = Callable[..., jax.Array]
 
 PARAM_DTYPE = jnp.float32
 
-# --- Initialisers (WEIGHTS.md section 4) -------------------------------------------------------
+# --- Initialisers (docs/weights.md, "Initialisers") ---------------------------------------------
 
 # kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / (kh*kw*C_out)), untruncated
 # (Flax's he_normal is truncated, which shrinks the spread). Also equals the WRN/VGG/MobileNetV2

@@ -1,10 +1,11 @@
 """MobileNetV2 of the zoo (expansion T = 6, width 0.5): `MobileNetV2` and `MobileNetV2_stride1`.
 
-`MobileNetV2` is RepDistiller's `mobile_half` (reference/ZOO.md section 3.4): a 3x3 stride-2 stem
-conv (3 -> 16), seven stages of inverted residuals, a 1x1 conv to 1280, a spatial mean and the
-classifier `classifier.0`. At 32x32 it runs at 16x16 and below (6.5 M MACs).
-`MobileNetV2_stride1` is HSAKD's variant (reference/HSAKD.md): the same layers with a stride-1 stem,
-so it runs at 32x32 (25.7 M MACs) and is the network behind HSAKD's MobileNetV2 numbers (baseline
+`MobileNetV2` is RepDistiller's `mobile_half` (HobbitLong/RepDistiller @ b84f547,
+`models/mobilenetv2.py`; docs/zoo.md): a 3x3 stride-2 stem conv (3 -> 16), seven stages of
+inverted residuals, a 1x1 conv to 1280, a spatial mean and the classifier `classifier.0`. At
+32x32 it runs at 16x16 and below (6.5 M MACs). `MobileNetV2_stride1` is HSAKD's variant
+(winycg/HSAKD @ 28c8dc2, `models/mobilenetv2.py`): the same layers with a stride-1 stem, so it
+runs at 32x32 (25.7 M MACs) and is the network behind HSAKD's MobileNetV2 numbers (baseline
 73.51 vs 64.60); its classifier is a bare Linear `classifier`, as in HSAKD's checkpoints. Both
 have 812,836 parameters at 100 classes.
 

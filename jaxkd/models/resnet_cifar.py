@@ -1,6 +1,7 @@
 """CIFAR ResNets of the RepDistiller zoo: resnet8/14/20/32/44/56/110, resnet8x4, resnet32x4.
 
-Post-activation ResNet (He et al.) with BasicBlocks, depth 6n+2 (reference/ZOO.md section 3.1).
+Post-activation ResNet (He et al.) with BasicBlocks, depth 6n+2 (HobbitLong/RepDistiller @ b84f547,
+`models/resnet.py`; docs/zoo.md).
 Submodule names follow the PyTorch state_dict (`conv1`, `bn1`, `layer1_0/conv1`,
 `layer1_0/downsample_0`, `fc`, ...) so `jaxkd.interop.torch_layout.torch_to_flax` loads
 reference checkpoints directly.

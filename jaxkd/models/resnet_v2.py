@@ -2,8 +2,8 @@
 
 Stem 3x3 conv stride 1 (3 -> 64) -> BN -> ReLU, no max-pool; bottleneck stages `layer1..4` of
 3/4/6/3 blocks, widths 256/512/1024/2048, strides 1/2/2/2; spatial mean; Linear `linear`
-(reference/ZOO.md section 3.7). Names follow the reference state_dict (`layer1_0/conv1`,
-`layer1_0/shortcut_0` (conv) / `shortcut_1` (BN), ...).
+(HobbitLong/RepDistiller @ b84f547; docs/zoo.md). Names follow the reference state_dict
+(`layer1_0/conv1`, `layer1_0/shortcut_0` (conv) / `shortcut_1` (BN), ...).
 
 Taps, in `is_feat` order:
   stem   (N, H, W, 64)             stem output after ReLU

@@ -1,4 +1,5 @@
-"""ShuffleNetV1 of the RepDistiller zoo (groups g = 3): `ShuffleV1` (reference/ZOO.md section 3.5).
+"""ShuffleNetV1 of the RepDistiller zoo (groups g = 3): `ShuffleV1` (HobbitLong/RepDistiller @
+b84f547, `models/ShuffleNetv1.py`; docs/zoo.md).
 
 A 1x1 stem conv (3 -> 24) -> BN -> ReLU at full resolution, stages `layer1..3` of 4/8/4 bottlenecks
 with widths 240/480/960 (the first block of each stage has stride 2: 32 -> 16 -> 8 -> 4), a

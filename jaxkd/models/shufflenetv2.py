@@ -1,4 +1,5 @@
-"""ShuffleNetV2 of the RepDistiller zoo (net_size 1): `ShuffleV2` (reference/ZOO.md section 3.6).
+"""ShuffleNetV2 of the RepDistiller zoo (net_size 1): `ShuffleV2` (HobbitLong/RepDistiller @
+b84f547, `models/ShuffleNetv2.py`; docs/zoo.md).
 
 A 1x1 stem conv (3 -> 24) -> BN -> ReLU at full resolution; stages `layer1..3`, each a stride-2
 DownBlock (`layerK_0`) followed by 3/7/3 BasicBlocks (`layerK_1`, ...), widths 116/232/464; a

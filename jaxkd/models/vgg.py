@@ -2,7 +2,8 @@
 
 Five blocks `block0..block4` of 3x3 conv (with bias) -> BN -> ReLU, the last ReLU of each block
 applied outside it, 2x2 max-pools after block0..2 (after block3 too, only for 64-pixel inputs),
-a spatial mean and a Linear `classifier` (reference/ZOO.md section 3.3). A block's layers keep
+a spatial mean and a Linear `classifier` (HobbitLong/RepDistiller @ b84f547, `models/vgg.py`;
+docs/zoo.md). A block's layers keep
 the indices of the reference `nn.Sequential` (conv at 3j, BN at 3j+1), so the state_dict key
 `block1.3.weight` is the Flax path `block1_3/kernel`.
 

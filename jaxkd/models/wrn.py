@@ -1,9 +1,10 @@
 """Wide ResNets of the RepDistiller zoo: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2.
 
 Pre-activation WRN (Zagoruyko & Komodakis), depth 6n+4, widths (16, 16k, 32k, 64k), dropout 0
-(reference/ZOO.md section 3.2). Modules are declared in `setup()` so that (a) the list
-`layer` of each `NetworkBlock` gets the state_dict names `block1/layer_0`, ... and (b) the
-`preact=True` path can reach `block2.layer[0].bn1` the way the reference does.
+(HobbitLong/RepDistiller @ b84f547, `models/wrn.py`; docs/zoo.md). Modules are declared in
+`setup()` so that (a) the list `layer` of each `NetworkBlock` gets the state_dict names
+`block1/layer_0`, ... and (b) the `preact=True` path can reach `block2.layer[0].bn1` the way the
+reference does.
 """
 
 import collections
