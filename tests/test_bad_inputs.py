@@ -169,13 +169,13 @@ CASES = {
                                     "integer >= 1 (the epochs of stage teacher_sskd)"),
     "preparation_epochs_negative": Case(("--config.method_overrides.hsakd.teacher_epochs=-2",),
                                         "method_overrides.hsakd.teacher_epochs is -2"),
-    "preparation_lr_nan": Case(("--config.method_overrides.sskd.teacher_lr=nan",),
-                               "method_overrides.sskd.teacher_lr is nan; it must be finite"),
-    "preparation_lr_zero": Case(("--config.method_overrides.sskd.teacher_lr=0",),
-                                "method_overrides.sskd.teacher_lr is 0.0; it must be a number > "
+    "preparation_lr_nan": Case(("--config.method_overrides.hsakd.teacher_lr=nan",),
+                               "method_overrides.hsakd.teacher_lr is nan; it must be finite"),
+    "preparation_lr_zero": Case(("--config.method_overrides.hsakd.teacher_lr=0",),
+                                "method_overrides.hsakd.teacher_lr is 0.0; it must be a number > "
                                 "0, or -1 for optimizer.lr (the student's)"),
-    "preparation_lr_negative": Case(("--config.method_overrides.hsakd.teacher_lr=-0.5",),
-                                    "method_overrides.hsakd.teacher_lr is -0.5"),
+    "preparation_lr_negative": Case(("--config.method_overrides.hsakd.teacher_lr=-2.0",),
+                                    "method_overrides.hsakd.teacher_lr is -2.0"),
     "preparation_milestones_beyond": Case(
         ("--config.method_overrides.sskd.teacher_milestones=(9,)",),
         "method_overrides.sskd.teacher_milestones is (9,); it must be a tuple of increasing "
