@@ -2,10 +2,15 @@
 
 `load_config` reads a recipe as `--config file.py[:arg]` does, `check_override_paths` refuses an
 override of a field the recipe does not have (naming the nearest field), and `check_config`
-checks every value a run reads: names against their registries, numbers against their ranges,
-the schedule against the epochs, the example counts against the dataset's splits and the
-hyper-parameters of every method the run trains. Each refusal is a `UserError` naming the field,
-its value, what is allowed and how to fix it; nothing here writes a file.
+checks every value a run reads: every number finite, names against their registries, numbers
+against their ranges, the schedule against the epochs, the hyper-parameters of every method the
+run trains (by their names, and each preparation's schedule by the fields its record names),
+the paths for what they must be (a bucket given a bounded time to answer), the statistics and
+the example counts against the dataset's splits; it returns a warning line for each method
+given fields it never reads. `check_steps` (called by the plan, which knows the steps per
+epoch) bounds each stage's step count. Each refusal is a `UserError` naming the field, its
+value, what is allowed and how to fix it; nothing here writes a file (the embedded digits are
+built on first use where their splits are counted).
 """
 
 import dataclasses
@@ -266,6 +271,12 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
   """The fields of FIELD_RANGES, and `teacher.lr` (> 0, or −1 for `optimizer.lr`)."""
   for field, allowed, example in FIELD_RANGES:
     check_range(config, field, allowed, example)
+  workers = lookup(config, "input_workers")
+  most = max(64, 4 * (os.cpu_count() or 1))
+  if workers is not _MISSING and workers > most:
+    raise out_of_range("input_workers", workers, f"at most {most} (4 per CPU core of this "
+                       f"host, {os.cpu_count()}): each worker is a process",
+                       "set e.g. --config.input_workers=4")
   lr = lookup(config, "teacher.lr")
   if lr is not _MISSING and lr != -1 and lr not in POSITIVE:
     raise out_of_range("teacher.lr", lr, "a number > 0, or -1 for optimizer.lr",

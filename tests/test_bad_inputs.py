@@ -260,6 +260,8 @@ CASES = {
     "run_beyond_a_year": Case(("--config.num_epochs=50000000",),
                               "more than 1,000,000,000: over a year even at 30 steps/s; set "
                               "fewer --config.num_epochs, or --config.allow_huge_run=True"),
+    "input_workers_beyond_reason": Case(("--config.input_workers=100000",),
+                                        "input_workers is 100000; it must be at most"),
     "batch_beyond_the_training_set": Case(("--config.batch_size=5000",),
                                           "batch_size is 5000; it must be an integer <= 1437"),
     # Data and teacher files, read by the plan (the split sizes given: nothing else reads them).
