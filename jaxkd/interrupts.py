@@ -48,6 +48,7 @@ def stop_at_once() -> Iterator[None]:
   """SIGTERM raises StoppedAtOnce for the duration (the main thread only), so that a run
   stopped before its stages start (loading TensorFlow, checking the dataset) ends with one
   line too; catch_signals() takes over while the stages run."""
+  _started.clear()
   if threading.current_thread() is not threading.main_thread():
     yield
     return
