@@ -75,6 +75,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Resuming (or reusing) a stage under a config that changes its result is refused; True goes
   # on with the new values (each stage's config.json keeps the old ones in its history).
   config.allow_changed_config = False
+  # A stage of more than 10^9 steps (over a year even at 30 steps/s) is refused unless True;
+  # past 2^31 - 1 steps (the int32 step counter) it is always refused.
+  config.allow_huge_run = False
 
   if arg:
     apply_arg(config, arg)

@@ -79,6 +79,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         for field in ("teacher_epochs", "init_epochs"):
           if field in hparams:
             hparams[field] = 1
+        for field in [key for key in hparams if key.endswith("_milestones")]:
+          hparams[field] = ()   # inside the one epoch left
   return config
 
 

@@ -86,13 +86,18 @@ def _host_copy(x: Any) -> Any:
   return x.addressable_data(0)
 
 
+def host_values(leaves: list[Any]) -> list[Any]:
+  """The leaves of a replicated state as numpy arrays, read from this process's own copy."""
+  return jax.device_get([_host_copy(x) for x in leaves])
+
+
 def state_digest(state: Any) -> str:
   """sha256 over every leaf of `state` in tree order: its path, dtype, shape, then its bytes.
 
   The train state is replicated, so every process computes the same digest from its own copy.
   """
   leaves = jax.tree_util.tree_leaves_with_path(state)
-  values = jax.device_get([_host_copy(x) for _, x in leaves])
+  values = host_values([x for _, x in leaves])
   digest = hashlib.sha256()
   for (path, _), value in zip(leaves, values):
     value = np.ascontiguousarray(value)

@@ -9,8 +9,10 @@ messages before absl::InitializeLog()" line that introduces it): TensorFlow comp
 jaxkd (tfds prepares datasets with it, and reads files), so its oneDNN kernels change nothing
 here. `quiet_libraries` then drops two tfds warnings that say nothing about the run (that PIL,
 not OpenCV, decodes images; that a version folder of a dataset that is not prepared has no
-metadata, which jaxkd's own error reports in one line) and turns tfds' progress bars off (they
-fill a log with escape codes when the digits are built). With `-v`/`--verbosity` every library
+metadata, which jaxkd's own error reports in one line), turns tfds' progress bars off (they
+fill a log with escape codes when the digits are built) and numpy's overflow warning when a
+config value float32 cannot hold becomes inf (a learning rate of 1e39: the divergence check
+names it in its own line). With `-v`/`--verbosity` every library
 line is shown as it comes.
 
 Flags. `parse_flags` runs absl's parsing and ends a mistake with one line `error: …` on stderr
@@ -21,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from jaxkd.errors import UserError
@@ -63,6 +66,7 @@ def quiet_libraries(verbose_logs: bool) -> None:
     return
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.display_progress_bar(False)
+  warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _DropNoise) for f in absl_logger.filters):
     absl_logger.addFilter(_DropNoise())

@@ -1,9 +1,12 @@
-"""Divergence: a loss term or the gradient norm that is no longer finite stops the stage.
+"""Divergence: a loss term, the gradient norm or the variables that are no longer finite stop the
+stage.
 
 The train step's metrics stay on the device; they are fetched (one host sync) only where the
-loop syncs anyway: a log line, an evaluation, a checkpoint. So a non-finite step is caught
-before its state is evaluated, selected, exported or checkpointed, and the last good checkpoint
-is the newest one on disk.
+loop syncs anyway: a log line, an evaluation, a checkpoint. A step's metrics describe the
+variables it started from, so before the variables themselves are evaluated, selected, exported
+or checkpointed they are read back too (on the host, from this process's replica) and checked:
+an update that overflows (a learning rate or weight decay too large for float32) is caught at
+the step that made it, and the last good checkpoint is the newest one on disk.
 """
 
 from typing import Any, Optional
@@ -11,6 +14,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from jaxkd import checkpoint
 from jaxkd.errors import Diverged
 
 
@@ -20,6 +24,17 @@ def watched(metric: str) -> bool:
   return metric.startswith("loss") or metric == "grad_norm"
 
 
+def nonfinite_leaf(state: Any) -> Optional[str]:
+  """The path of the first floating-point leaf of `state` that is not finite, or None."""
+  leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(state)
+            if np.issubdtype(getattr(x, "dtype", np.int32), np.inexact)]
+  values = checkpoint.host_values([x for _, x in leaves])
+  for (path, _), value in zip(leaves, values):
+    if not np.all(np.isfinite(value)):
+      return jax.tree_util.keystr(path)
+  return None
+
+
 class Unchecked:
   """The step metrics not yet checked for divergence: fetched (one host sync) only where the
   loop would sync anyway (a log line, an evaluation, a checkpoint)."""
@@ -27,31 +42,42 @@ class Unchecked:
   def __init__(self, stage_name: str, mngr: Any):
     self.stage_name, self.mngr = stage_name, mngr
     self.steps: list[tuple[int, dict[str, jax.Array]]] = []
+    self.last: tuple[int, dict[str, Any]] = (0, {})
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self.steps.append((step, metrics))
 
-  def check(self) -> None:
-    """Raises Diverged at the first step whose loss terms or gradient norm are not finite."""
+  def check(self, state: Optional[Any] = None) -> None:
+    """Raises Diverged at the first step whose loss terms or gradient norm are not finite; with
+    `state` (the variables after the last step added), also when one of them is not."""
     host = jax.device_get([metrics for _, metrics in self.steps])
     for (step, _), metrics in zip(self.steps, host):
       bad = {k: float(v) for k, v in metrics.items()
              if watched(k) and not np.all(np.isfinite(v))}
       if bad:
-        raise Diverged(diverged_message(self.stage_name, step, bad, metrics,
-                                        self.mngr.latest_step(), str(self.mngr.directory)))
+        terms = sorted(bad, key=lambda k: (k in ("loss", "grad_norm"), k))
+        self._stop(step, ", ".join(f"{k}={bad[k]}" for k in terms), metrics)
+    if host:
+      self.last = (self.steps[-1][0], host[-1])
     self.steps = []
+    if state is not None:
+      leaf = nonfinite_leaf(state)
+      if leaf is not None:
+        step, metrics = self.last
+        self._stop(step, f"its update made the variables non-finite ({leaf})", metrics)
+
+  def _stop(self, step: int, what: str, metrics: dict[str, Any]) -> None:
+    raise Diverged(diverged_message(self.stage_name, step, what, metrics,
+                                    self.mngr.latest_step(), str(self.mngr.directory)))
 
 
-def diverged_message(stage_name: str, step: int, bad: dict[str, float],
-                     metrics: dict[str, Any], last_good: Optional[int], directory: str) -> str:
-  """What went non-finite where, what was kept, and the likely causes."""
-  # The named terms before their sum: 'kd' says more than 'loss'.
-  terms = sorted(bad, key=lambda k: (k in ("loss", "grad_norm"), k))
+def diverged_message(stage_name: str, step: int, what: str, metrics: dict[str, Any],
+                     last_good: Optional[int], directory: str) -> str:
+  """What went non-finite where (`what`: the terms, named before their sum, or the variables),
+  what was kept, and the likely causes."""
   kept = (f"the last good checkpoint (step {last_good}) stays in {directory}"
           if last_good is not None else "no checkpoint was written")
-  return (f"[{stage_name}] diverged at step {step}: "
-          + ", ".join(f"{k}={bad[k]}" for k in terms)
+  return (f"[{stage_name}] diverged at step {step}: {what}"
           + f" (lr {float(metrics.get('lr', float('nan'))):.4g}); {kept} and nothing was "
           "exported. Likely causes: a learning rate too high for this batch size "
           "(--config.optimizer.lr), a temperature or weight of 0 or a huge loss weight "

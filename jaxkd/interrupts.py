@@ -24,6 +24,49 @@ from jaxkd.errors import UserError
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _received: list[int] = []
+# Whether catch_signals() was entered in this process: a signal that ends it at once then says
+# that a stage may have started.
+_started: list[bool] = []
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+  """A signal that ends the process at once (SIGTERM outside catch_signals(), as Ctrl-C's
+  KeyboardInterrupt does for SIGINT): nothing is saved."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal_name(signum))
+    self.signum = signum
+
+
+def _raise_at_once(signum, frame):
+  del frame
+  raise StoppedAtOnce(signum)
+
+
+@contextlib.contextmanager
+def stop_at_once() -> Iterator[None]:
+  """SIGTERM raises StoppedAtOnce for the duration (the main thread only), so that a run
+  stopped before its stages start (loading TensorFlow, checking the dataset) ends with one
+  line too; catch_signals() takes over while the stages run."""
+  _started.clear()
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, _raise_at_once)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_at_once_message(error: KeyboardInterrupt) -> tuple[str, int]:
+  """The line and exit status of a run ended at once by a signal (`error`)."""
+  signum = getattr(error, "signum", signal.SIGINT)
+  if not _started:
+    return (f"interrupted ({signal_name(signum)}) before training started; nothing was "
+            "written", 128 + signum)
+  return (f"interrupted at once ({signal_name(signum)}); every finished checkpoint stays: run "
+          "the same command again to resume from the last one", 128 + signum)
 
 
 class Interrupted(UserError):
@@ -51,6 +94,7 @@ def catch_signals() -> Iterator[None]:
     return
   previous = {s: signal.getsignal(s) for s in SIGNALS}
   _received.clear()
+  _started.append(True)
   for s in SIGNALS:
     signal.signal(s, _handler)
   try:

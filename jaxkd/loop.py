@@ -9,7 +9,7 @@ no config (the plan did).
 
 import dataclasses
 import functools
-import itertools
+import gc
 import os
 from typing import Any, Callable, Iterator, Optional
 
@@ -308,7 +308,7 @@ def _writer(stage_dir: str, start_step: int) -> Any:
 def _batches(stage: Stage, inputs: Inputs, mesh: jax.sharding.Mesh, start_step: int,
              total_steps: int) -> Iterator[Any]:
   """The stage's training batches from `start_step` on, on the devices ahead of the step that
-  reads them; none read past the stage's last step."""
+  reads them; none read past the stage's last step. Closing it stops the input workers."""
   config, teacher = stage.config, inputs.teacher
   local_batches = data.train_batches(config.dataset, stage.views, config.batch_size,
                                      seed=config.seed, start_step=start_step,
@@ -317,22 +317,57 @@ def _batches(stage: Stage, inputs: Inputs, mesh: jax.sharding.Mesh, start_step: 
                                      teacher_input=teacher.input if teacher else None,
                                      num_negatives=stage.num_negatives,
                                      num_workers=config.get("input_workers", 0))
-  return parallel.prefetch_to_mesh(_take_then_close(local_batches, total_steps - start_step),
-                                   mesh, PREFETCH_BATCHES)
+  return parallel.prefetch_to_mesh(
+      _take_then_close(local_batches, total_steps - start_step, stage.name, start_step),
+      mesh, PREFETCH_BATCHES)
 
 
 def train_loop(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainState,
                record: dict[str, Any], mngr: Any, mesh: jax.sharding.Mesh, stage_dir: str,
                start_step: int) -> TrainState:
-  """Steps `start_step + 1 … total_steps`: logs, evaluations and checkpoints on their cadence."""
+  """Steps `start_step + 1 … total_steps`: logs, evaluations and checkpoints on their cadence.
+
+  However it ends (the last step, divergence, a signal, an error in the input), the input is
+  shut down (the prefetched batches, then the input workers), the checkpoint being written is
+  finished and the logs are flushed, in that order, before it returns or raises; only a second
+  Ctrl-C skips waiting for the checkpoint.
+  """
+  writer = _writer(stage_dir, start_step)
+  batches = _batches(stage, inputs, mesh, start_step, compiled.total_steps)
+  try:
+    state = _run_steps(stage, inputs, compiled, state, record, mngr, mesh, stage_dir,
+                       start_step, batches, writer)
+  except KeyboardInterrupt:
+    batches.close()
+    raise
+  except BaseException:
+    _shut_down(batches, mngr, writer, quietly=True)
+    raise
+  _shut_down(batches, mngr, writer)
+  return state
+
+
+def _shut_down(batches: Any, mngr: Any, writer: Any, quietly: bool = False) -> None:
+  """Closes the input, waits for the checkpoint being written and flushes the logs. With
+  `quietly` (an error is on its way out) a failure here does not replace that error."""
+  for action in (batches.close, gc.collect, mngr.wait_until_finished, writer.flush):
+    try:
+      action()
+    except Exception:  # pylint: disable=broad-except
+      if not quietly:
+        raise
+
+
+def _run_steps(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainState,
+               record: dict[str, Any], mngr: Any, mesh: jax.sharding.Mesh, stage_dir: str,
+               start_step: int, batches: Iterator[Any], writer: Any) -> TrainState:
+  """The steps of train_loop."""
   config = stage.config
   teacher_variables = inputs.teacher.variables if inputs.teacher else None
   total_steps, steps_per_epoch = compiled.total_steps, compiled.steps_per_epoch
-  writer = _writer(stage_dir, start_step)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
   progress = Progress(stage.name, total_steps, steps_per_epoch, config.batch_size, start_step)
-  batches = _batches(stage, inputs, mesh, start_step, total_steps)
   checkpoint_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   pending: list[dict[str, jax.Array]] = []  # Since the last log line.
   unchecked = divergence.Unchecked(stage.name, mngr)  # Since the last finiteness check.
@@ -351,12 +386,12 @@ def train_loop(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
     epoch = step // steps_per_epoch
     if stage.scores_top1 and (step == total_steps or (step % steps_per_epoch == 0
                                                       and epoch % eval_every == 0)):
-      unchecked.check()  # A diverged network is never evaluated, selected or exported.
+      unchecked.check(state)  # A diverged network is never evaluated, selected or exported.
       evaluate_and_record(stage, compiled, state, record, mngr, mesh, stage_dir, step, epoch,
                           writer)
     signum = interrupts.stop_requested(step, config.log_every_steps)
     if signum or step == total_steps or mngr.should_save(step):
-      unchecked.check()  # Only finite states are checkpointed.
+      unchecked.check(state)  # Only finite states are checkpointed.
       # Twice the state: orbax writes the new checkpoint before it deletes the oldest.
       paths.check_free_space(stage_dir, 2 * checkpoint_bytes, (
           f"free some and run the same command again to resume from step "
@@ -368,15 +403,29 @@ def train_loop(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
       raise interrupts.Interrupted(signum, (
           f"[{stage.name}] {interrupts.signal_name(signum)} at step {step}/{total_steps}: "
           f"checkpoint written to {mngr.directory}; run the same command again to resume"))
-  mngr.wait_until_finished()
-  writer.flush()
   return state
 
 
-def _take_then_close(batches: Iterator[Any], num: int) -> Iterator[Any]:
-  """The first `num` of `batches`, which are then closed (input workers stop at once)."""
+def _take_then_close(batches: Iterator[Any], num: int, stage_name: str = "",
+                     start_step: int = 0) -> Iterator[Any]:
+  """The first `num` of `batches`, which are then closed (input workers stop at once). An error
+  raised while a batch is made (in a thread or an input worker: a damaged image file, ...)
+  becomes one line naming the stage and the step."""
   try:
-    yield from itertools.islice(batches, num)
+    for step in range(start_step + 1, start_step + num + 1):
+      try:
+        batch = next(batches)
+      except StopIteration:
+        return
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (the input's errors: one line)
+        where = f"[{stage_name}] " if stage_name else ""
+        raise UserError(
+            f"{where}the input pipeline failed making the batch of step {step}: "
+            f"{type(e).__name__}: {' '.join(str(e).split())}; the last checkpoint stays: fix "
+            "the data and run the same command again to resume") from None
+      yield batch
   finally:
     close = getattr(batches, "close", None)
     if close is not None:

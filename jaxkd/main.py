@@ -26,7 +26,6 @@ Several processes (hosts of a TPU pod slice, GPU nodes) run the same command wit
 import dataclasses
 import os
 import re
-import signal
 import sys
 from typing import Optional, Sequence
 
@@ -38,6 +37,7 @@ from ml_collections import config_flags
 
 from jaxkd import cli
 from jaxkd import config_checks
+from jaxkd import interrupts
 from jaxkd.errors import UserError
 
 _CONFIG_HELP = "Recipe file, with an optional argument after a colon: configs/demo.py:runlocal."
@@ -158,14 +158,16 @@ def execute(command: Command) -> int:
     if command.print_config:
       print("\n".join(config_checks.applied_field_lines(command.config)))
       return 0
-    return _train(command)
+    with interrupts.stop_at_once():
+      return _train(command)
   except UserError as e:
     return report(e)
-  except KeyboardInterrupt:
-    # Ctrl-C before the stages run (while TensorFlow or the dataset loads): nothing to save.
-    print("error: interrupted (SIGINT) before training started; nothing was written",
-          file=sys.stderr)
-    return 128 + signal.SIGINT
+  except KeyboardInterrupt as e:
+    # Ctrl-C (or SIGTERM) before the stages run, while TensorFlow or the dataset loads: nothing
+    # to save; or a second one while a checkpoint is written.
+    message, status = interrupts.stopped_at_once_message(e)
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 def _train(command: Command) -> int:

@@ -55,15 +55,22 @@ def prefetch_to_mesh(local_batches: Iterator[Any], mesh: Mesh, size: int = 2) ->
   """`to_global` of each batch, `size` batches ahead of the one yielded.
 
   Transfers are asynchronous: the next batches are on their way to the devices while the step
-  that reads the current one runs (flax's prefetch_to_device, for global arrays).
+  that reads the current one runs (flax's prefetch_to_device, for global arrays). Closing it
+  (or an error) drops the batches sent ahead and closes `local_batches`.
   """
   queue = collections.deque()
-  for local in local_batches:
-    queue.append(to_global(local, mesh))
-    if len(queue) > size:
+  try:
+    for local in local_batches:
+      queue.append(to_global(local, mesh))
+      if len(queue) > size:
+        yield queue.popleft()
+    while queue:
       yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+  finally:
+    queue.clear()
+    close = getattr(local_batches, "close", None)
+    if close is not None:
+      close()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -5,9 +5,12 @@ tf.io.gfile. Paths stay strings: joining them with `os.path.join` is pure string
 URL intact, while `os.path.abspath` and the os module's file calls do not.
 """
 
+import contextlib
 import os
 import shutil
-from typing import Optional
+import sys
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 from etils import epath
 
@@ -80,3 +83,50 @@ def check_free_space(directory: str, needed: int, fix: str) -> None:
   if free < needed:
     raise UserError(f"not enough free space in {directory!r}: {free / 2**20:.1f} MiB free, "
                     f"{needed / 2**20:.1f} MiB needed; {fix}")
+
+
+# How long a check of a bucket path may take before it is reported as not answering.
+PROBE_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+  """File descriptor 2 on /dev/null for the duration: what C++ libraries print there (TensorFlow's
+  notices when it loads, its cloud file system's retries) does not reach the terminal."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def probe(what: str, path: str, check: Callable[[epath.Path], Any],
+          seconds: Optional[float] = None) -> Any:
+  """`check(epath.Path(path))`, given at most `seconds` (default PROBE_SECONDS): a bucket that
+  does not answer (no network, retries for minutes) or refuses (no credentials) is one
+  UserError naming `what`."""
+  seconds = PROBE_SECONDS if seconds is None else seconds
+  result: list[Any] = []
+
+  def run() -> None:
+    try:
+      result.append(("value", check(epath.Path(path))))
+    except Exception as e:  # pylint: disable=broad-except  (reported below, in one line)
+      result.append(("error", e))
+
+  with stderr_silenced():
+    worker = threading.Thread(target=run, daemon=True, name=f"probe {path}")
+    worker.start()
+    worker.join(seconds)
+  if not result:
+    raise UserError(f"{what} {path!r} did not answer within {seconds:g} s (the bucket is "
+                    "unreachable or slow); check the path, the network and your credentials")
+  kind, value = result[0]
+  if kind == "error":
+    raise UserError(f"{what} {path!r} cannot be read ({' '.join(reason(value).split())[:200]});"
+                    " check the path, the network and your credentials") from None
+  return value

@@ -28,6 +28,7 @@ Nothing here names a method: what a method needs is read from its `Method` recor
 
 import dataclasses
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -36,6 +37,7 @@ import ml_collections
 from jaxkd import checkpoint
 from jaxkd import config_checks
 from jaxkd import data
+from jaxkd import method_inputs
 from jaxkd import models
 from jaxkd import networks
 from jaxkd import parallel
@@ -106,14 +108,16 @@ def _plain_teacher(config: ml_collections.ConfigDict, stages: list[AnyStage]) ->
         loss=method.loss, hparams=recipe.pretrain_hparams(config, method),
         num_epochs=config.teacher.num_epochs, base_lr=recipe.teacher_lr(config),
         views=method.views, heads=method.student_heads, scores_top1=False,
-        export_file=TEACHER_FILE, backbone_file=BACKBONE_FILE))
+        export_file=TEACHER_FILE, backbone_file=BACKBONE_FILE,
+        epochs_field="teacher.num_epochs"))
     return TeacherSource(name, stage="pretrain", file=BACKBONE_FILE)
   ce = cross_entropy_method()
   stages.append(Stage(
       name="teacher", config=config, model_name=name, method_name=ce.name, loss=ce.loss,
       hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
       base_lr=recipe.teacher_lr(config), export_file=TEACHER_FILE,
-      select=best_top1 if config.teacher.get("keep", "last") == "best" else None))
+      select=best_top1 if config.teacher.get("keep", "last") == "best" else None,
+      epochs_field="teacher.num_epochs"))
   return TeacherSource(name, stage="teacher")
 
 
@@ -135,7 +139,8 @@ def _method_teacher(config: ml_collections.ConfigDict, method: Method,
       heads=prep.heads,
       milestones=tuple(hparams[prep.milestones]) if prep.milestones else (),
       init_from=base, eval_metrics=method.eval_metrics, select=prep.select,
-      export_file=TEACHER_FILE))
+      export_file=TEACHER_FILE,
+      epochs_field=f"{recipe.hparams_field(config, method)}.{prep.num_epochs}"))
   return TeacherSource(config.teacher.name, stage=name, heads=prep.heads, hparams=hparams)
 
 
@@ -166,7 +171,8 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
       num_epochs=int(hparams[prep.num_epochs]),
       base_lr=recipe.preparation_lr(config, hparams[prep.lr]), milestones=(),
       features_only=True, scores_top1=False, eval_metrics=None, num_negatives=0,
-      optimizer=None)
+      optimizer=None,
+      epochs_field=f"{recipe.hparams_field(config, method)}.{prep.num_epochs}")
   return [init, dataclasses.replace(student, init_from=init.name, freeze_backbone=False)]
 
 
@@ -183,7 +189,7 @@ def _linear_probe(config: ml_collections.ConfigDict, student: Stage,
       hparams=ml_collections.ConfigDict(dict(tap="pooled")), num_epochs=probe.num_epochs,
       base_lr=probe.lr, heads=linear_probe_heads,
       milestones=tuple(probe.get("milestones", ())), init_from=student.name,
-      backbone_num_classes=num_classes)
+      backbone_num_classes=num_classes, epochs_field="linear_probe.num_epochs")
 
 
 def stage_list(config: ml_collections.ConfigDict, num_classes: int) -> list[AnyStage]:
@@ -258,12 +264,30 @@ def check_class_maps(config: ml_collections.ConfigDict, method: Method,
                       f"return them from its feats (see jaxkd.models.register)")
 
 
+def check_distils(config: ml_collections.ConfigDict, method: Method,
+                  info: data.DatasetInfo) -> None:
+  """Refuses a student method that learns no classes: one that reads no teacher and whose loss
+  does not read the labels (a self-supervised objective, jaxkd.method_inputs)."""
+  if method.uses_teacher or method_inputs.reads_labels(
+      method, recipe.method_hparams(config, method), config.student.name, info.num_classes,
+      tuple(info.image_shape)):
+    return
+  field = recipe.hparams_field(config, method)
+  where = "method.name" if field == "method" else "baselines"
+  raise UserError(
+      f"{where} names {method.name!r}, which is not a distillation method: it reads no teacher "
+      "and its loss no labels (a self-supervised objective, it trains no classifier); "
+      "distil with e.g. kd (ce: the student alone), and pretrain a teacher with it: "
+      f"--config.teacher.pretrain={method.name}")
+
+
 def _check_methods(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                    mesh: jax.sharding.Mesh, clip_teacher: bool) -> None:
-  """Each student method against the pair, the devices, the taps the networks give and the
-  config its own optimiser reads."""
+  """Each student method: one that distils or trains a classifier, against the pair, the
+  devices, the taps the networks give and the config its own optimiser reads."""
   for name in recipe.student_methods(config):
     method = get_method(name)
+    check_distils(config, method, info)
     if method.check_pair is not None and not clip_teacher:
       method.check_pair(config.teacher.name, config.student.name, info.num_classes)
     if method.check_mesh is not None:
@@ -369,7 +393,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: Optional[str],
               mesh: jax.sharding.Mesh, cache: bool = True) -> Plan:
   """The run's plan; raises a one-line UserError for every mistake found before any work.
   `cache`: a dataset's computed statistics are kept in the workdir (jaxkd.data.sources)."""
-  config_checks.check_config(config, method_lookup=get_method)
+  warnings = config_checks.check_config(config, method_lookup=get_method)
   infos = check_run(config, mesh, cache_dir=workdir if cache else None)
   stages = tuple(stage_list(config, infos[""].num_classes))
   for stage in stages:
@@ -377,7 +401,16 @@ def make_plan(config: ml_collections.ConfigDict, workdir: Optional[str],
       check_teacher_file(stage, infos[""])
   stage_infos = {"": infos[""]}
   stage_infos.update({s.name: infos.get(s.name, infos[""]) for s in stages})
+  for stage in stages:
+    if isinstance(stage, Stage):
+      info = stage_infos[stage.name]
+      config_checks.check_steps(stage.config, stage.name, stage.epochs_field, stage.num_epochs,
+                                data.steps_per_epoch(info, stage.config.batch_size),
+                                info.num_train)
   states = {s.name: stage_state(s, workdir) for s in stages}
+  if jax.process_index() == 0:
+    for line in warnings:  # Once every check passed: a refused run prints its error alone.
+      print(line, file=sys.stderr, flush=True)
   return Plan(config=config, workdir=workdir, stages=stages, infos=stage_infos,
               states=states)
 

@@ -103,6 +103,7 @@ class Stage:
   (Method.student_views_apart).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
+  `epochs_field`: the config field `num_epochs` comes from (named by the plan's refusals).
   """
   name: str
   config: ml_collections.ConfigDict
@@ -136,6 +137,7 @@ class Stage:
   student_views_apart: bool = False
   class_maps: bool = False
   deployed: Optional[Deployment] = None
+  epochs_field: str = "num_epochs"
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,
               num_train: Optional[int] = None) -> Network:

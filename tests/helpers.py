@@ -1,6 +1,7 @@
 """Helpers the test modules share: loading a file as `--config` does, dotted config overrides,
 dataset configs, mock CIFAR-100 and random zoo variables."""
 
+import dataclasses
 import functools
 import importlib.util
 import pathlib
@@ -96,3 +97,16 @@ def mock_cifar_config(root: pathlib.Path, teacher: str, student: str, method: st
   config.baselines = baselines
   return config
 
+
+
+@dataclasses.dataclass(frozen=True)
+class FailingBatch:
+  """A training batch function that raises OSError for global batch `step`, as reading a
+  damaged image file would; picklable, so that an input worker process runs it."""
+  batch_fn: Any
+  step: int
+
+  def __call__(self, step: int) -> Any:
+    if step == self.step:
+      raise OSError(f"image file of batch {step} is damaged")
+    return self.batch_fn(step)

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ from configs import demo
 from jaxkd import checkpoint
 from jaxkd import executor
 from jaxkd import main
+from jaxkd import paths
 from jaxkd import networks
 from jaxkd import plan
 from jaxkd import train
@@ -148,6 +150,120 @@ CASES = {
                                         "at most 1437"),
     "eval_examples_zero": Case(("--config.dataset.num_eval_examples=0",),
                                "dataset.num_eval_examples is 0"),
+    # Numbers that are not finite, in any field.
+    "lr_inf": Case(("--config.optimizer.lr=inf",), "optimizer.lr is inf; it must be finite"),
+    "momentum_nan": Case(("--config.optimizer.momentum=nan",),
+                         "optimizer.momentum is nan; it must be finite"),
+    "decay_nan": Case(("--config.schedule.decay=nan",), "schedule.decay is nan"),
+    "label_noise_nan": Case(("--config.dataset.label_noise=nan",),
+                            "dataset.label_noise is nan"),
+    "temperature_nan": Case(("--config.method.T=nan",), "method.T is nan; it must be finite"),
+    "weight_inf": Case(("--config.method.kd_weight=inf",), "method.kd_weight is inf"),
+    "baseline_field_minus_inf": Case(("--config.method_overrides.hsakd.teacher_lr=-inf",),
+                                     "method_overrides.hsakd.teacher_lr is -inf; it must be "
+                                     "finite"),
+    # A method's preparation stage: its epochs, learning rate and milestones (named by its
+    # TeacherPreparation / StudentPreparation).
+    "preparation_epochs_zero": Case(("--config.method_overrides.sskd.teacher_epochs=0",),
+                                    "method_overrides.sskd.teacher_epochs is 0; it must be an "
+                                    "integer >= 1 (the epochs of stage teacher_sskd)"),
+    "preparation_epochs_negative": Case(("--config.method_overrides.hsakd.teacher_epochs=-2",),
+                                        "method_overrides.hsakd.teacher_epochs is -2"),
+    "preparation_lr_nan": Case(("--config.method_overrides.hsakd.teacher_lr=nan",),
+                               "method_overrides.hsakd.teacher_lr is nan; it must be finite"),
+    "preparation_lr_zero": Case(("--config.method_overrides.hsakd.teacher_lr=0",),
+                                "method_overrides.hsakd.teacher_lr is 0.0; it must be a number > "
+                                "0, or -1 for optimizer.lr (the student's)"),
+    "preparation_lr_negative": Case(("--config.method_overrides.hsakd.teacher_lr=-2.0",),
+                                    "method_overrides.hsakd.teacher_lr is -2.0"),
+    "preparation_milestones_beyond": Case(
+        ("--config.method_overrides.sskd.teacher_milestones=(9,)",),
+        "method_overrides.sskd.teacher_milestones is (9,); it must be a tuple of increasing "
+        "epochs in (0, 5] (method_overrides.sskd.teacher_epochs is 5)"),
+    "preparation_milestones_decreasing": Case(
+        ("--config.method_overrides.hsakd.teacher_milestones=(4, 2)",),
+        "method_overrides.hsakd.teacher_milestones is (4, 2)"),
+    "student_preparation_epochs_zero": Case(
+        ("--config", "configs/default.py:ab", "--config.dataset.name=digits",
+         "--config.method.init_epochs=0"),
+        "method.init_epochs is 0; it must be an integer >= 1 (the epochs of stage "
+        "student_ab_init)", config=False),
+    "student_preparation_lr_zero": Case(
+        ("--config", "configs/default.py:fsp", "--config.dataset.name=digits",
+         "--config.method.init_lr=0"), "method.init_lr is 0.0", config=False),
+    # A method's own learning rate, momentum, weight decay and epochs, by their names.
+    "method_lr_zero": Case(("--config", "configs/default.py:ega", "--config.dataset.name=digits",
+                            "--config.method.teacher_head_lr=0"),
+                           "method.teacher_head_lr is 0.0; it must be a number > 0",
+                           config=False),
+    "method_momentum_one": Case(("--config", "configs/default.py:ega",
+                                 "--config.dataset.name=digits",
+                                 "--config.method.teacher_head_momentum=1.0"),
+                                "method.teacher_head_momentum is 1.0", config=False),
+    "method_weight_decay_negative": Case(("--config", "configs/default.py:ega",
+                                          "--config.dataset.name=digits",
+                                          "--config.method.teacher_head_weight_decay=-1e-4"),
+                                         "method.teacher_head_weight_decay is -0.0001",
+                                         config=False),
+    "method_epochs_negative": Case(("--config", "configs/default.py:reviewkd",
+                                    "--config.dataset.name=digits",
+                                    "--config.method.warmup_epochs=-1"),
+                                   "method.warmup_epochs is -1", config=False),
+    # Methods that are not distillation methods, and none.
+    "method_name_empty": Case(("--config.method.name=",), "method.name is ''; it must name"),
+    "self_supervised_method": Case(("--config.method.name=simclr",),
+                                   "method.name names 'simclr', which is not a distillation "
+                                   "method: it reads no teacher and its loss no labels"),
+    "self_supervised_baseline": Case(("--config.baselines=ce,simclr",),
+                                     "baselines names 'simclr', which is not a distillation"),
+    # Paths for what they must be.
+    "data_dir_is_a_file": Case(("--config.dataset.data_dir={raising}",),
+                               "dataset.data_dir '{raising}' is a file, not a directory"),
+    "data_dir_under_a_file": Case(("--config.dataset.data_dir={raising}/tfds",),
+                                  "dataset.data_dir '{raising}/tfds' lies under '{raising}', a "
+                                  "file, not a directory"),
+    "data_dir_proc": Case(("--config.dataset.data_dir=/proc",),
+                          "dataset.data_dir '/proc' is not writable"),
+    "data_dir_unwritable": Case(("--config.dataset.data_dir=/sys/jaxkd_tfds",),
+                                "dataset.data_dir '/sys/jaxkd_tfds' is not writable"),
+    "teacher_checkpoint_missing": Case(("--config.teacher.checkpoint=/nonexistent/t.msgpack",),
+                                       "teacher.checkpoint '/nonexistent/t.msgpack' does not "
+                                       "exist"),
+    "teacher_checkpoint_directory": Case(("--config.teacher.checkpoint={data_dir}",),
+                                         "teacher.checkpoint '{data_dir}' is a directory, not a "
+                                         "file"),
+    "tfds_builder_missing": Case(("--config.dataset.name=tfds:no_such_builder",),
+                                 "tfds has no builder 'no_such_builder'"),
+    # Values parsed where the config is checked.
+    "mean_not_numbers": Case(("--config.dataset.mean=abc",), "dataset.mean is ('abc',); it "
+                                                             "must be () for the dataset's own"),
+    "mean_0_255": Case(("--config.dataset.mean=(33.0,)", "--config.dataset.std=(0.3,)"),
+                       "dataset.mean is (33.0,)"),
+    "std_zero": Case(("--config.dataset.mean=(0.3,)", "--config.dataset.std=(0.0,)"),
+                     "dataset.std is (0.0,)"),
+    "mean_without_std": Case(("--config.dataset.mean=(0.3,)",),
+                             "dataset.std is (); it must be given too"),
+    "mean_of_other_channels": Case(("--config.dataset.mean=(0.5, 0.5, 0.5)",
+                                    "--config.dataset.std=(0.2, 0.2, 0.2)"),
+                                   "must both have one value per channel of 'digits' (1)"),
+    # Sizes beyond reason.
+    "epochs_past_the_step_counter": Case(("--config.num_epochs=1000000000000",),
+                                         "stage student_kd would run 22,000,000,000,000 steps "
+                                         "(num_epochs 1,000,000,000,000 x 22 steps per epoch), "
+                                         "more than the 2,147,483,647"),
+    "teacher_epochs_2_31": Case(("--config.teacher.num_epochs=2147483648",),
+                                "stage teacher would run 47,244,640,256 steps"),
+    "preparation_epochs_huge": Case(("--config.method_overrides.sskd.teacher_epochs=1000000000",
+                                     "--config.method_overrides.sskd.teacher_milestones=()"),
+                                    "stage teacher_sskd would run 22,000,000,000 steps "
+                                    "(method_overrides.sskd.teacher_epochs"),
+    "run_beyond_a_year": Case(("--config.num_epochs=50000000",),
+                              "more than 1,000,000,000: over a year even at 30 steps/s; set "
+                              "fewer --config.num_epochs, or --config.allow_huge_run=True"),
+    "input_workers_beyond_reason": Case(("--config.input_workers=100000",),
+                                        "input_workers is 100000; it must be at most"),
+    "batch_beyond_the_training_set": Case(("--config.batch_size=5000",),
+                                          "batch_size is 5000; it must be an integer <= 1437"),
     # Data and teacher files, read by the plan (the split sizes given: nothing else reads them).
     "dataset_not_prepared": Case(("--config.dataset.name=cifar10",
                                   "--config.dataset.num_train_examples=8",
@@ -207,7 +323,7 @@ def test_bad_input_is_one_line_before_any_work(name, files, tmp_path, capsys):
   case = CASES[name]
   workdir = str(tmp_path / "run")
   line = refusal(capsys, command_line(case, workdir, files))
-  assert case.message in line
+  assert case.message.format(**files) in line
   assert not os.path.exists(workdir)
 
 
@@ -272,6 +388,47 @@ def test_the_real_entry_point_answers_the_same(files, tmp_path, capsys):
     assert not os.path.exists(tmp_path / name)
 
 
+def test_a_field_the_method_never_reads_is_named_in_one_warning(files, tmp_path, capsys):
+  """KD reads no feat_weight: the plan names it as ignored, once, and goes on."""
+  workdir = str(tmp_path / "run")
+  argv = command_line(Case(("--plan", "--config.method.feat_weight=50.0"), ""), workdir, files)
+  status = main.run(argv)
+  out, err = capsys.readouterr()
+  assert status == 0 and "student_kd" in out
+  assert err.splitlines() == [
+      "warning: method.feat_weight is not read by method 'kd' and ignored (its fields: T, "
+      "ce_weight, kd_weight, logit_standardize)"]
+  assert not os.path.exists(workdir)
+
+
+def test_a_bucket_that_does_not_answer_is_one_line_in_bounded_time(files, tmp_path, capsys,
+                                                                   monkeypatch):
+  """A teacher.checkpoint on a bucket is probed for at most paths.PROBE_SECONDS: unreachable
+  here (no network, or no credentials) it is one line either way, never a hang."""
+  monkeypatch.setattr(paths, "PROBE_SECONDS", 3.0)
+  workdir = str(tmp_path / "run")
+  start = time.monotonic()
+  line = refusal(capsys, command_line(Case((
+      "--config.teacher.checkpoint=gs://jaxkd-no-such-bucket-25/teacher.msgpack",), ""),
+      workdir, files))
+  assert time.monotonic() - start < 60
+  assert line.startswith("error: teacher.checkpoint 'gs://jaxkd-no-such-bucket-25/teacher."
+                         "msgpack' ")
+  assert "did not answer within 3 s" in line or "cannot be read" in line
+  assert not os.path.exists(workdir)
+  with pytest.raises(UserError, match="'gs://b/x' did not answer within 0.2 s"):
+    paths.probe("dataset.data_dir", "gs://b/x", lambda _: time.sleep(5), seconds=0.2)
+
+
+def test_a_huge_run_is_planned_when_asked_for(files, tmp_path, capsys):
+  """Past 10^9 steps a stage needs allow_huge_run; past the int32 step counter, never."""
+  workdir = str(tmp_path / "run")
+  huge = ("--plan", "--config.num_epochs=50000000", "--config.allow_huge_run=True")
+  assert main.run(command_line(Case(huge, ""), workdir, files)) == 0
+  assert "1,100,000,000" in capsys.readouterr().out
+  line = refusal(capsys, command_line(Case(huge + ("--config.num_epochs=100000000",), ""),
+                                      workdir, files))
+  assert "more than the 2,147,483,647 its int32 step counter" in line
 def test_print_config_shows_the_values_that_apply(capsys):
   """Fields left None show what applies: the method's defaults, the dataset's flips."""
   status = main.run(["jaxkd.main", "--config", f"{DEMO}:runlocal", "--print_config",

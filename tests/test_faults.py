@@ -8,6 +8,7 @@ test_bad_inputs.py.
 """
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -25,9 +26,11 @@ from configs import demo
 from jaxkd import checkpoint
 from jaxkd import divergence
 from jaxkd import interrupts
+from jaxkd import loop
 from jaxkd import paths
 from jaxkd import train
 from jaxkd import workdir_lock
+from jaxkd.data import pipeline
 from jaxkd.errors import Diverged, UserError
 
 REPO = str(helpers.REPO)
@@ -155,6 +158,83 @@ def test_divergence_stops_before_anything_nan_is_saved(reference, tmp_path):
   for step in mngr.all_steps():  # Whatever was checkpointed is finite.
     state = mngr.restore(step)["state"]
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_divergence_at_step_1_ends_with_its_line_alone(reference, tmp_path):
+  """A run that diverges at once, as a command: a learning rate of 1e39 (inf in float32) with
+  the input workers and the prefetch on, and a weight decay of 1e30. Whatever is in flight (the
+  prefetched batches, the input workers, the checkpoint of step 1) is shut down before the
+  process exits: stderr is the divergence line alone, and nothing non-finite is kept."""
+  runs = {}
+  for name, args in (("lr", ["--config.optimizer.lr=1e39", "--config.input_workers=1"]),
+                     ("weight_decay", ["--config.optimizer.weight_decay=1e30"])):
+    workdir = str(tmp_path / name)
+    cmd = [sys.executable, "-m", "jaxkd.main", "--config", "configs/demo.py:runlocal",
+           "--workdir", workdir, f"--config.dataset.data_dir={reference[0].dataset.data_dir}",
+           "--config.teacher.name=resnet8", "--config.baselines=", *args]
+    runs[name] = (workdir, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True))
+  lines = {}
+  for name, (workdir, proc) in runs.items():
+    _, err = proc.communicate(timeout=300)
+    lines[name] = err
+    assert proc.returncode == 3, err[-3000:]
+    assert len(err.splitlines()) == 1, err[-3000:]
+    assert err.startswith("error: [teacher] diverged at step "), err
+    stage_dir = os.path.join(workdir, "teacher")
+    assert not {"teacher.msgpack", "result.json"} & set(os.listdir(stage_dir))
+    mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"), 1, 2)
+    for step in mngr.all_steps():
+      state = mngr.restore(step)["state"]
+      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+  # The update of step 1 overflowed: caught before its state was checkpointed.
+  assert lines["lr"].startswith("error: [teacher] diverged at step 1: its update made the "
+                                "variables non-finite (")
+  assert "(lr inf); no checkpoint was written" in lines["lr"]
+
+
+@pytest.mark.parametrize("where,signum,workers", [
+    ("compile_steps", signal.SIGINT, 0), ("prefetch_to_mesh", signal.SIGTERM, 1)])
+def test_a_signal_before_the_first_step_stops_at_step_1(reference, tmp_path, monkeypatch,
+                                                        where, signum, workers):
+  """A signal while the step compiles, or while the first batches are sent ahead (input
+  workers on): step 1 runs, is checkpointed, and the stage stops in one line; no worker is
+  left."""
+  workdir = str(tmp_path / "w")
+  module = loop if where == "compile_steps" else loop.parallel
+  original = getattr(module, where)
+
+  def signal_then(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+    return original(*args, **kwargs)
+  monkeypatch.setattr(module, where, signal_then)
+  with pytest.raises(interrupts.Interrupted) as stopped:
+    train.train_and_evaluate(student_config(reference, input_workers=workers), workdir)
+  message = str(stopped.value)
+  assert stopped.value.exit_status == 128 + signum and "\n" not in message
+  assert message.startswith(f"[student_kd] {signal.Signals(signum).name} at step 1/16: "
+                            "checkpoint written to ")
+  assert os.listdir(os.path.join(workdir, "student_kd", "checkpoints")) == ["1"]
+  assert not multiprocessing.active_children()
+
+
+def test_an_error_in_an_input_worker_is_one_line(reference, tmp_path, monkeypatch):
+  """A batch that cannot be made in an input worker (a damaged image file) stops the stage in
+  one line naming the step; the workers are stopped, the checkpoint before it is kept."""
+  workdir = str(tmp_path / "w")
+  make = pipeline.train_batch_fn
+  monkeypatch.setattr(pipeline, "train_batch_fn",
+                      lambda *args, **kwargs: helpers.FailingBatch(make(*args, **kwargs), 6))
+  with pytest.raises(UserError) as stopped:
+    train.train_and_evaluate(student_config(reference, input_workers=1), workdir)
+  message = str(stopped.value)
+  assert stopped.value.exit_status == 2 and "\n" not in message
+  assert message.startswith("[student_kd] the input pipeline failed making the batch of step 7: "
+                            "OSError: image file of batch 6 is damaged; the last checkpoint "
+                            "stays")
+  assert "4" in os.listdir(os.path.join(workdir, "student_kd", "checkpoints"))
+  assert not os.path.exists(os.path.join(workdir, "student_kd", "result.json"))
+  assert not multiprocessing.active_children()
 
 
 # ------------------------------------------------------------------------------ workdirs

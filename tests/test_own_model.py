@@ -53,7 +53,8 @@ def _config(tmp_path, method, baselines=""):
   _register("tiny_own_net")
   _register("tiny_pooled_only", with_maps=False)
   config = helpers.mock_cifar_config(tmp_path, "resnet8", "tiny_own_net", method, baselines)
-  config.method_overrides = ml_collections.ConfigDict(dict(sskd=dict(teacher_epochs=1)))
+  config.method_overrides = ml_collections.ConfigDict(dict(
+      sskd=dict(teacher_epochs=1, teacher_milestones=())))
   return config
 
 

@@ -32,8 +32,9 @@ def no_data(monkeypatch):
 
 def _planned(config, tmp_path):
   """The plan of `config` with its split sizes given in the config (no data is read: see
-  `no_data`), and a stand-in file for a CLIP tower's weights."""
-  config.dataset.update(num_train_examples=64, num_eval_examples=32)
+  `no_data`; a batch of training examples at least), and a stand-in file for a CLIP tower's
+  weights."""
+  config.dataset.update(num_train_examples=max(64, config.batch_size), num_eval_examples=32)
   if config.teacher.name.startswith("clip"):
     config.teacher.checkpoint = str(tmp_path)
   return plan.make_plan(config, None, MESH, cache=False)

@@ -18,6 +18,9 @@ from typing import IO, Iterator, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxkd import errors
+from jaxkd import paths
+
 TFDS_NAME = 'sklearn_digits'
 NUM_EXAMPLES = 1797
 NUM_TRAIN = 1437
@@ -126,15 +129,23 @@ def prepared_builder(data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   """
   builder = tfds.builder(TFDS_NAME, data_dir=data_dir, file_format=FILE_FORMAT)
   if not builder.is_prepared():
+    # Built where it will be read: a data_dir that cannot be written (read-only, /proc) is one
+    # line before tfds tries (it would report "not enough disk space").
+    paths.check_writable(os.fspath(builder.data_dir_root), 'dataset.data_dir',
+                         'the digits are built there on first use; pass a --config.dataset.'
+                         'data_dir you can write to')
     with _build_lock(builder.data_dir_root):
       builder = tfds.builder(TFDS_NAME, data_dir=data_dir, file_format=FILE_FORMAT)
       if not builder.is_prepared():
         try:
           builder.download_and_prepare(
               download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        except Exception:  # pylint: disable=broad-except
+        except Exception as e:  # pylint: disable=broad-except
           if not builder.is_prepared():
-            raise
+            raise errors.UserError(
+                f'the digits cannot be built in data_dir {builder.data_dir_root} '
+                f'({type(e).__name__}: {" ".join(str(e).split())[:200]}); pass a '
+                '--config.dataset.data_dir you can write to') from None
   # A builder reads the dataset's metadata (split sizes) when it is made, so one made before
   # another process finished the build would not know them: make it now.
   return tfds.builder(TFDS_NAME, data_dir=data_dir)

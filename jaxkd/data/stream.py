@@ -19,6 +19,7 @@ processes. Nothing here imports TensorFlow, so workers start light.
 """
 
 import dataclasses
+import signal
 from typing import Any, Callable, Iterator, Optional
 
 import grain
@@ -125,6 +126,15 @@ def _allow_workers() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _leave_signals_to_the_trainer(worker_index: int, worker_count: int) -> None:
+  """An input worker ignores SIGINT and SIGTERM: Ctrl-C reaches every process of the terminal's
+  group, and a worker that died of it would end the run with its traceback instead of the
+  trainer's checkpoint; the trainer stops its workers when it stops."""
+  del worker_index, worker_count
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN)
+
+
 def batches(batch_fn: Callable[[int], dict[str, np.ndarray]], start: int, stop: int,
             num_workers: int = 0, num_threads: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """batch_fn(start), batch_fn(start + 1), ... up to `stop`, made ahead of the reader.
@@ -139,5 +149,6 @@ def batches(batch_fn: Callable[[int], dict[str, np.ndarray]], start: int, stop: 
   if num_workers > 0:
     _allow_workers()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=_BUFFER))
+                                                     per_worker_buffer_size=_BUFFER),
+                        worker_init_fn=_leave_signals_to_the_trainer)
   return iter(it)

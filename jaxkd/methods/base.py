@@ -295,6 +295,11 @@ class Method:
       statistics are updated view after view; the outputs are interleaved back into rows
       V·i + k (`steps.train_step(student_views_apart=...)`; MLKD's reference calls its student
       on the weak, then on the strong images). Not with a `bridge` (it reads every row).
+    optional_hparams: hyper-parameters the method reads with a default of its own where a
+      config leaves them out (`hparams.get(name, default)`), kept out of `defaults` so that the
+      effective config of runs that do not set them stays as it was. With `defaults` and the
+      switches' fields they are the fields the method reads: a config field outside them is
+      reported as ignored before the run.
   """
   name: str
   loss: LossFn
@@ -322,6 +327,7 @@ class Method:
   student_views_apart: bool = False
   class_maps: bool = False
   deployed: Optional[Deployment] = None
+  optional_hparams: Sequence[str] = ()
 
   def __post_init__(self):
     if self.student_views_apart and self.bridge is not None:

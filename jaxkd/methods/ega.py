@@ -295,7 +295,8 @@ def crd_negatives(hparams: ml_collections.ConfigDict) -> int:
 METHOD = Method(name="ega", loss=ega_loss, views="none", uses_teacher=True,
                 defaults=DEFAULTS, student_heads=student_heads,
                 online_teacher_head=TEACHER_HEAD, bridge=crd_bridge, negatives=crd_negatives,
-                check_hparams=check_hparams, taps=POOLED)
+                check_hparams=check_hparams, taps=POOLED,
+                optional_hparams=("student_tap", "teacher_tap"))
 
 # The reference's comparison rows, one registered name each (`ega_<distill>`), so that one config
 # can list them as baselines. 'ega_kd' sets α = 1 (the reference's `--distill kd` adds only the α
