@@ -69,7 +69,8 @@ def test_a_registered_network_is_distilled_with_kd_sskd_and_at(tmp_path):
     assert stages[name]["model"] == "tiny_own_net" and 0 <= stages[name]["top1_last"] <= 100
 
 
-def test_a_network_without_the_taps_a_method_reads_is_refused_by_name(tmp_path):
+def test_a_network_without_the_taps_a_method_reads_is_refused_by_name(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "data_source", helpers.mock_cifar100)
   config = _config(tmp_path, "at")
   config.student.name = "tiny_pooled_only"
   with pytest.raises(UserError, match="method 'at' reads the stage maps taps.1:-1. as spatial "
