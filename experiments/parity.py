@@ -494,7 +494,9 @@ def build_setup(traj: Trajectory) -> Setup:
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=jax.device_put(init.get("batch_stats", {})),
                      opt_state=jax.jit(tx.init)(params))
-  compiled = loop.compile_steps(stage, inputs, network, tx, schedule, None, steps_per_epoch)
+  # No deployed network of its own (SSKD, HSAKD): no mesh or dataset is needed to build it.
+  compiled = loop.compile_steps(stage, inputs, network, tx, schedule, None, steps_per_epoch,
+                                mesh=None, info=None)
   teacher_apply = jax.jit(
       lambda v, x: loop.teacher_network(stage, inputs).apply(v, x, train=False))
   return Setup(train=compiled.train, state=state, teacher_variables=teacher.variables,

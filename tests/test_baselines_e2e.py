@@ -168,7 +168,8 @@ def test_default_weights_are_the_reference_scripts():
 
 
 @pytest.mark.parametrize("name", ["fsp", "kdsvd"])
-def test_pairs_with_unequal_widths_are_refused_before_any_work(tmp_path, name):
+def test_pairs_with_unequal_widths_are_refused_before_any_work(tmp_path, monkeypatch, name):
+  monkeypatch.setattr(sources, "data_source", helpers.mock_cifar100)
   config = default.get_config("runlocal")
   config.teacher.name, config.student.name = "wrn_40_2", "wrn_40_1"
   config.method = ml_collections.ConfigDict(dict(name=name))
@@ -182,7 +183,9 @@ def test_kdsvd_runs_on_one_cpu_device_and_is_refused_on_four(tmp_path):
   config.method = ml_collections.ConfigDict(dict(name="kdsvd"))
   config.baselines = ""
   with pytest.raises(UserError, match="kdsvd cannot run on 4 CPU devices"):
-    train.train_and_evaluate(config, str(tmp_path / "four"))
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(sources, "data_source", helpers.mock_cifar100)
+      train.train_and_evaluate(config, str(tmp_path / "four"))
   assert not (tmp_path / "four").exists()  # Refused by the plan, before the workdir is made.
   create_mesh = parallel.create_mesh
   with pytest.MonkeyPatch.context() as patch:
