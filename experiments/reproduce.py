@@ -13,7 +13,8 @@ modern_cifar100). For each pair and seed k it makes ONE jaxkd run in
 `config.method`, the others as `config.baselines`, so the teacher is trained once per seed and
 shared by every row. Rerunning resumes: a finished stage is
 skipped, and a run whose rows are all finished is not started. A row jaxkd refuses on a pair (FSP
-on unequal widths, as RepDistiller) is left out of that pair's run and reported as refused.
+on unequal widths, as RepDistiller; ReviewKD where the two networks' numbers of stage maps
+differ) is left out of that pair's run and reported as refused.
 At the end it writes `<workdir>/report.md` (experiments/report.py).
 
 A row that repeats an earlier row's method with other hyper-parameters (KD with logit

@@ -161,6 +161,18 @@ def test_print_commands_leaves_out_refused_rows(capsys):
              for line in lines)
 
 
+def test_pair_whose_taps_a_method_cannot_pair_is_refused():
+  """ReviewKD pairs the stage maps one to one: wrn_40_2 (3) → MobileNetV2 (4) is refused before
+  any run, and the pair's shared run leaves it out; the same method on another pair is kept."""
+  table = tables.get_table("modern_cifar100")
+  reasons = tables.refused(table, "wrn_40_2-MobileNetV2", ["reviewkd", "ofd", "kd"])
+  assert list(reasons) == ["reviewkd"]
+  assert "student 'MobileNetV2' gives 4 and teacher 'wrn_40_2' 3" in reasons["reviewkd"]
+  shared = tables.get_config(table, "wrn_40_2-MobileNetV2")
+  assert "reviewkd" not in [shared.method.name] + shared.baselines.split(",")
+  assert tables.refused(table, "vgg13-MobileNetV2", ["reviewkd"]) == {}
+
+
 def _variant_table():
   """The digits table with KD once more, at T = 2 (kd_weight 0.5 on the digits pair only)."""
   table = tables.get_table("digits")

@@ -247,19 +247,33 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
 
 
 def refused(table: Table, pair: str, methods: Sequence[str]) -> dict[str, str]:
-  """method -> why jaxkd refuses it on `pair` (e.g. FSP on unequal widths, as RepDistiller)."""
+  """method -> why jaxkd refuses it on `pair`: the method's own check of the pair (e.g. FSP on
+  unequal widths, as RepDistiller) or the plan's check of the taps it reads and pairs (e.g.
+  ReviewKD on networks with unequal numbers of stage maps), which would otherwise stop the run
+  of every row of the pair."""
   teacher, student = split_pair(pair)
   classes = num_classes(table.base_config(pair))
   reasons = {}
   for name in methods:
     method = get_method(name)
-    if method.check_pair is None:
-      continue
     try:
-      method.check_pair(teacher, student, classes)
+      if method.check_pair is not None:
+        method.check_pair(teacher, student, classes)
+      if method.taps is not None:
+        _check_taps(table, pair, name)
     except UserError as e:
       reasons[name] = str(e)
   return reasons
+
+
+def _check_taps(table: Table, pair: str, name: str) -> None:
+  """The plan's check of the taps method `name` reads on `pair` (no data is read)."""
+  from jaxkd import plan  # pylint: disable=g-import-not-at-top
+  from jaxkd.data import sources  # pylint: disable=g-import-not-at-top
+  from jaxkd.models import clip  # pylint: disable=g-import-not-at-top
+  config = run_config(table, pair, [name])
+  info = sources._registry_entry(config.dataset.name)  # pylint: disable=protected-access
+  plan.check_taps(config, get_method(name), info, config.teacher.name in clip.CLIP_MODELS)
 
 
 def reads_stage_teacher(table: "Table", pair: str, name: str, row: Optional[Row] = None) -> bool:
