@@ -6,7 +6,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
@@ -16,7 +15,8 @@ from jaxkd import parallel
 from jaxkd.errors import UserError
 from jaxkd.methods import dist, get_method
 
-from modern_golden import GOLDEN, assert_grad_close, logit_inputs
+from modern_golden import (GOLDEN, assert_grad_close, assert_logit_objective_is_global,
+                           logit_inputs)
 
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-8)
@@ -130,24 +130,7 @@ def test_loss_and_gradients_do_not_depend_on_the_device_count():
   """The intra-class term reads whole columns of the batch: with the rows sharded over 4
   devices the jitted loss, its parts and its gradient are those of one device."""
   s, t, y = logit_inputs("dist")
-  hp = _hparams("dist")
-
-  def run(mesh):
-    rows = NamedSharding(mesh, P(parallel.DATA_AXIS))
-    args = [jax.device_put(x, rows) for x in (s, t, y)]
-    fn = jax.jit(jax.value_and_grad(
-        lambda a, b, c: dist.dist_objective({"logits": a}, {"logits": b}, c, hp), has_aux=True))
-    (loss, metrics), grad = fn(*args)
-    assert len(grad.sharding.device_set) == mesh.size
-    return jax.device_get((loss, metrics, grad))
-
-  one = run(parallel.create_mesh(jax.devices()[:1]))
-  four = run(parallel.create_mesh(jax.devices()[:4]))
-  # Equal up to the order of the reductions: the losses to float32 rounding, the gradient to
-  # 1e-6 of its largest entry.
-  for a, b in zip(jax.tree.leaves((one[0], one[1])), jax.tree.leaves((four[0], four[1]))):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
-  assert_grad_close(four[2], one[2], rel=1e-6)
+  four = assert_logit_objective_is_global(dist.dist_objective, s, t, y, _hparams("dist"))
   np.testing.assert_allclose(four[0], GOLDEN["dist_loss_total"], **LOSS_TOL)
   assert_grad_close(four[2], GOLDEN["dist_grad_total_logit_s"])
 

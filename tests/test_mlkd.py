@@ -7,7 +7,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from jaxkd.errors import UserError
 from jaxkd.methods import get_method, mlkd
 from jaxkd.methods import logit_standardization as ls
 
-from modern_golden import GOLDEN, assert_grad_close
+from modern_golden import GOLDEN, assert_grad_close, assert_logit_objective_is_global
 
 PREFIXES = ["mlkd", "ls_mlkd"]
 LOSS_TOL = dict(rtol=1e-5, atol=1e-8)
@@ -207,22 +206,8 @@ def test_loss_and_gradients_do_not_depend_on_the_device_count():
   """The masks' medians and the batch- and class-level terms read the whole batch: with the
   rows sharded over 4 devices the jitted objective and its gradient are those of one device."""
   s, t, y = _interleaved("mlkd")
-  hp = _hparams("mlkd")
-
-  def run(mesh):
-    rows = NamedSharding(mesh, P(parallel.DATA_AXIS))
-    args = [jax.device_put(x, rows) for x in (s, t, y)]
-    fn = jax.jit(jax.value_and_grad(
-        lambda a, b, c: mlkd.mlkd_objective({"logits": a}, {"logits": b}, c, hp), has_aux=True))
-    (loss, metrics), grad = fn(*args)
-    assert len(grad.sharding.device_set) == mesh.size
-    return jax.device_get((loss, metrics, grad))
-
-  one = run(parallel.create_mesh(jax.devices()[:1]))
-  four = run(parallel.create_mesh(jax.devices()[:4]))
-  for a, b in zip(jax.tree.leaves((one[0], one[1])), jax.tree.leaves((four[0], four[1]))):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
-  assert_grad_close(four[2], one[2], rel=1e-6)
+  four = assert_logit_objective_is_global(mlkd.mlkd_objective, s, t, y, _hparams("mlkd"),
+                                          atol=1e-9)
   np.testing.assert_allclose(four[0], GOLDEN["mlkd_loss_total"], **LOSS_TOL)
 
 

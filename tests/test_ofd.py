@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import helpers
-from modern_golden import GOLDEN, assert_grad_close, nhwc
+from modern_golden import GOLDEN, assert_grad_close, assert_trees_match, nhwc
 
 from jaxkd import models, networks, parallel, steps
 from jaxkd.errors import UserError
@@ -155,16 +155,8 @@ def test_gradients_and_running_statistics_match_the_reference(forward):
   _, _, _, _, stats, g_params, g_maps = forward
   for i, grad in enumerate(g_maps):
     assert_grad_close(grad, nhwc(g[f"{P}_grad_preact_feat_s.{i}"]), what=i)
-  expected = flax.traverse_util.flatten_dict(_golden_tree("grad_param")["params"])
-  flat = flax.traverse_util.flatten_dict(g_params)
-  assert set(flat) == set(expected)
-  for path, ref in expected.items():
-    assert_grad_close(flat[path], ref, what=path)
-  expected = flax.traverse_util.flatten_dict(_golden_tree("updated")["batch_stats"])
-  flat = flax.traverse_util.flatten_dict(stats)
-  assert set(flat) == set(expected)
-  for path, ref in expected.items():
-    np.testing.assert_allclose(flat[path], ref, err_msg=str(path), **STATE_TOL)
+  assert_trees_match(g_params, _golden_tree("grad_param")["params"], stats,
+                     _golden_tree("updated")["batch_stats"], STATE_TOL)
 
 
 def test_connectors_take_their_widths_from_the_taps():

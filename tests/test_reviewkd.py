@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import helpers
-from modern_golden import GOLDEN, assert_grad_close, nhwc
+from modern_golden import GOLDEN, assert_grad_close, assert_trees_match, nhwc
 
 from jaxkd import networks, parallel, steps
 from jaxkd.errors import UserError
@@ -177,16 +177,8 @@ def test_gradients_and_running_statistics_match_the_reference(forward):
   names = [f"{P}_grad_feat_s.{i}" for i in range(3)] + [f"{P}_grad_pooled_feat_s"]
   for grad, name in zip(g_maps, names):
     assert_grad_close(grad, nhwc(g[name]), what=name)
-  expected = flax.traverse_util.flatten_dict(_golden_tree("grad_param")["params"])
-  flat = flax.traverse_util.flatten_dict(g_params)
-  assert set(flat) == set(expected)
-  for path, ref in expected.items():
-    assert_grad_close(flat[path], ref, what=path)
-  expected = flax.traverse_util.flatten_dict(_golden_tree("updated")["batch_stats"])
-  flat = flax.traverse_util.flatten_dict(stats)
-  assert set(flat) == set(expected)
-  for path, ref in expected.items():
-    np.testing.assert_allclose(flat[path], ref, err_msg=str(path), **STATE_TOL)
+  assert_trees_match(g_params, _golden_tree("grad_param")["params"], stats,
+                     _golden_tree("updated")["batch_stats"], STATE_TOL)
 
 
 def test_the_weight_warms_up_over_the_epochs():
