@@ -151,6 +151,18 @@ class Table:
     return f"{row.id}/{stage}" if stage and self.own_run(row) else stage
 
 
+# RepDistiller's train_student.py (and mdistiller's yamls) set lr 0.01 for these students.
+LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+def repdistiller_config(pair: str) -> ml_collections.ConfigDict:
+  """The CIFAR-100 schedule of RepDistiller and mdistiller for `pair`: 240 epochs, batch 64,
+  lr 0.05 (0.01 for LOW_LR_STUDENTS), ×0.1 at 150/180/210, no Nesterov."""
+  teacher, student = split_pair(pair)
+  return default.cifar100_recipe(teacher, student,
+                                 lr=0.01 if student in LOW_LR_STUDENTS else 0.05, nesterov=False)
+
+
 def split_pair(pair: str) -> tuple[str, str]:
   teacher, student = pair.split("-")
   return teacher, student

@@ -19,7 +19,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from configs import default  # noqa: E402
 from experiments import tables  # noqa: E402
 from experiments.tables import Row, Table  # noqa: E402
 
@@ -47,16 +46,6 @@ NUMBERS = {
     "crd":     "75.48 74.14 71.16 71.46 73.48 75.51 73.94   69.73 69.11 74.30 75.11 75.65 76.05",
     "crd_kd":  "75.64 -     -     -     -     75.46 -       -     -     -     -     -     -",
 }
-
-# RepDistiller's train_student.py sets lr 0.01 for these students.
-LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
-
-
-def base_config(pair: str):
-  teacher, student = tables.split_pair(pair)
-  return default.cifar100_recipe(teacher, student,
-                                 lr=0.01 if student in LOW_LR_STUDENTS else 0.05, nesterov=False)
-
 
 TABLE = Table(
     name="crd_cifar100",
@@ -87,7 +76,7 @@ TABLE = Table(
           "FSP is N/A (0.00) on wrn_40_2 → wrn_40_1 and absent from the cross-architecture "
           "table; CRD+KD is not in the README: its two numbers are the paper's.",
     row_notes={"crd_kd": "1 number (CRD paper, not in the README)"},
-    base_config=base_config,
+    base_config=tables.repdistiller_config,
 )
 
 

@@ -117,7 +117,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from configs import default  # noqa: E402
 from experiments import tables  # noqa: E402
 from experiments.tables import Row, Table  # noqa: E402
 
@@ -197,16 +196,6 @@ DKD_LS_FIELDS = {pair: dict(T=float(t), alpha=float(w), beta=float(w * beta))
 MLKD_LS_FIELDS = {pair: dict(T=float(t), kd_weight=float(w))
                   for pair, (t, w) in MLKD_LS_LOGS.items()}
 
-# mdistiller's (and RepDistiller's) yamls set lr 0.01 for these students.
-LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
-
-
-def base_config(pair: str):
-  teacher, student = tables.split_pair(pair)
-  return default.cifar100_recipe(teacher, student,
-                                 lr=0.01 if student in LOW_LR_STUDENTS else 0.05, nesterov=False)
-
-
 TABLE = Table(
     name="modern_cifar100",
     title="DKD, DIST, ICKD, CTKD, logit standardization, OFD, ReviewKD, DOT, MLKD and SimKD, "
@@ -263,7 +252,7 @@ TABLE = Table(
         "reviewkd": "1 number as the ND README copies it (source not named)",
         "mlkd": "1 number as the LS README prints it (source not named)",
     },
-    base_config=base_config,
+    base_config=tables.repdistiller_config,
 )
 
 
