@@ -4,7 +4,7 @@ stage.
 The train step's metrics stay on the device; they are fetched (one host sync) only where the
 loop syncs anyway: a log line, an evaluation, a checkpoint. A step's metrics describe the
 variables it started from, so before the variables themselves are evaluated, selected, exported
-or checkpointed they are read back too (on the host, from this process's replica) and checked:
+or checkpointed they are checked too (on the devices; read back only to name a bad leaf):
 an update that overflows (a learning rate or weight decay too large for float32) is caught at
 the step that made it, and the last good checkpoint is the newest one on disk.
 """
@@ -12,6 +12,7 @@ the step that made it, and the last good checkpoint is the newest one on disk.
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import checkpoint
@@ -24,10 +25,19 @@ def watched(metric: str) -> bool:
   return metric.startswith("loss") or metric == "grad_norm"
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  """One boolean on the devices: every entry of every leaf is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def nonfinite_leaf(state: Any) -> Optional[str]:
-  """The path of the first floating-point leaf of `state` that is not finite, or None."""
+  """The path of the first floating-point leaf of `state` that is not finite, or None. Checked
+  on the devices first (one boolean comes back); the leaves are read only to name a bad one."""
   leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(state)
             if np.issubdtype(getattr(x, "dtype", np.int32), np.inexact)]
+  if not leaves or bool(checkpoint.host_values([_all_finite([x for _, x in leaves])])[0]):
+    return None
   values = checkpoint.host_values([x for _, x in leaves])
   for (path, _), value in zip(leaves, values):
     if not np.all(np.isfinite(value)):
