@@ -148,9 +148,8 @@ def deployed_network(model_name: str, method_name: str, teacher: str, path: str,
   if not teacher:
     raise UserError(f"method {method.name!r} deploys the student with parts of its teacher; "
                     f"name the teacher's network with --teacher")
-  preact = method.preact if method.teacher_preact is None else method.teacher_preact
   teacher_net = networks.build_network(teacher, info.num_classes, dtype=dtype).clone(
-      preact=preact, class_maps=method.class_maps)
+      preact=method.teacher_taps_preact, class_maps=method.class_maps)
   image = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
   teacher_out = jax.eval_shape(lambda: teacher_net.init_with_output(
       jax.random.key(0), image, train=False)[0])

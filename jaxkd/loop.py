@@ -64,18 +64,18 @@ def teacher_network(stage: Stage, inputs: Inputs) -> Optional[Network]:
   if inputs.teacher is None:
     return None
   asked = {}
-  if stage.teacher_preact:
+  if stage.method.teacher_taps_preact:
     asked["preact"] = True
-  if stage.class_maps:
+  if stage.method.class_maps:
     asked["class_maps"] = True
   return inputs.teacher.network.clone(**asked) if asked else inputs.teacher.network
 
 
 def teacher_constants(stage: Stage, inputs: Inputs) -> Optional[Any]:
   """The constants the method reads from its frozen teacher's variables, computed once."""
-  if stage.teacher_constants is None or inputs.teacher is None:
+  if stage.method.teacher_constants is None or inputs.teacher is None:
     return None
-  return stage.teacher_constants(stage.teacher.model_name, inputs.teacher.variables,
+  return stage.method.teacher_constants(stage.teacher.model_name, inputs.teacher.variables,
                                  stage.hparams)
 
 
@@ -103,7 +103,7 @@ def init_teacher_head(head: OnlineTeacherHead, teacher: Teacher,
 
 def stage_description(stage: Stage, inputs: Inputs) -> dict[str, Any]:
   """What identifies a finished stage; a workdir that holds another one is refused."""
-  return {"model": stage.model_name, "method": stage.method_name,
+  return {"model": stage.model_name, "method": stage.method.name,
           "num_epochs": stage.num_epochs, "dataset": stage.config.dataset.name,
           "teacher_sha256": inputs.teacher.sha256 if inputs.teacher else None,
           "backbone_sha256": inputs.init_backbone_sha256}
@@ -128,9 +128,9 @@ def initial_state(stage: Stage, inputs: Inputs, network: Network, schedule: opta
                   ) -> tuple[TrainState, optax.GradientTransformation, Optional[TeacherHeadStep]]:
   """The stage's first train state (replicated), its optimiser (the method's own, else the
   config's SGD) and its online teacher head."""
-  config, teacher = stage.config, inputs.teacher
+  config, teacher, method = stage.config, inputs.teacher, stage.method
   teacher_out = None
-  if stage.bridge is not None and teacher is not None and not stage.online_teacher_head:
+  if method.bridge is not None and teacher is not None and not method.online_teacher_head:
     teacher_out = teacher_output_shapes(teacher_network(stage, inputs), teacher.variables,
                                         teacher_image_shape(teacher, info))
   variables = init_variables(network, info.image_shape, config.seed, mesh, teacher_out)
@@ -140,14 +140,14 @@ def initial_state(stage: Stage, inputs: Inputs, network: Network, schedule: opta
     variables = {col: dict(tree, backbone=loaded[col]["backbone"])
                  for col, tree in variables.items()}
   frozen = frozen_parameters(stage, network, variables, info)
-  tx = (stage.optimizer.make(config, stage.hparams, schedule, frozen) if stage.optimizer
+  tx = (method.optimizer.make(config, stage.hparams, schedule, frozen) if method.optimizer
         else make_optimizer(config, schedule, frozen))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(params))
   head = None
-  if stage.online_teacher_head is not None:
-    head, head_state = init_teacher_head(stage.online_teacher_head, teacher, stage.hparams,
+  if method.online_teacher_head is not None:
+    head, head_state = init_teacher_head(method.online_teacher_head, teacher, stage.hparams,
                                          info, config.seed, mesh)
     state = state.replace(teacher_head=head_state)
   return parallel.replicate(state, mesh), tx, head
@@ -182,7 +182,7 @@ class StageSteps:
   """The network of one stage, its jitted steps and the step counts they run for.
 
   `network` and `eval` are the evaluated network's, the deployed one where the method deploys
-  another (Stage.deployed); `deploy` maps the trained variables to the evaluated ones (None:
+  another (Method.deployed); `deploy` maps the trained variables to the evaluated ones (None:
   the same), `export` to the exported ones.
   """
   network: Any
@@ -207,16 +207,16 @@ def deployed_network(stage: Stage, inputs: Inputs, network: Network, constants: 
                      ) -> tuple[Any, Optional[Callable[[Any], Any]]]:
   """The network the stage evaluates and exports, and the map from the trained variables to
   its variables: the trained network itself (None), or the method's deployed one."""
-  if stage.deployed is None:
+  deployed = stage.method.deployed
+  if deployed is None:
     return network, None
   teacher = inputs.teacher
   teacher_out = teacher_output_shapes(teacher_network(stage, inputs), teacher.variables,
                                       teacher_image_shape(teacher, info))
-  module = stage.deployed.module(network.backbone, teacher_out, info.num_classes, stage.hparams)
+  module = deployed.module(network.backbone, teacher_out, info.num_classes, stage.hparams)
 
   def deploy(variables: Any) -> Any:
-    return parallel.replicate(stage.deployed.variables(variables, constants, stage.hparams),
-                              mesh)
+    return parallel.replicate(deployed.variables(variables, constants, stage.hparams), mesh)
   return module, deploy
 
 
@@ -226,22 +226,22 @@ def compile_steps(stage: Stage, inputs: Inputs, network: Network,
                   mesh: jax.sharding.Mesh, info: data.DatasetInfo) -> StageSteps:
   """Jits the stage's train step (donating the state), its eval step (of the network it
   deploys) and the method's own."""
-  constants = teacher_constants(stage, inputs)
+  constants, method = teacher_constants(stage, inputs), stage.method
   train = jax.jit(
       functools.partial(steps.train_step, network=network,
-                        teacher_network=teacher_network(stage, inputs), loss=stage.loss,
+                        teacher_network=teacher_network(stage, inputs), loss=method.loss,
                         hparams=stage.hparams, tx=tx, schedule=schedule,
                         steps_per_epoch=steps_per_epoch, teacher_head=head,
-                        teacher_train_mode=stage.teacher_train_mode,
+                        teacher_train_mode=method.teacher_train_mode,
                         teacher_constants=constants,
-                        gradient_terms=stage.optimizer.terms if stage.optimizer else (),
-                        student_views_apart=stage.student_views_apart),
+                        gradient_terms=method.optimizer.terms if method.optimizer else (),
+                        student_views_apart=method.student_views_apart),
       donate_argnums=(0,), compiler_options=parallel.step_compiler_options())
   evaluated, deploy = deployed_network(stage, inputs, network, constants, mesh, info)
   method_eval = None
-  if stage.eval_metrics is not None:
-    method_eval = (stage.views, jax.jit(functools.partial(
-        steps.method_eval_step, network=evaluated, metrics_fn=stage.eval_metrics,
+  if method.eval_metrics is not None:
+    method_eval = (method.views, jax.jit(functools.partial(
+        steps.method_eval_step, network=evaluated, metrics_fn=method.eval_metrics,
         hparams=stage.hparams)))
   return StageSteps(network=evaluated, train=train,
                     eval=jax.jit(functools.partial(steps.eval_step, network=evaluated)),
@@ -310,7 +310,7 @@ def _batches(stage: Stage, inputs: Inputs, mesh: jax.sharding.Mesh, start_step: 
   """The stage's training batches from `start_step` on, on the devices ahead of the step that
   reads them; none read past the stage's last step. Closing it stops the input workers."""
   config, teacher = stage.config, inputs.teacher
-  local_batches = data.train_batches(config.dataset, stage.views, config.batch_size,
+  local_batches = data.train_batches(config.dataset, stage.method.views, config.batch_size,
                                      seed=config.seed, start_step=start_step,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(),

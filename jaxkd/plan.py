@@ -104,17 +104,16 @@ def _plain_teacher(config: ml_collections.ConfigDict, stages: list[AnyStage]) ->
   if pretrain:
     method = get_method(pretrain)
     stages.append(Stage(
-        name="pretrain", config=config, model_name=name, method_name=method.name,
-        loss=method.loss, hparams=recipe.pretrain_hparams(config, method),
+        name="pretrain", config=config, model_name=name, method=method,
+        hparams=recipe.pretrain_hparams(config, method),
         num_epochs=config.teacher.num_epochs, base_lr=recipe.teacher_lr(config),
-        views=method.views, heads=method.student_heads, scores_top1=False,
+        scores_top1=False,
         export_file=TEACHER_FILE, backbone_file=BACKBONE_FILE,
         epochs_field="teacher.num_epochs"))
     return TeacherSource(name, stage="pretrain", file=BACKBONE_FILE)
   ce = cross_entropy_method()
   stages.append(Stage(
-      name="teacher", config=config, model_name=name, method_name=ce.name, loss=ce.loss,
-      hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
+      name="teacher", config=config, model_name=name, method=ce, hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
       base_lr=recipe.teacher_lr(config), export_file=TEACHER_FILE,
       select=best_top1 if config.teacher.get("keep", "last") == "best" else None,
       epochs_field="teacher.num_epochs"))
@@ -133,12 +132,12 @@ def _method_teacher(config: ml_collections.ConfigDict, method: Method,
   base = plain_teacher() if prep.frozen_backbone else None
   name = f"teacher_{method.name}"
   stages.append(Stage(
-      name=name, config=config, model_name=config.teacher.name, method_name=method.name,
-      loss=prep.loss, hparams=hparams, num_epochs=int(hparams[prep.num_epochs]),
-      base_lr=recipe.preparation_lr(config, hparams[prep.lr]), views=prep.views,
-      heads=prep.heads,
+      name=name, config=config, model_name=config.teacher.name,
+      method=prep.training_method(method), hparams=hparams,
+      num_epochs=int(hparams[prep.num_epochs]),
+      base_lr=recipe.preparation_lr(config, hparams[prep.lr]),
       milestones=tuple(hparams[prep.milestones]) if prep.milestones else (),
-      init_from=base, eval_metrics=method.eval_metrics, select=prep.select,
+      init_from=base, select=prep.select,
       export_file=TEACHER_FILE,
       epochs_field=f"{recipe.hparams_field(config, method)}.{prep.num_epochs}"))
   return TeacherSource(config.teacher.name, stage=name, heads=prep.heads, hparams=hparams)
@@ -153,25 +152,16 @@ def _student_stages(config: ml_collections.ConfigDict, method: Method,
   hparams = recipe.method_hparams(config, method)
   student = Stage(
       name=f"student_{method.name}", config=config, model_name=config.student.name,
-      method_name=method.name, loss=method.loss, hparams=hparams,
-      num_epochs=config.num_epochs, base_lr=config.optimizer.lr, views=method.views,
-      heads=method.student_heads, teacher=teacher, eval_metrics=method.eval_metrics,
-      online_teacher_head=method.online_teacher_head if teacher else None,
-      bridge=method.bridge, num_negatives=method.negatives(hparams) if method.negatives else 0,
-      preact=method.preact,
-      teacher_preact=method.preact if method.teacher_preact is None else method.teacher_preact,
-      teacher_train_mode=method.teacher_train_mode, teacher_constants=method.teacher_constants,
-      optimizer=method.optimizer, student_views_apart=method.student_views_apart,
-      class_maps=method.class_maps, deployed=method.deployed, export_file=STUDENT_FILE)
+      method=method, hparams=hparams, num_epochs=config.num_epochs,
+      base_lr=config.optimizer.lr, teacher=teacher, export_file=STUDENT_FILE)
   prep = method.student_preparation
   if prep is None:
     return [student]
   init = dataclasses.replace(
-      student, name=f"{student.name}_init", loss=prep.loss, bridge=prep.bridge,
+      student, name=f"{student.name}_init", method=prep.training_method(method),
       num_epochs=int(hparams[prep.num_epochs]),
       base_lr=recipe.preparation_lr(config, hparams[prep.lr]), milestones=(),
-      features_only=True, scores_top1=False, eval_metrics=None, num_negatives=0,
-      optimizer=None,
+      features_only=True, scores_top1=False,
       epochs_field=f"{recipe.hparams_field(config, method)}.{prep.num_epochs}")
   return [init, dataclasses.replace(student, init_from=init.name, freeze_backbone=False)]
 
@@ -185,9 +175,10 @@ def _linear_probe(config: ml_collections.ConfigDict, student: Stage,
   ce = cross_entropy_method()
   return Stage(
       name="linear_probe", config=recipe.linear_probe_config(config),
-      model_name=config.student.name, method_name="linear_probe", loss=ce.loss,
+      model_name=config.student.name,
+      method=dataclasses.replace(ce, name="linear_probe", student_heads=linear_probe_heads),
       hparams=ml_collections.ConfigDict(dict(tap="pooled")), num_epochs=probe.num_epochs,
-      base_lr=probe.lr, heads=linear_probe_heads,
+      base_lr=probe.lr,
       milestones=tuple(probe.get("milestones", ())), init_from=student.name,
       backbone_num_classes=num_classes, epochs_field="linear_probe.num_epochs")
 
@@ -213,9 +204,9 @@ def stage_list(config: ml_collections.ConfigDict, num_classes: int) -> list[AnyS
     if recipe.is_main_method(config, method):
       main = stages[-1]
   if recipe.linear_probe_enabled(config):
-    if main.deployed is not None:
-      raise UserError(f"linear_probe reads the backbone of the {main.method_name!r} student's "
-                      f"export, but {main.method_name!r} exports the network it deploys; probe "
+    if main.method.deployed is not None:
+      raise UserError(f"linear_probe reads the backbone of the {main.method.name!r} student's "
+                      f"export, but {main.method.name!r} exports the network it deploys; probe "
                       f"another method's student (--config.method.name)")
     stages.append(_linear_probe(config, main, num_classes))
   return stages
@@ -421,12 +412,12 @@ def _row(plan: Plan, stage: AnyStage) -> tuple[str, ...]:
     return (stage.name, stage.source.model_name, "imported", "-", "-", "-", "-",
             stage.source.describe(), "-", plan.states[stage.name])
   steps_per_epoch = data.steps_per_epoch(info, stage.config.batch_size)
-  views = data.num_views(stage.views)
+  views = data.num_views(stage.method.views)
   teacher = stage.teacher.describe() if stage.teacher else "-"
   init = stage.init_from
   start = "-" if init is None else (f"stage {init}" if isinstance(init, str)
                                     else init.describe())
-  return (stage.name, stage.model_name, stage.method_name, str(stage.num_epochs),
+  return (stage.name, stage.model_name, stage.method.name, str(stage.num_epochs),
           f"{stage.num_epochs * steps_per_epoch:,}",
           f"{stage.config.batch_size * views:,}", f"{stage.base_lr:g}", teacher, start,
           plan.states[stage.name])

@@ -13,8 +13,7 @@ from typing import Any, Callable, Optional, Union
 import jax.numpy as jnp
 import ml_collections
 
-from jaxkd.methods.base import (BridgeFactory, Deployment, EvalMetricsFn, HeadsFactory, LossFn,
-                                OnlineTeacherHead, TeacherConstantsFn, TermOptimizer)
+from jaxkd.methods.base import HeadsFactory, Method
 from jaxkd.networks import Network, build_network
 
 TEACHER_FILE = "teacher.msgpack"
@@ -70,8 +69,12 @@ class ImportStage:
 class Stage:
   """One training stage: which network learns with which loss, on which views, for how long.
 
+  `method`: how the stage trains — its loss, views, heads, bridge, optimiser, taps, deployed
+  network and evaluation metrics (`jaxkd.methods.base.Method`; a preparation stage's is made by
+  its TeacherPreparation/StudentPreparation, a teacher's and a linear probe's is
+  cross-entropy).
   `config`: the config the stage runs under (the run's; the linear probe's has its own dataset
-  and epochs).
+  and epochs). `hparams`: the method's effective hyper-parameters.
   `teacher`: the frozen teacher beside the student, if the loss reads one.
   `init_from`: variables loaded into the backbone before training: a finished stage's export
   (its name) or a teacher's. Kept frozen (the backbone runs in inference mode and only the heads
@@ -79,28 +82,12 @@ class Stage:
   `export_file`: the final variables (bridge left out) are written to this file in the stage
   directory, how a trained network is handed to later stages and to users; `backbone_file`:
   the backbone alone is written there too (a pretrained teacher).
-  `online_teacher_head`: a head trained on the frozen `teacher` beside the student (its
-  parameters and optimiser state live in the train state's `teacher_head`).
   `backbone_num_classes`: classes of the backbone's own classifier when they differ from the
   stage's dataset (a linear probe on another dataset keeps the student's backbone as it is).
   `scores_top1`: False for a stage that trains no classifier (self-supervised pretraining): the
   top-1 of its network would mean nothing, so it is not evaluated and its result says so.
-  `bridge`, `num_negatives`: a method's bridge factory and negatives per example (Method.bridge,
-  Method.negatives).
   `features_only`: only the backbone's parameters that its taps depend on learn (and the heads
   and bridge); the classifier keeps its initial values (a student preparation stage).
-  `preact`, `teacher_preact`: the student's / the teacher's stage taps are taken before their
-  last ReLU (Method.preact, Method.teacher_preact).
-  `teacher_train_mode`, `teacher_constants`: the teacher's BatchNorms run on the batch's
-  statistics; constants computed once from the teacher's variables reach the loss
-  (Method.teacher_train_mode, Method.teacher_constants).
-  `class_maps`: both networks' outputs hold their class activation maps (Method.class_maps).
-  `deployed`: the network the stage evaluates and exports in place of the trained one, built
-  from it and the teacher (Method.deployed).
-  `optimizer`: the method's own optimiser over the gradients of named loss terms
-  (Method.optimizer); None: the config's SGD (jaxkd.optim.make_optimizer).
-  `student_views_apart`: the student's training forward runs once per view
-  (Method.student_views_apart).
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   `epochs_field`: the config field `num_epochs` comes from (named by the plan's refusals).
@@ -108,46 +95,37 @@ class Stage:
   name: str
   config: ml_collections.ConfigDict
   model_name: str
-  method_name: str
-  loss: LossFn
+  method: Method
   hparams: ml_collections.ConfigDict
   num_epochs: int
   base_lr: float
-  views: str = "none"
-  heads: Optional[HeadsFactory] = None
   milestones: Optional[tuple[float, ...]] = None
   teacher: Optional[TeacherSource] = None
   init_from: Optional[Union[str, TeacherSource]] = None
   export_file: Optional[str] = None
   backbone_file: Optional[str] = None
-  eval_metrics: Optional[EvalMetricsFn] = None
   select: Optional[Callable[[dict[str, float], ml_collections.ConfigDict], Optional[float]]] = None
-  online_teacher_head: Optional[OnlineTeacherHead] = None
   backbone_num_classes: Optional[int] = None
   scores_top1: bool = True
-  bridge: Optional[BridgeFactory] = None
-  num_negatives: int = 0
   freeze_backbone: bool = True
   features_only: bool = False
-  preact: bool = False
-  teacher_preact: bool = False
-  teacher_train_mode: bool = False
-  teacher_constants: Optional[TeacherConstantsFn] = None
-  optimizer: Optional[TermOptimizer] = None
-  student_views_apart: bool = False
-  class_maps: bool = False
-  deployed: Optional[Deployment] = None
   epochs_field: str = "num_epochs"
+
+  @property
+  def num_negatives(self) -> int:
+    """Negatives drawn per example by the input pipeline (Method.negatives)."""
+    return self.method.negatives(self.hparams) if self.method.negatives else 0
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,
               num_train: Optional[int] = None) -> Network:
     """The stage's network; the method's bridge too when `num_train` (training) is given."""
-    network = build_network(self.model_name, num_classes, self.heads, self.hparams, dtype,
-                            self.backbone_num_classes)
-    bridge = self.bridge(num_train, self.hparams) if self.bridge and num_train else None
+    method = self.method
+    network = build_network(self.model_name, num_classes, method.student_heads, self.hparams,
+                            dtype, self.backbone_num_classes)
+    bridge = method.bridge(num_train, self.hparams) if method.bridge and num_train else None
     frozen = self.init_from is not None and self.freeze_backbone
-    return network.clone(frozen_backbone=frozen, bridge=bridge, preact=self.preact,
-                         class_maps=self.class_maps)
+    return network.clone(frozen_backbone=frozen, bridge=bridge, preact=method.preact,
+                         class_maps=method.class_maps)
 
 
 AnyStage = Union[Stage, ImportStage]

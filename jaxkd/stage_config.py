@@ -42,9 +42,9 @@ def effective_config(stage: Any, config: ml_collections.ConfigDict) -> dict[str,
   method's hyper-parameters are the effective ones of the stage (not `config.method`, which a
   teacher stage does not read).
   """
-  fields = {"model": stage.model_name, "method": stage.method_name,
+  fields = {"model": stage.model_name, "method": stage.method.name,
             "num_epochs": stage.num_epochs, "lr": stage.base_lr,
-            "milestones": _plain(stage.milestones), "views": stage.views,
+            "milestones": _plain(stage.milestones), "views": stage.method.views,
             "seed": config.seed, "batch_size": config.batch_size,
             "half_precision": config.get("half_precision", False),
             "eval_every_epochs": config.eval_every_epochs}

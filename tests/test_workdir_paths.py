@@ -73,13 +73,13 @@ def test_variables_file_round_trip_on_a_url(ram_bucket):
 
 def _stage(config, num_epochs: int = 1) -> stage_lib.Stage:
   ce = get_method("ce")
-  return stage_lib.Stage(name="teacher", config=config, model_name="resnet8", method_name="ce",
-                         loss=ce.loss, hparams=ce.hparams(), num_epochs=num_epochs, base_lr=0.1)
+  return stage_lib.Stage(name="teacher", config=config, model_name="resnet8", method=ce,
+                         hparams=ce.hparams(), num_epochs=num_epochs, base_lr=0.1)
 
 
 def _finished_result(stage: stage_lib.Stage, dataset: str) -> dict:
   """What run_stage records for a finished `stage` (its description and some scores)."""
-  return {"model": stage.model_name, "method": stage.method_name,
+  return {"model": stage.model_name, "method": stage.method.name,
           "num_epochs": stage.num_epochs, "dataset": dataset, "teacher_sha256": None,
           "backbone_sha256": None, "stage": stage.name, "top1_last": 12.5, "top5_last": 50.0,
           "top1_best": 25.0}

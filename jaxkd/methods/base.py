@@ -67,6 +67,12 @@ class TeacherPreparation:
   milestones: Optional[str] = "teacher_milestones"
   select: Optional[Callable[[Mapping[str, float], ml_collections.ConfigDict], Optional[float]]] = None
 
+  def training_method(self, method: "Method") -> "Method":
+    """What stage `teacher_<method>` trains: this loss on these views and heads, judged by the
+    method's own evaluation metrics."""
+    return Method(name=method.name, loss=self.loss, views=self.views, uses_teacher=False,
+                  student_heads=self.heads, eval_metrics=method.eval_metrics)
+
 
 @dataclasses.dataclass(frozen=True)
 class TapNeed:
@@ -114,6 +120,12 @@ class StudentPreparation:
   bridge: Optional[BridgeFactory] = None
   num_epochs: str = "init_epochs"
   lr: str = "init_lr"
+
+  def training_method(self, method: "Method") -> "Method":
+    """What stage `student_<method>_init` trains: the method with this loss and bridge, on the
+    config's optimiser, without the method's negatives or evaluation metrics."""
+    return dataclasses.replace(method, loss=self.loss, bridge=self.bridge, eval_metrics=None,
+                               negatives=None, optimizer=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +340,12 @@ class Method:
   class_maps: bool = False
   deployed: Optional[Deployment] = None
   optional_hparams: Sequence[str] = ()
+
+  @property
+  def teacher_taps_preact(self) -> bool:
+    """Whether the teacher's stage taps are read before their last ReLU (`teacher_preact`,
+    else as the student's, `preact`)."""
+    return self.preact if self.teacher_preact is None else self.teacher_preact
 
   def __post_init__(self):
     if self.student_views_apart and self.bridge is not None:
