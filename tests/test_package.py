@@ -30,7 +30,9 @@ def test_the_wheel_holds_jaxkd_and_imports_outside_the_checkout(tmp_path):
   assert not any(n.startswith(("tests/", "configs/", "experiments/")) for n in names)
   # The distribution's name is not `jaxkd` (on PyPI, an unrelated k-d tree library).
   assert "\nName: jaxkd-distill\n" in metadata
-  for requirement in ("jax>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "tensorflow-datasets"):
+  for requirement in ("jax>=0.10.2", "flax>=0.12.8; python_version < \"3.12\"",
+                      "flax>=0.12.10; python_version >= \"3.12\"", "optax>=0.2.8",
+                      "tensorflow-datasets"):
     assert f"Requires-Dist: {requirement}" in metadata
   subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target",
                   str(target), str(wheel)], check=True, timeout=600)
