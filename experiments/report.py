@@ -220,7 +220,7 @@ def seed_figure(table: tables.Table, pair: str, cells: dict[str, Cell]) -> Any:
   for ax, row in zip(axes, rows):
     cell, (mean, std) = cells.get(row.id) or Cell(), _paper(table, pair, row)
     offsets = [0.1 * (i - (len(cell.seeds) - 1) / 2) for i in range(len(cell.seeds))]
-    ax.scatter([o for o in offsets], cell.best, marker="o", color="tab:blue", s=22, zorder=3,
+    ax.scatter(offsets, cell.best, marker="o", color="tab:blue", s=22, zorder=3,
                label="jaxkd seed, best epoch")
     ax.scatter([1 + o for o in offsets], cell.last, marker="^", color="tab:orange", s=22,
                zorder=3, label="jaxkd seed, last epoch")
@@ -237,8 +237,12 @@ def seed_figure(table: tables.Table, pair: str, cells: dict[str, Cell]) -> Any:
     ax.grid(axis="y", alpha=0.3)
   if axes:
     axes[0].set_ylabel("top-1 (%)")
-    figure.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper center",
-                  ncol=3, bbox_to_anchor=(0.5, 0.0))
+    key = {}
+    for ax in axes:
+      for handle, text in zip(*ax.get_legend_handles_labels()):
+        key.setdefault(text, handle)
+    figure.legend(list(key.values()), list(key), fontsize=7, loc="upper center", ncol=3,
+                  bbox_to_anchor=(0.5, 0.0))
   figure.suptitle(f"{table.name}: {pair} — top-1 per seed, each panel on its own scale",
                   fontsize=10)
   if not rows:
