@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import gc
 import os
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -39,7 +40,7 @@ from jaxkd.networks import (Network, backbone_only, compute_dtype, feature_param
                             init_variables, run_once_options, teacher_output_shapes,
                             without_bridge)
 from jaxkd.optim import learning_rate_schedule, make_optimizer
-from jaxkd.progress import Progress, percent
+from jaxkd.progress import Progress, Stopwatch, percent
 from jaxkd.stage import NO_CLASSIFIER_NOTE, Stage
 from jaxkd.state import TrainState, variables_of
 from jaxkd.steps import TeacherHeadStep
@@ -268,6 +269,7 @@ def run_stage(stage: Stage, inputs: Inputs, workdir: str, mesh: jax.sharding.Mes
   means the stage is complete. With `stage.export_file`, the final variables are first written
   to that file in the stage directory (how a trained network is handed to the next stages).
   """
+  started = time.monotonic()
   stage_dir = os.path.join(workdir, stage.name)
   interrupts.stop_if_requested(stage.name, f"before stage {stage.name} started")
   if epath.Path(os.path.join(stage_dir, results.RESULT_FILE)).exists():
@@ -286,12 +288,15 @@ def run_stage(stage: Stage, inputs: Inputs, workdir: str, mesh: jax.sharding.Mes
   mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"),
                             config.checkpoint_every_steps, config.keep_checkpoints)
   state, record = restore(inputs, mngr, state, stage_dir)
+  clock = Stopwatch(record.get(results.WALL_SECONDS, 0.0), started)
   start_step = int(jax.device_get(state.step))
   if start_step:
     print(f"[{stage.name}] resuming from step {start_step} ({mngr.directory})")
   compiled = compile_steps(stage, inputs, network, tx, schedule, head, steps_per_epoch, mesh,
                            info)
-  state = train_loop(stage, inputs, compiled, state, record, mngr, mesh, stage_dir, start_step)
+  state = train_loop(stage, inputs, compiled, state, record, mngr, mesh, stage_dir, start_step,
+                     clock)
+  record[results.WALL_SECONDS] = clock.seconds()
   return finish_stage(stage, inputs, compiled, state, record, mngr, mesh, stage_dir)
 
 
@@ -324,7 +329,7 @@ def _batches(stage: Stage, inputs: Inputs, mesh: jax.sharding.Mesh, start_step: 
 
 def train_loop(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainState,
                record: dict[str, Any], mngr: Any, mesh: jax.sharding.Mesh, stage_dir: str,
-               start_step: int) -> TrainState:
+               start_step: int, clock: Stopwatch) -> TrainState:
   """Steps `start_step + 1 … total_steps`: logs, evaluations and checkpoints on their cadence.
 
   However it ends (the last step, divergence, a signal, an error in the input), the input is
@@ -336,7 +341,7 @@ def train_loop(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
   batches = _batches(stage, inputs, mesh, start_step, compiled.total_steps)
   try:
     state = _run_steps(stage, inputs, compiled, state, record, mngr, mesh, stage_dir,
-                       start_step, batches, writer)
+                       start_step, batches, writer, clock)
   except KeyboardInterrupt:
     batches.close()
     raise
@@ -360,7 +365,8 @@ def _shut_down(batches: Any, mngr: Any, writer: Any, quietly: bool = False) -> N
 
 def _run_steps(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainState,
                record: dict[str, Any], mngr: Any, mesh: jax.sharding.Mesh, stage_dir: str,
-               start_step: int, batches: Iterator[Any], writer: Any) -> TrainState:
+               start_step: int, batches: Iterator[Any], writer: Any, clock: Stopwatch
+               ) -> TrainState:
   """The steps of train_loop."""
   config = stage.config
   teacher_variables = inputs.teacher.variables if inputs.teacher else None
@@ -396,6 +402,7 @@ def _run_steps(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
       paths.check_free_space(stage_dir, 2 * checkpoint_bytes, (
           f"free some and run the same command again to resume from step "
           f"{mngr.latest_step() or 0}"))
+      record[results.WALL_SECONDS] = clock.seconds()  # Carried over to a run that resumes from it.
       checkpoint.save(mngr, step, state, record, force=True)  # The loop decided: save now.
     if signum:
       mngr.wait_until_finished()
@@ -482,6 +489,7 @@ def finish_stage(stage: Stage, inputs: Inputs, compiled: StageSteps, state: Trai
   result = dict(stage_description(stage, inputs), stage=stage.name,
                 steps=compiled.total_steps, checkpoints=os.path.join(stage_dir, "checkpoints"),
                 logdir=stage_dir, **_scores(stage, compiled, state, record, mesh))
+  result[results.WALL_SECONDS] = record.get(results.WALL_SECONDS)
   if inputs.teacher is not None:
     result["teacher_path"] = inputs.teacher.path
   if stage.export_file is not None:

@@ -1,4 +1,4 @@
-"""The progress line of a training stage: step, epoch, loss, rate and ETA."""
+"""The progress line of a training stage (step, epoch, loss, rate and ETA) and its wall time."""
 
 import time
 from typing import Optional
@@ -34,3 +34,15 @@ class Progress:
     return (f"[{self.stage}] step {step}/{self.total} epoch {epoch}/"
             f"{-(-self.total // self.per_epoch)} loss {scalars.get('loss', float('nan')):.4f} | "
             f"{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s | ETA {format_seconds(eta)}")
+
+
+class Stopwatch:
+  """The wall time a stage has taken: the seconds its checkpoint's record holds (the earlier
+  runs that trained it, up to that checkpoint) plus this run's, from `started` on."""
+
+  def __init__(self, before: float = 0.0, started: Optional[float] = None):
+    self.before = before
+    self.started = time.monotonic() if started is None else started
+
+  def seconds(self) -> float:
+    return round(self.before + time.monotonic() - self.started, 1)

@@ -16,6 +16,10 @@ from jaxkd import paths
 from jaxkd.errors import UserError
 
 RESULT_FILE = "result.json"
+# The stage's wall time in seconds, from its start to its last step (compilation, training,
+# evaluations, checkpoints), summed over the runs that resumed it (each up to its last
+# checkpoint); absent in records written before it was kept.
+WALL_SECONDS = "wall_seconds"
 
 # The paths of a record, written relative to the workdir when inside it.
 PATH_FIELDS = ("checkpoints", "logdir", "export", "teacher_path")

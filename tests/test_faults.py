@@ -101,15 +101,27 @@ def test_sigterm_saves_then_resumes_to_the_uninterrupted_result(reference, tmp_p
   ckpt_dir = os.path.join(workdir, "student_kd", "checkpoints")
   assert "6" in os.listdir(ckpt_dir)
   assert not os.path.exists(os.path.join(workdir, "student_kd", "result.json"))
+  # The stopped run's wall time, in the checkpoint's record: made long, so that the finished
+  # record shows it was carried over.
+  record_file = os.path.join(ckpt_dir, "6", "record", "metadata")
+  with open(record_file) as f:
+    record = json.load(f)
+  assert 0 < record["wall_seconds"] < 600
+  with open(record_file, "w") as f:
+    json.dump(dict(record, wall_seconds=1000.0), f)
 
   monkeypatch.undo()
   capsys.readouterr()
+  started = time.monotonic()
   results = train.train_and_evaluate(student_config(reference), workdir)
+  resumed = time.monotonic() - started
   assert "[student_kd] resuming from step 6" in capsys.readouterr().out
   got, want = results[-1], reference[2][-1]
   assert got["stage"] == want["stage"] == "student_kd"
   assert got["top1_last"] == want["top1_last"]
   assert got["export_sha256"] == want["export_sha256"]  # The same variables, bit for bit.
+  # The stage's wall time: the stopped run's and the resumed one's.
+  assert 1000.0 < got["wall_seconds"] <= 1000.0 + resumed
 
 
 def test_sigint_on_the_command_line_is_one_line_and_status_130(reference, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "experiments", "notebooks", "getting_started.ipynb")
+TRAIN = "results = train.train_and_evaluate(config, WORKDIR)"  # the demo's run
 
 
 def _text(cell):
@@ -68,11 +69,16 @@ def executed(tmp_path_factory):
 def test_runs_and_trains_the_demo(executed):
   nb, root = executed
   assert "(small mode)" in _text(_cell(nb, "IN_COLAB = "))
-  table = _text(_cell(nb, "train.results_table("))
+  table = _text(_cell(nb, TRAIN))
   for line in ("stage", "teacher ", "student_kd ", "student_ce "):
     assert re.search(rf"^{line}", table, re.M), table
-  top1 = float(re.search(r"^student_kd\s+resnet8\s+kd\s+(\d+\.\d\d)", table, re.M).group(1))
-  assert 0.0 <= top1 <= 100.0
+  kd_line = re.search(r"^student_kd\s+resnet8\s+kd\s+(\d+\.\d\d).*$", table, re.M)
+  assert 0.0 <= float(kd_line.group(1)) <= 100.0
+  # The table is printed once: the next cell shows the records' other fields.
+  assert sum(_text(c).count(kd_line.group(0)) for c in nb.cells if c.cell_type == "code") == 1
+  records = _text(_cell(nb, "student_kd record:"))
+  assert re.search(r"^student_kd\s+\d+ steps in\s+\d+\.\d s, file: student_kd/student\.msgpack$",
+                   records, re.M), records
   assert os.path.isfile(root / "runs" / "student_kd" / "student.msgpack")
   # Colab only: the test kernel prints the command instead.
   assert _text(_cell(nb, "%tensorboard")).strip() == f"tensorboard --logdir {root / 'runs'}"
@@ -84,7 +90,7 @@ def test_plots_the_curves_and_the_students_predictions(executed):
   predictions = _cell(nb, "evaluate.load_network(")
   assert _images(predictions) == 1
   # The loaded student scores what its stage recorded as its last evaluation.
-  table = _text(_cell(nb, "train.results_table("))
+  table = _text(_cell(nb, TRAIN))
   recorded = re.search(r"^student_kd\s+resnet8\s+kd\s+(\d+\.\d\d)", table, re.M).group(1)
   assert f"test digits: top-1 {recorded}," in _text(predictions)
 

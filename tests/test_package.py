@@ -1,7 +1,9 @@
-"""jaxkd as an installable package: the wheel pyproject.toml builds holds every module of jaxkd
-and the dependency list, and `import jaxkd` works from it outside the checkout."""
+"""jaxkd as an installable package: the wheel pyproject.toml builds (distribution
+`jaxkd-distill`) holds every module of jaxkd and the dependency list, and `import jaxkd` works
+from it outside the checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,17 +12,27 @@ import helpers
 
 
 def test_the_wheel_holds_jaxkd_and_imports_outside_the_checkout(tmp_path):
-  wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+  wheel_dir, target, source = tmp_path / "wheel", tmp_path / "site", tmp_path / "source"
+  # Built from a copy of what it needs, so that setuptools' build/ and *.egg-info are not left
+  # in the checkout.
+  shutil.copytree(helpers.REPO / "jaxkd", source / "jaxkd",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(helpers.REPO / name, source / name)
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w",
-                  str(wheel_dir), str(helpers.REPO)], check=True, timeout=600)
-  (wheel,) = wheel_dir.glob("jaxkd-*.whl")
+                  str(wheel_dir), str(source)], check=True, timeout=600)
+  (wheel,) = wheel_dir.glob("jaxkd_distill-*.whl")
   with zipfile.ZipFile(wheel) as archive:
     names = set(archive.namelist())
     metadata = next(archive.read(n).decode() for n in names if n.endswith("METADATA"))
   modules = {str(p.relative_to(helpers.REPO)) for p in (helpers.REPO / "jaxkd").rglob("*.py")}
   assert modules <= names, sorted(modules - names)
   assert not any(n.startswith(("tests/", "configs/", "experiments/")) for n in names)
-  for requirement in ("jax>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "tensorflow-datasets"):
+  # The distribution's name is not `jaxkd` (on PyPI, an unrelated k-d tree library).
+  assert "\nName: jaxkd-distill\n" in metadata
+  for requirement in ("jax>=0.10.2", "flax>=0.12.8; python_version < \"3.12\"",
+                      "flax>=0.12.10; python_version >= \"3.12\"", "optax>=0.2.8",
+                      "tensorflow-datasets"):
     assert f"Requires-Dist: {requirement}" in metadata
   subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target",
                   str(target), str(wheel)], check=True, timeout=600)

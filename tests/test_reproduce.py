@@ -19,6 +19,7 @@ from experiments import report
 from experiments import reproduce
 from experiments import tables
 from jaxkd import methods
+from jaxkd import progress
 from jaxkd import recipe
 
 ROWS = ("kd", "ce")
@@ -77,21 +78,66 @@ def _fmt(values):
 def test_report_numbers_come_from_the_result_files(digits_run):
   workdir, _ = digits_run
   text = (workdir / "report.md").read_text()
-  lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
+  main_table = text.split("<details>")[0]                 # above the table of every seed
+  lines = {line.split(" | ")[0].lstrip("| "): line for line in main_table.splitlines()
            if line.startswith("| ") and not line.startswith("| row")}
   for name, stage in (("Teacher", "teacher"), ("KD", "student_kd"), ("Student", "student_ce")):
     results = _results(workdir, stage)
     cells = [c.strip() for c in lines[name].strip("|").split("|")]
     best = _fmt([results[s]["top1_best"] for s in SEEDS])
     last = _fmt([results[s]["top1_last"] for s in SEEDS])
+    seconds = [results[s]["wall_seconds"] for s in SEEDS]
     assert cells[4:7] == [best, last, "2"], cells
-    assert cells[2] == "—" and cells[7:] == ["—", "—"]       # the digits have no paper
+    assert cells[2] == "—" and cells[7:9] == ["—", "—"]       # the digits have no paper
+    assert cells[9] == progress.format_seconds(sum(seconds) / len(seconds)) and min(seconds) > 0
+    for seed in SEEDS:                                        # the table of every seed
+      r = results[seed]
+      assert (f"| {name} | {seed} | {r['top1_best']:.2f} | {r['top1_last']:.2f} | "
+              f"{progress.format_seconds(r['wall_seconds'])} |") in text
   for name in ("FitNet", "AT", "CRD", "DKD"):
     assert "not run" in lines[name]
   for kind in ("seeds", "curves"):
     png = workdir / "plots" / "digits" / f"{PAIR}_{kind}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"(plots/digits/{PAIR}_{kind}.png)" in text
+
+
+def _outlier_cells(table):
+  """Two seeds of every row within 97–100 %, AT's at 83 %: one panel per row keeps the others
+  legible."""
+  cells = {}
+  for i, row in enumerate(r for r in table.rows if r.built):
+    top1 = 83.0 if row.id == "at" else 97.0 + 0.4 * i
+    curve = lambda end: [(10, end - 20.0), (20, end - 1.0), (30, end)]  # noqa: E731
+    cells[row.id] = report.Cell(seeds=[0, 1], best=[top1 + 0.3, top1 + 0.5],
+                                last=[top1, top1 + 0.2], seconds=[60.0, None],
+                                curves={0: curve(top1), 1: curve(top1 + 0.2)})
+  return cells
+
+
+def test_report_plots_one_panel_per_row_and_the_teacher_in_each(tmp_path):
+  table = tables.get_table("digits")
+  cells = _outlier_cells(table)
+  figure = report.seed_figure(table, PAIR, cells)
+  panels = [ax for ax in figure.axes if ax.get_visible()]
+  assert [ax.get_title().split(":")[0] for ax in panels] == [r.name for r in table.rows]
+  for ax, row in zip(panels, table.rows):
+    low, high = ax.get_ylim()
+    cell = cells[row.id]
+    assert low < min(cell.last) and max(cell.best) < high <= 100.5
+    assert high - low < 2.0                  # the outlier row moves its own panel only
+  figure = report.curve_figure(table, PAIR, cells)
+  panels = [ax for ax in figure.axes if ax.get_visible()]
+  teacher = [v for _, v in report.average_curve(cells["teacher"].curves)]
+  for ax, row in zip(panels, table.rows):
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    if row.id == "teacher":
+      assert not dashed
+    else:                     # the teacher's mean, drawn over the row's own lines
+      (line,) = dashed
+      assert list(line.get_ydata()) == teacher
+      assert line.get_zorder() > max(x.get_zorder() for x in ax.get_lines() if x is not line)
+  assert report.seed_table(table, cells)[-3] == "| Student | 1 | 99.90 | 99.60 | — |"
 
 
 def test_rerun_skips_finished_runs(digits_run, capsys):
