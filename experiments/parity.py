@@ -477,12 +477,9 @@ def build_setup(traj: Trajectory) -> Setup:
                              sha256="")
   inputs = loop.Inputs(teacher=teacher)
   stage = stage_lib.Stage(name=f"student_{method.name}", config=config,
-                          model_name=traj.student_model, method_name=method.name,
-                          loss=method.loss, hparams=hparams, num_epochs=traj.num_steps,
-                          base_lr=config.optimizer.lr, views=method.views,
-                          heads=method.student_heads,
-                          teacher=stage_lib.TeacherSource(traj.teacher_model, path=traj.path),
-                          eval_metrics=method.eval_metrics, preact=method.preact)
+                          model_name=traj.student_model, method=method, hparams=hparams,
+                          num_epochs=traj.num_steps, base_lr=config.optimizer.lr,
+                          teacher=stage_lib.TeacherSource(traj.teacher_model, path=traj.path))
   network = stage.network(traj.num_classes, networks.compute_dtype(config))
   init = network_variables(traj, traj.student_init, traj.student_model, "student")
   final = network_variables(traj, traj.student_final, traj.student_model, "final student")
