@@ -2,15 +2,30 @@
 the fixtures several test modules share."""
 
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX creates its CPU backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One XLA compilation cache for the whole session, made here (by pytest's own process) and
+# inherited by its workers and by the jaxkd commands the tests start: a step the tests compile
+# again in another process (the same network, method and shapes) is read back, not rebuilt.
+# Results do not change (the cache keeps the compiled program of the same computation); the
+# folder is removed when the session ends.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxkd-tests-xla-cache-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # pytest's own process made it.
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
