@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 from etils import epath
 
@@ -74,15 +74,16 @@ def check_writable(directory: str, what: str, fix: str) -> None:
     raise UserError(f"{what} {directory!r} is not writable ({reason(e)}); {fix}") from None
 
 
-def check_free_space(directory: str, needed: int, fix: str) -> None:
+def check_free_space(directory: str, needed: int, fix: Union[str, Callable[[], str]]) -> None:
   """One UserError when a local `directory` has less than `needed` bytes free, before a write
-  that would fail half-way (a bucket is not checked: it does not fill up)."""
+  that would fail half-way (a bucket is not checked: it does not fill up). `fix` ends it (a
+  function: called only then)."""
   if is_url(directory):
     return
   free = shutil.disk_usage(directory).free
   if free < needed:
     raise UserError(f"not enough free space in {directory!r}: {free / 2**20:.1f} MiB free, "
-                    f"{needed / 2**20:.1f} MiB needed; {fix}")
+                    f"{needed / 2**20:.1f} MiB needed; {fix() if callable(fix) else fix}")
 
 
 # How long a check of a bucket path may take before it is reported as not answering.
