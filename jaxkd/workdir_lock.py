@@ -3,8 +3,9 @@ each other's checkpoints.
 
 Process 0 holds an exclusive `flock` on `<workdir>/.lock` while the run lasts (the other
 processes of the same run share its workdir and take none); whether it got it is sent to every
-process, so that a refused run is refused by all of them, each in one line. The kernel drops the lock when the
-process ends, however it ends (kill -9 included), so no lock is ever left stuck. What it
+process, so that a refused run is refused by all of them, each in one line. The kernel drops
+the lock when the process ends, however it ends (kill -9 included), so no lock is ever left
+stuck. What it
 guarantees: on a local disk, and on network filesystems whose `flock` is honoured across
 machines (NFSv4, Lustre and GPFS in their usual set-ups), a second run is refused. On a bucket
 (`gs://...`) there is no lock: runs there are not guarded, and one workdir per run is the user's
