@@ -489,7 +489,9 @@ def evaluate_and_record(stage: Stage, compiled: StageSteps, state: TrainState,
   """One evaluation: logged, added to the record, and the selected variables kept if best."""
   # A background checkpoint write must not overlap opening a split: tfds' mock data
   # redirects file access while it does.
-  mngr.wait_until_finished()
+  failed = checkpoint.finish_writes(mngr)
+  if failed:
+    raise _write_failed(stage.name, mngr, *failed)
   scores = evaluate(compiled.network, compiled.evaluated(variables_of(state)), stage.config,
                     mesh, compiled.eval, compiled.method_eval)
   record["best_top1"] = max(record["best_top1"], scores["top1"])
