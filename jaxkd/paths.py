@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import threading
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 from etils import epath
 
@@ -74,7 +74,7 @@ def check_writable(directory: str, what: str, fix: str) -> None:
     raise UserError(f"{what} {directory!r} is not writable ({reason(e)}); {fix}") from None
 
 
-def check_free_space(directory: str, needed: int, fix: Union[str, Callable[[], str]]) -> None:
+def check_free_space(directory: str, needed: int, fix: str | Callable[[], str]) -> None:
   """One UserError when a local `directory` has less than `needed` bytes free, before a write
   that would fail half-way (a bucket is not checked: it does not fill up). `fix` ends it (a
   function: called only then)."""
