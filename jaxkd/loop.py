@@ -435,13 +435,12 @@ def _run_steps(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
 def _make_room(stage_name: str, mngr: Any, stage_dir: str, needed: int) -> None:
   """Before a checkpoint: the one being written is finished (one that failed ends the stage in
   one line), then `needed` bytes must be free (twice the state: orbax writes the new checkpoint
-  before it deletes the oldest). The step to resume from is one complete on disk."""
+  before it deletes the oldest). The step to resume from is then one complete on disk."""
   failed = checkpoint.finish_writes(mngr)
   if failed:
     raise _write_failed(stage_name, mngr, *failed)
-  steps = lambda: checkpoint.committed_steps(mngr) or [0]
-  paths.check_free_space(stage_dir, needed, lambda: (
-      f"free some and run the same command again to resume from step {steps()[-1]}"))
+  paths.check_free_space(stage_dir, needed, (
+      f"free some and run the same command again to resume from step {mngr.latest_step() or 0}"))
 
 
 def _stopped_line(stage_name: str, mngr: Any, signum: int, step: int, total_steps: int) -> str:

@@ -74,16 +74,15 @@ def check_writable(directory: str, what: str, fix: str) -> None:
     raise UserError(f"{what} {directory!r} is not writable ({reason(e)}); {fix}") from None
 
 
-def check_free_space(directory: str, needed: int, fix: str | Callable[[], str]) -> None:
+def check_free_space(directory: str, needed: int, fix: str) -> None:
   """One UserError when a local `directory` has less than `needed` bytes free, before a write
-  that would fail half-way (a bucket is not checked: it does not fill up). `fix` ends it (a
-  function: called only then)."""
+  that would fail half-way (a bucket is not checked: it does not fill up)."""
   if is_url(directory):
     return
   free = shutil.disk_usage(directory).free
   if free < needed:
     raise UserError(f"not enough free space in {directory!r}: {free / 2**20:.1f} MiB free, "
-                    f"{needed / 2**20:.1f} MiB needed; {fix() if callable(fix) else fix}")
+                    f"{needed / 2**20:.1f} MiB needed; {fix}")
 
 
 # How long a check of a bucket path may take before it is reported as not answering.
