@@ -117,6 +117,44 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, record: dict[str, A
                                           record=ocp.args.JsonSave(record)), force=force)
 
 
+def finish_writes(mngr: ocp.CheckpointManager) -> Optional[tuple[int, str]]:
+  """Waits for the checkpoint being written in the background, if any. None when it was
+  written (or there was none); (its step, why in one line) when it failed (a full disk)."""
+  step = mngr.latest_step()
+  try:
+    with _quiet():
+      mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+    return step, _reason(e)
+  return None
+
+
+def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
+  """The steps whose checkpoints are complete on disk, oldest first, once the one being written
+  finished or failed: what a stop may say stays (orbax's own list also holds the one in
+  flight)."""
+  finish_writes(mngr)
+  mngr.reload()
+  return sorted(mngr.all_steps())
+
+
+def stays(steps: list[int], directory: Any) -> str:
+  """What a stop says is kept, from the complete checkpoints' `steps`."""
+  if not steps:
+    return f"no checkpoint of it is complete in {directory}"
+  return f"the newest complete checkpoint (step {steps[-1]}) stays in {directory}"
+
+
+def close(mngr: ocp.CheckpointManager) -> None:
+  """Stops the manager's background threads (after finish_writes), so that none is left
+  writing while the interpreter shuts down; best effort."""
+  try:
+    with _quiet():
+      mngr.close()
+  except Exception:  # pylint: disable=broad-except  (a failed write was reported already)
+    pass
+
+
 def _reason(error: Exception) -> str:
   """An exception in one short line: its type and the end of its message's first line, where
   tensorstore's chain of 'context: cause' ends in the cause (its spec dumps dropped)."""

@@ -6,7 +6,8 @@ loop syncs anyway: a log line, an evaluation, a checkpoint. A step's metrics des
 variables it started from, so before the variables themselves are evaluated, selected, exported
 or checkpointed they are checked too (on the devices; read back only to name a bad leaf):
 an update that overflows (a learning rate or weight decay too large for float32) is caught at
-the step that made it, and the last good checkpoint is the newest one on disk.
+the step that made it, and the last good checkpoint is the newest one on disk (the one being
+written is waited for before the line names it).
 """
 
 from typing import Any, Optional
@@ -77,8 +78,11 @@ class Unchecked:
         self._stop(step, f"its update made the variables non-finite ({leaf})", metrics)
 
   def _stop(self, step: int, what: str, metrics: dict[str, Any]) -> None:
+    # The checkpoint being written is waited for first: the line names one that is on disk.
+    committed = checkpoint.committed_steps(self.mngr)
     raise Diverged(diverged_message(self.stage_name, step, what, metrics,
-                                    self.mngr.latest_step(), str(self.mngr.directory)))
+                                    committed[-1] if committed else None,
+                                    str(self.mngr.directory)))
 
 
 def diverged_message(stage_name: str, step: int, what: str, metrics: dict[str, Any],

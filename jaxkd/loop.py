@@ -25,6 +25,7 @@ from etils import epath
 
 from jaxkd import checkpoint
 from jaxkd import data
+from jaxkd import distributed
 from jaxkd import divergence
 from jaxkd import interrupts
 from jaxkd import metrics_log
@@ -294,6 +295,9 @@ def run_stage(stage: Stage, inputs: Inputs, workdir: str, mesh: jax.sharding.Mes
     print(f"[{stage.name}] resuming from step {start_step} ({mngr.directory})")
   compiled = compile_steps(stage, inputs, network, tx, schedule, head, steps_per_epoch, mesh,
                            info)
+  interrupts.stop_if_requested(stage.name, (
+      f"before step {start_step + 1}/{compiled.total_steps} "
+      f"({checkpoint.stays(checkpoint.saved_steps(str(mngr.directory)), mngr.directory)})"))
   state = train_loop(stage, inputs, compiled, state, record, mngr, mesh, stage_dir, start_step,
                      clock)
   record[results.WALL_SECONDS] = clock.seconds()
@@ -334,33 +338,60 @@ def train_loop(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
 
   However it ends (the last step, divergence, a signal, an error in the input), the input is
   shut down (the prefetched batches, then the input workers), the checkpoint being written is
-  finished and the logs are flushed, in that order, before it returns or raises; only a second
-  Ctrl-C skips waiting for the checkpoint.
+  finished (a write that failed ends the stage in one line) and the logs are flushed, in that
+  order, before it returns or raises. Only a lost process of a multi-process run skips the
+  checkpoint, which cannot complete without it (jaxkd.distributed).
   """
   writer = _writer(stage_dir, start_step)
   batches = _batches(stage, inputs, mesh, start_step, compiled.total_steps)
-  try:
-    state = _run_steps(stage, inputs, compiled, state, record, mngr, mesh, stage_dir,
-                       start_step, batches, writer, clock)
-  except KeyboardInterrupt:
-    batches.close()
-    raise
-  except BaseException:
-    _shut_down(batches, mngr, writer, quietly=True)
-    raise
-  _shut_down(batches, mngr, writer)
+  kept = lambda: checkpoint.stays(checkpoint.saved_steps(str(mngr.directory)), mngr.directory)
+  with interrupts.training_stage(stage.name, kept):
+    try:
+      state = _run_steps(stage, inputs, compiled, state, record, mngr, mesh, stage_dir,
+                         start_step, batches, writer, clock)
+    except KeyboardInterrupt:
+      batches.close()
+      raise
+    except BaseException as e:
+      lost = distributed.lost_process_error(e, interrupts.what_stays)
+      _shut_down(batches, mngr, writer, quietly=True, wait=lost is None)
+      if lost is not None:
+        raise lost from None
+      raise
+    failed = _shut_down(batches, mngr, writer)
+  if failed:
+    raise _write_failed(stage.name, mngr, *failed)
   return state
 
 
-def _shut_down(batches: Any, mngr: Any, writer: Any, quietly: bool = False) -> None:
-  """Closes the input, waits for the checkpoint being written and flushes the logs. With
-  `quietly` (an error is on its way out) a failure here does not replace that error."""
-  for action in (batches.close, gc.collect, mngr.wait_until_finished, writer.flush):
+def _shut_down(batches: Any, mngr: Any, writer: Any, quietly: bool = False,
+               wait: bool = True) -> Optional[tuple[int, str]]:
+  """Closes the input, waits for the checkpoint being written (unless not `wait`), stops the
+  checkpoint manager's threads and flushes the logs; returns (step, why) of a checkpoint write
+  that failed. With `quietly` (an error is on its way out) a failure here does not replace
+  that error."""
+  failed = []
+
+  def finish_checkpoint():
+    if wait:
+      failed.append(checkpoint.finish_writes(mngr))
+      checkpoint.close(mngr)
+
+  for action in (batches.close, gc.collect, finish_checkpoint, writer.flush):
     try:
       action()
     except Exception:  # pylint: disable=broad-except
       if not quietly:
         raise
+  return failed[0] if failed else None
+
+
+def _write_failed(stage_name: str, mngr: Any, step: int, why: str) -> UserError:
+  """The one line of a checkpoint write that failed (a disk that filled up meanwhile)."""
+  steps = checkpoint.saved_steps(str(mngr.directory))  # Waited for: the complete ones.
+  return UserError(f"[{stage_name}] the checkpoint of step {step} could not be written ({why}); "
+                   f"{checkpoint.stays(steps, mngr.directory)}: free some space and run the "
+                   f"same command again to resume from step {steps[-1] if steps else 0}")
 
 
 def _run_steps(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainState,
@@ -398,19 +429,38 @@ def _run_steps(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
     signum = interrupts.stop_requested(step, config.log_every_steps)
     if signum or step == total_steps or mngr.should_save(step):
       unchecked.check(state)  # Only finite states are checkpointed.
-      # Twice the state: orbax writes the new checkpoint before it deletes the oldest.
-      paths.check_free_space(stage_dir, 2 * checkpoint_bytes, (
-          f"free some and run the same command again to resume from step "
-          f"{mngr.latest_step() or 0}"))
+      _make_room(stage.name, mngr, stage_dir, 2 * checkpoint_bytes)
       record[results.WALL_SECONDS] = clock.seconds()  # Carried over to a run that resumes from it.
       checkpoint.save(mngr, step, state, record, force=True)  # The loop decided: save now.
     if signum:
-      mngr.wait_until_finished()
       writer.flush()
-      raise interrupts.Interrupted(signum, (
-          f"[{stage.name}] {interrupts.signal_name(signum)} at step {step}/{total_steps}: "
-          f"checkpoint written to {mngr.directory}; run the same command again to resume"))
+      raise interrupts.Interrupted(signum, _stopped_line(stage.name, mngr, signum, step,
+                                                        total_steps))
   return state
+
+
+def _make_room(stage_name: str, mngr: Any, stage_dir: str, needed: int) -> None:
+  """Before a checkpoint: the one being written is finished (one that failed ends the stage in
+  one line), then `needed` bytes must be free (twice the state: orbax writes the new checkpoint
+  before it deletes the oldest). The step to resume from is then one complete on disk."""
+  failed = checkpoint.finish_writes(mngr)
+  if failed:
+    raise _write_failed(stage_name, mngr, *failed)
+  paths.check_free_space(stage_dir, needed, (
+      f"free some and run the same command again to resume from step {mngr.latest_step() or 0}"))
+
+
+def _stopped_line(stage_name: str, mngr: Any, signum: int, step: int, total_steps: int) -> str:
+  """The line of a stop on a signal at `step`, once its checkpoint is written or failed."""
+  where = f"[{stage_name}] {interrupts.signal_name(signum)} at step {step}/{total_steps}: "
+  failed = checkpoint.finish_writes(mngr)
+  if not failed:
+    return (f"{where}checkpoint written to {mngr.directory}; run the same command again to "
+            "resume")
+  steps = checkpoint.committed_steps(mngr)
+  return (f"{where}its checkpoint could not be written ({failed[1]}); "
+          f"{checkpoint.stays(steps, mngr.directory)}; run the same command again to resume "
+          "from it")
 
 
 def _take_then_close(batches: Iterator[Any], num: int, stage_name: str = "",
@@ -445,7 +495,9 @@ def evaluate_and_record(stage: Stage, compiled: StageSteps, state: TrainState,
   """One evaluation: logged, added to the record, and the selected variables kept if best."""
   # A background checkpoint write must not overlap opening a split: tfds' mock data
   # redirects file access while it does.
-  mngr.wait_until_finished()
+  failed = checkpoint.finish_writes(mngr)
+  if failed:
+    raise _write_failed(stage.name, mngr, *failed)
   scores = evaluate(compiled.network, compiled.evaluated(variables_of(state)), stage.config,
                     mesh, compiled.eval, compiled.method_eval)
   record["best_top1"] = max(record["best_top1"], scores["top1"])

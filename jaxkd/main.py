@@ -21,11 +21,28 @@ or out of its range ends with one line `error: …` and exit status 2.
 Several processes (hosts of a TPU pod slice, GPU nodes) run the same command with `--distributed`
 (TPU pods, SLURM, Open MPI detect the rest) or with `--coordinator_address=host:port
 --num_processes=N --process_id=i`; see jaxkd/distributed.py.
+
+A signal at any moment, from the start of the process to its exit, ends the run with one line and
+exit status 130 (SIGINT) or 143 (SIGTERM); see jaxkd/interrupts.py.
 """
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+if __name__ == "__main__":
+  # First, before the heavy imports: signals are jaxkd's from here to the exit.
+  from jaxkd import interrupts as _interrupts
+  _interrupts.install()
+elif __name__ == "__mp_main__":
+  # An input worker (multiprocessing imports this module first in each one it starts): Ctrl-C
+  # reaches the terminal's whole process group, and the trainer stops its workers itself.
+  import signal as _signal
+  for _signum in (_signal.SIGINT, _signal.SIGTERM):
+    _signal.signal(_signum, _signal.SIG_IGN)
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 import dataclasses
 import os
 import re
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -37,8 +54,9 @@ from ml_collections import config_flags
 
 from jaxkd import cli
 from jaxkd import config_checks
+from jaxkd import distributed
 from jaxkd import interrupts
-from jaxkd.errors import UserError
+from jaxkd.errors import LostProcess, UserError
 
 _CONFIG_HELP = "Recipe file, with an optional argument after a colon: configs/demo.py:runlocal."
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
@@ -158,16 +176,15 @@ def execute(command: Command) -> int:
     if command.print_config:
       print("\n".join(config_checks.applied_field_lines(command.config)))
       return 0
-    with interrupts.stop_at_once():
-      return _train(command)
+    return _train(command)
   except UserError as e:
     return report(e)
-  except KeyboardInterrupt as e:
-    # Ctrl-C (or SIGTERM) before the stages run, while TensorFlow or the dataset loads: nothing
-    # to save; or a second one while a checkpoint is written.
-    message, status = interrupts.stopped_at_once_message(e)
-    print(f"error: {message}", file=sys.stderr)
-    return status
+  except KeyboardInterrupt:
+    # Python's own Ctrl-C, where the command's handlers were not installed (run() in a
+    # notebook): nothing is known of what was in flight.
+    print("error: interrupted (SIGINT); every finished stage and checkpoint stays: run the "
+          "same command again to go on", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 def _train(command: Command) -> int:
@@ -176,11 +193,11 @@ def _train(command: Command) -> int:
     logging.set_verbosity(logging.WARNING)
   cli.quiet_libraries(command.verbosity_given)
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxkd import distributed  # pylint: disable=g-import-not-at-top
   from jaxkd import train  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
   distributed.initialize(command.coordinator_address, command.num_processes,
                          command.process_id, command.distributed)
+  distributed.watch(_end_lost)
   if not distributed.is_main_process():
     # Process 0 alone prints progress and the table; the others' errors still reach stderr.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -228,7 +245,32 @@ libraries' start-up lines are silenced first (jaxkd.cli)."""
       sys.exit(cli.help_exit_status(e, argv))
     return argv[:1]
 
-  app.run(lambda argv: execute(parsed[0]), flags_parser=parser)
+  app.run(lambda argv: _exit_status(execute(parsed[0])), flags_parser=parser)
+
+
+def _exit_status(status: int) -> int:
+  """The command's exit status after the run returned `status` (a signal after the stages
+  counts, jaxkd.interrupts). A process of a multi-process run that lost another one ends here
+  at once: JAX's shutdown at the exit would wait for the lost one."""
+  status = interrupts.exit_status(status)
+  distributed.end_watch()
+  if status == LostProcess.exit_status:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  return status
+
+
+def _end_lost(what: str) -> None:
+  """Ends this process at once with one line when another process of the run was lost (called
+  from jaxkd.distributed's watch thread while the main thread may hang in a collective)."""
+  try:
+    sys.stdout.flush()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  line = distributed.lost_message(what, interrupts.what_stays())
+  os.write(2, f"error: {line}\n".encode())
+  os._exit(LostProcess.exit_status)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

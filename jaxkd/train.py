@@ -6,13 +6,15 @@ by jaxkd.steps) and prints the closing table. None of them branches on a method:
 views, heads, bridges, preparations and pure losses from the method registry.
 """
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import jax
 import ml_collections
 from etils import epath
 
 from jaxkd import checkpoint
+from jaxkd import distributed
 from jaxkd import executor
 from jaxkd import interrupts
 from jaxkd import parallel
@@ -50,25 +52,41 @@ def remove_if_idle(workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Runs every stage of `config` in `workdir` and returns their result records.
 
-  A refused run (a UserError, exit status 2) removes the workdir where this run created it and
-  it holds no finished stage and no checkpoint (its lock, a stage's config.json, logs of a stage
-  refused before its first checkpoint); a workdir that existed is never touched.
+  A refused run (a UserError, exit status 2) or one interrupted before its first checkpoint
+  removes the workdir where this run created it and it holds no finished stage and no
+  checkpoint (its lock, a stage's config.json, logs of a stage refused before its first
+  checkpoint); a workdir that existed is never touched.
   """
   mesh = parallel.create_mesh()
   created = not epath.Path(workdir).exists()
   try:
     plan = plan_lib.make_plan(config, workdir, mesh)
-    check_workdir(workdir)
-    # Signals become a checkpoint and a clean exit while the stages run (jaxkd.interrupts).
-    with workdir_lock.hold(workdir), interrupts.catch_signals():
-      results = executor.execute(plan, mesh)
+    # From the first write on, a signal becomes a flag, then a checkpoint and one line
+    # (jaxkd.interrupts); a lost process one line (jaxkd.distributed).
+    with interrupts.catch_signals(), _lost_process_is_one_line():
+      check_workdir(workdir)
+      with workdir_lock.hold(workdir):
+        results = executor.execute(plan, mesh)
   except UserError as e:
-    if created and e.exit_status == UserError.exit_status and jax.process_index() == 0:
+    removable = e.exit_status == UserError.exit_status or isinstance(e, interrupts.Interrupted)
+    if created and removable and jax.process_index() == 0:
       remove_if_idle(workdir)
     raise
   if jax.process_index() == 0:
     print(results_table(results, workdir))
   return results
+
+
+@contextlib.contextmanager
+def _lost_process_is_one_line() -> Iterator[None]:
+  """An error that says another process of the run is gone becomes one line (LostProcess)."""
+  try:
+    yield
+  except (RuntimeError, ValueError) as e:
+    lost = distributed.lost_process_error(e, interrupts.what_stays)
+    if lost is None:
+      raise
+    raise lost from None
 
 
 def results_table(results: list[dict[str, Any]], workdir: str) -> str:

@@ -10,10 +10,12 @@ test_bad_inputs.py.
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -151,6 +153,91 @@ def test_sigint_on_the_command_line_is_one_line_and_status_130(reference, tmp_pa
   assert str(step) in os.listdir(os.path.join(workdir, "student_kd", "checkpoints"))
 
 
+def _caught(pid):
+  """The signals among SIGINT and SIGTERM that process `pid` has a handler for (/proc)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+  except (OSError, StopIteration):
+    return set()
+  return {s for s in (signal.SIGINT, signal.SIGTERM) if mask >> (s - 1) & 1}
+
+
+def test_a_signal_at_any_moment_of_start_up_is_one_line(reference, tmp_path):
+  """SIGINT or SIGTERM while a command starts (flags, imports, the plan): exit status 130 or 143
+  and one line, never a traceback, never exit 0. The command is started with SIGINT ignored, as
+  a shell starts a background job: it takes the signal anyway, first of all (/proc shows it
+  caught, which Python alone would not), and the moments count from there."""
+  teacher = os.path.join(reference[1], "teacher", "teacher.msgpack")
+  for n, (signum, delay) in enumerate([(signal.SIGINT, 0.0), (signal.SIGTERM, 1.0),
+                                       (signal.SIGINT, 3.0)]):
+    workdir = str(tmp_path / f"w{n}")
+    # `trap "" INT`: SIGINT ignored from the start, as in a background job.
+    cmd = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', sys.executable, "-m", "jaxkd.main",
+           "--config", "configs/demo.py:runlocal", "--workdir", workdir,
+           f"--config.dataset.data_dir={reference[0].dataset.data_dir}",
+           "--config.teacher.name=resnet8", f"--config.teacher.checkpoint={teacher}",
+           "--config.baselines="]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline and len(_caught(proc.pid)) < 2:
+      time.sleep(0.005)
+    time.sleep(delay)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    lines = [line for line in err.splitlines() if not re.match(r"[IWEF]\d{4} ", line)]
+    assert proc.returncode == 128 + signum, (name, delay, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], err[-2000:]
+    if lines[0].endswith("before training started; nothing was written"):
+      assert not os.path.exists(workdir)
+
+
+def test_a_second_signal_while_stopping_ends_at_once_naming_what_is_on_disk(tmp_path):
+  """The first signal is a flag; a second one while the stop writes its checkpoint ends the
+  process at once, its line naming the newest complete checkpoint (the one half-written is
+  not)."""
+  ckpts = tmp_path / "checkpoints"
+  for name in ("4", "8", "12.orbax-checkpoint-tmp-1765000000"):
+    (ckpts / name).mkdir(parents=True)
+  script = textwrap.dedent(f"""
+      import os, signal, time
+      from jaxkd import checkpoint, interrupts
+      interrupts.install()
+      directory = {str(ckpts)!r}
+      kept = lambda: checkpoint.stays(checkpoint.saved_steps(directory), directory)
+      with interrupts.catch_signals(), interrupts.training_stage("student_kd", kept):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        print("flag", interrupts.pending_signal(), flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+      print("not ended", flush=True)
+      """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert (proc.returncode, proc.stdout) == (130, "flag 15\n"), proc.stderr[-2000:]
+  assert proc.stderr == (
+      "error: interrupted (SIGINT) again while stopping: ended at once; in stage student_kd: "
+      f"the newest complete checkpoint (step 8) stays in {ckpts}; run the same command again "
+      "to go on\n")
+
+
+def test_a_signal_as_the_run_ends_is_not_exit_status_0(capsys):
+  """A signal after the stages (while the closing table is printed): 128 + the signal and a
+  line; a run that failed keeps its own status."""
+  with interrupts.catch_signals():
+    os.kill(os.getpid(), signal.SIGTERM)
+  assert interrupts.exit_status(0) == 143
+  assert capsys.readouterr().err == ("error: interrupted (SIGTERM) as the run ended: every "
+                                     "stage had finished and written its result\n")
+  with interrupts.catch_signals():
+    os.kill(os.getpid(), signal.SIGINT)
+  assert interrupts.exit_status(3) == 3
+  assert not capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- divergence
 
 
@@ -166,20 +253,38 @@ def test_divergence_stops_before_anything_nan_is_saved(reference, tmp_path):
   stage_dir = os.path.join(workdir, "teacher")
   assert not os.path.exists(os.path.join(stage_dir, "teacher.msgpack"))
   assert not os.path.exists(os.path.join(stage_dir, "result.json"))
+  assert_names_a_complete_checkpoint(message, os.path.join(stage_dir, "checkpoints"))
   mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"), 1, 2)
   for step in mngr.all_steps():  # Whatever was checkpointed is finite.
     state = mngr.restore(step)["state"]
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
 
 
-def test_divergence_at_step_1_ends_with_its_line_alone(reference, tmp_path):
-  """A run that diverges at once, as a command: a learning rate of 1e39 (inf in float32) with
-  the input workers and the prefetch on, and a weight decay of 1e30. Whatever is in flight (the
-  prefetched batches, the input workers, the checkpoint of step 1) is shut down before the
-  process exits: stderr is the divergence line alone, and nothing non-finite is kept."""
+def assert_names_a_complete_checkpoint(message, ckpt_dir):
+  """The divergence line names the newest checkpoint on disk, complete (the one being written
+  was waited for: no half-written one is left), or says there is none."""
+  on_disk = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+  assert all(name.isdigit() for name in on_disk), on_disk
+  named = re.search(r"the last good checkpoint \(step (\d+)\) stays in ", message)
+  if on_disk:
+    assert named and named.group(1) == str(max(map(int, on_disk))), (message, on_disk)
+  else:
+    assert not named and "no checkpoint was written" in message
+
+
+def test_divergence_ends_with_its_line_alone(reference, tmp_path):
+  """Runs that diverge, as commands: at once, with a learning rate of 1e39 (inf in float32)
+  with the input workers and the prefetch on, and with a weight decay of 1e30; a KD student
+  with a learning rate of 1e8, a few steps after its checkpoint of step 1. Whatever is in
+  flight (the prefetched batches, the input workers, the checkpoint being written) is shut down
+  before the process exits: stderr is the divergence line alone, the checkpoint it names is
+  complete on disk, and nothing non-finite is kept."""
   runs = {}
+  teacher = os.path.join(reference[1], "teacher", "teacher.msgpack")
   for name, args in (("lr", ["--config.optimizer.lr=1e39", "--config.input_workers=1"]),
-                     ("weight_decay", ["--config.optimizer.weight_decay=1e30"])):
+                     ("weight_decay", ["--config.optimizer.weight_decay=1e30"]),
+                     ("student", ["--config.optimizer.lr=1e8",
+                                  f"--config.teacher.checkpoint={teacher}"])):
     workdir = str(tmp_path / name)
     cmd = [sys.executable, "-m", "jaxkd.main", "--config", "configs/demo.py:runlocal",
            "--workdir", workdir, f"--config.dataset.data_dir={reference[0].dataset.data_dir}",
@@ -192,9 +297,11 @@ def test_divergence_at_step_1_ends_with_its_line_alone(reference, tmp_path):
     lines[name] = err
     assert proc.returncode == 3, err[-3000:]
     assert len(err.splitlines()) == 1, err[-3000:]
-    assert err.startswith("error: [teacher] diverged at step "), err
-    stage_dir = os.path.join(workdir, "teacher")
+    stage = "student_kd" if name == "student" else "teacher"
+    assert err.startswith(f"error: [{stage}] diverged at step "), err
+    stage_dir = os.path.join(workdir, stage)
     assert not {"teacher.msgpack", "result.json"} & set(os.listdir(stage_dir))
+    assert_names_a_complete_checkpoint(err, os.path.join(stage_dir, "checkpoints"))
     mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"), 1, 2)
     for step in mngr.all_steps():
       state = mngr.restore(step)["state"]
@@ -205,13 +312,15 @@ def test_divergence_at_step_1_ends_with_its_line_alone(reference, tmp_path):
   assert "(lr inf); no checkpoint was written" in lines["lr"]
 
 
-@pytest.mark.parametrize("where,signum,workers", [
-    ("compile_steps", signal.SIGINT, 0), ("prefetch_to_mesh", signal.SIGTERM, 1)])
-def test_a_signal_before_the_first_step_stops_at_step_1(reference, tmp_path, monkeypatch,
-                                                        where, signum, workers):
-  """A signal while the step compiles, or while the first batches are sent ahead (input
-  workers on): step 1 runs, is checkpointed, and the stage stops in one line; no worker is
-  left."""
+@pytest.mark.parametrize("where,signum,workers,stop", [
+    ("compile_steps", signal.SIGINT, 0, "before step 1/16 (no checkpoint of it is complete in "),
+    ("prefetch_to_mesh", signal.SIGTERM, 1, "at step 1/16: checkpoint written to ")],
+    ids=["compile_steps", "prefetch_to_mesh"])
+def test_a_signal_before_the_first_step_stops_in_one_line(reference, tmp_path, monkeypatch,
+                                                          where, signum, workers, stop):
+  """A signal while the stage's steps are set up stops it before step 1, nothing of it
+  checkpointed; one while the first batches are sent ahead (input workers on) lands in step 1,
+  which runs (its compile included) and is checkpointed. One line each; no worker is left."""
   workdir = str(tmp_path / "w")
   module = loop if where == "compile_steps" else loop.parallel
   original = getattr(module, where)
@@ -224,9 +333,10 @@ def test_a_signal_before_the_first_step_stops_at_step_1(reference, tmp_path, mon
     train.train_and_evaluate(student_config(reference, input_workers=workers), workdir)
   message = str(stopped.value)
   assert stopped.value.exit_status == 128 + signum and "\n" not in message
-  assert message.startswith(f"[student_kd] {signal.Signals(signum).name} at step 1/16: "
-                            "checkpoint written to ")
-  assert os.listdir(os.path.join(workdir, "student_kd", "checkpoints")) == ["1"]
+  assert message.startswith(f"[student_kd] {signal.Signals(signum).name} {stop}"), message
+  ckpt_dir = os.path.join(workdir, "student_kd", "checkpoints")
+  written = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+  assert written == ([] if where == "compile_steps" else ["1"])
   assert not multiprocessing.active_children()
 
 

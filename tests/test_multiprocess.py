@@ -8,9 +8,12 @@ multi-process run that `test_two_processes_match_one_device` starts.
 import argparse
 import functools
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,9 @@ sys.path.insert(0, REPO)
 from configs import demo  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxkd import checkpoint  # noqa: E402
 from jaxkd import distributed  # noqa: E402
+from jaxkd import interrupts  # noqa: E402
+from jaxkd import main as jaxkd_main  # noqa: E402
+from jaxkd import workdir_lock  # noqa: E402
 from jaxkd import networks  # noqa: E402
 from jaxkd import parallel  # noqa: E402
 from jaxkd import steps  # noqa: E402
@@ -93,6 +99,10 @@ def worker(args):
   jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
   distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id,
                          timeout_seconds=60)
+  if args.locked_workdir:
+    refuse_locked(args.locked_workdir)
+  if args.lose:
+    lose_one(args)
   assert jax.process_count() == args.num_processes
   assert len(jax.devices()) == 2 * args.num_processes
   mesh = parallel.create_mesh()
@@ -102,6 +112,34 @@ def worker(args):
           for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]}
   np.savez(os.path.join(args.out, f"process_{args.process_id}.npz"), losses=np.array(losses),
            **flat)
+
+
+def refuse_locked(workdir):
+  """A process of a run on a workdir another run holds: refused, as jaxkd.main ends it."""
+  try:
+    with workdir_lock.hold(workdir):
+      print("not refused", flush=True)
+  except UserError as e:
+    sys.exit(jaxkd_main._exit_status(jaxkd_main.report(e)))  # pylint: disable=protected-access
+
+
+def lose_one(args):
+  """Process 1 is lost (`args.lose`: killed, or stopped as a hung machine would be) while the
+  processes run collectives; process 0 must end, as jaxkd.main ends it, with one line."""
+  distributed.watch(jaxkd_main._end_lost, lost_seconds=3)  # pylint: disable=protected-access
+  distributed.barrier("all started")
+  if args.process_id == 1:
+    os.kill(os.getpid(), signal.SIGKILL if args.lose == "kill" else signal.SIGSTOP)
+  try:
+    for i in range(600):
+      distributed.barrier(f"step {i}")
+      time.sleep(0.05)
+  except (RuntimeError, ValueError) as e:
+    lost = distributed.lost_process_error(e, interrupts.what_stays)
+    if lost is None:
+      raise
+    jaxkd_main._exit_status(jaxkd_main.report(lost))  # pylint: disable=protected-access
+  print("not stopped", flush=True)
 
 
 # ---------------------------------------------------------------------------- the tests
@@ -156,6 +194,60 @@ def test_two_processes_match_one_device(tmp_path):
   for a, b in zip(jax.tree.leaves((restored.params, restored.opt_state)),
                   jax.tree.leaves((one_state.params, one_state.opt_state))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _start_workers(tmp_path, *flags):
+  """Two processes of this file's worker (2 CPU devices each), with `flags`."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return [subprocess.Popen(
+      [sys.executable, __file__, "--worker", f"--port={port}", "--num_processes=2",
+       f"--process_id={i}", f"--out={tmp_path}", *flags], env=env, cwd=REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _own_lines(text):
+  """Output without the C++ libraries' lines (absl's log format, I0123 12:34:56 ...; gloo's
+  `[Gloo] Rank 0 is connected ...` on stdout)."""
+  return [line for line in text.splitlines() if not re.match(r"[IWEF]\d{4} |\[Gloo\] ", line)]
+
+
+def test_a_locked_workdir_is_refused_by_every_process(tmp_path):
+  """A multi-process run on a workdir another run holds: every process refuses, in one line."""
+  workdir = str(tmp_path / "w")
+  os.makedirs(workdir)
+  with workdir_lock.hold(workdir):
+    procs = _start_workers(tmp_path, f"--locked_workdir={workdir}")
+    try:
+      results = [p.communicate(timeout=120) for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+  for p, (out, err) in zip(procs, results):
+    assert p.returncode == 2 and not _own_lines(out), err[-3000:]
+    assert _own_lines(err) == [f"error: workdir {workdir!r} is in use by another run (pid "
+                               f"{os.getpid()} on {socket.gethostname()} since "
+                               f"{_own_lines(err)[0].split(' since ')[1]}"], err[-3000:]
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_lost_process_stops_the_others_in_one_line(tmp_path, how):
+  """Process 1 killed (its peers' collective fails) or stopped like a hung machine (the
+  collective hangs; its beats stop): process 0 ends within seconds, in one line, status 4."""
+  procs = _start_workers(tmp_path, f"--lose={how}")
+  try:
+    out, err = procs[0].communicate(timeout=120)
+  finally:
+    for p in procs:
+      p.kill()
+  lines = _own_lines(err)
+  assert procs[0].returncode == 4 and not _own_lines(out), err[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: process 0 of 2 stopped: "), err[-3000:]
+  assert lines[0].endswith("; every finished stage stays; start every process again with the "
+                           "same command to resume")
+  if how == "stop":  # Only the beats can tell.
+    assert "process 1 of the run was lost (silent for 3 s)" in lines[0]
 
 
 def _on_devices(fn, arrays, num_devices):
@@ -239,4 +331,6 @@ if __name__ == "__main__":
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--process_id", type=int, required=True)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--locked_workdir", default="")
+  parser.add_argument("--lose", choices=["", "kill", "stop"], default="")
   worker(parser.parse_args())
