@@ -104,6 +104,9 @@ class Stage:
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   `epochs_field`: the config field `num_epochs` comes from (named by the plan's refusals).
+  `recorded`: (field, value) pairs of the run config that decide this stage's result beyond
+  what every stage records (`teacher.keep='best'`); saved in its config.json and compared on
+  resume and reuse like the rest (jaxkd.stage_config).
   """
   name: str
   config: ml_collections.ConfigDict
@@ -138,6 +141,7 @@ class Stage:
   class_maps: bool = False
   deployed: Optional[Deployment] = None
   epochs_field: str = "num_epochs"
+  recorded: tuple[tuple[str, Any], ...] = ()
 
   def network(self, num_classes: int, dtype: Any = jnp.float32,
               num_train: Optional[int] = None) -> Network:
