@@ -1,10 +1,11 @@
-"""Faults a long run meets: preemption signals, divergence, a second run on the workdir, an
-unwritable stage directory, a full disk, a changed config on resume.
+"""Faults a long run meets: preemption signals, divergence (a non-finite final state too), a
+second run on the workdir, an unwritable stage directory or checkpoints/, a full disk, a changed
+config on resume, a damaged or missing config.json or result.json.
 
 Each checks the exit status (or the exception that `jaxkd.main` turns into it), the one line
 that says what happened, and that nothing already written is lost or changed. Damaged
-checkpoints and exported files are in test_corruption.py, bad config values in
-test_bad_inputs.py.
+checkpoints and exported files are in test_corruption.py, bad config values and special files
+in test_bad_inputs.py.
 """
 
 import json
