@@ -65,9 +65,9 @@ def manager(directory: str, every_steps: int, keep: int) -> ocp.CheckpointManage
 
 def saved_steps(directory: str) -> list[int]:
   """The steps orbax has saved in `directory` (a stage's `checkpoints/`), oldest first; none
-  where it does not exist. Read without orbax: the plan lists them before anything runs."""
+  where it is no folder. Read without orbax: the plan lists them before anything runs."""
   path = epath.Path(directory)
-  if not path.exists():
+  if not path.is_dir():
     return []
   return sorted(int(child.name) for child in path.iterdir() if child.name.isdigit())
 
@@ -247,16 +247,35 @@ def export_variables(path: str, variables: Any) -> str:
   return file_sha256(path)
 
 
+def _exists(path: str, what: str, remedy: str) -> None:
+  """A regular file at `path` (a FIFO or a device is refused by its kind, never opened)."""
+  paths.check_regular_file(path, what, remedy)
+  if not epath.Path(path).is_file():
+    raise UserError(f"{what} {path!r} does not exist" + (f"; {remedy}" if remedy else ""))
+
+
+def _damaged(path: str, what: str, sha256: str, remedy: str) -> UserError:
+  return UserError(f"{what} {path!r} is damaged: its sha256 differs from the one recorded when "
+                   f"it was written ({sha256[:12]}...)" + (f"; {remedy}" if remedy else ""))
+
+
+def verify_file(path: str, what: str, sha256: str, remedy: str = "") -> None:
+  """Refuses (UserError ending in `remedy`) a file `path` that is missing, not a regular file,
+  or does not hash to `sha256` (the checksum recorded when it was written); read in chunks."""
+  _exists(path, what, remedy)
+  if file_sha256(path) != sha256:
+    raise _damaged(path, what, sha256, remedy)
+
+
 def read_verified(path: str, what: str, sha256: Optional[str] = None, remedy: str = "") -> bytes:
   """The bytes of file `path`. With `sha256` (the checksum recorded when it was written) they
-  must hash to it; a missing or different file is refused with a UserError ending in `remedy`."""
-  tail = f"; {remedy}" if remedy else ""
-  if not epath.Path(path).is_file():
-    raise UserError(f"{what} {path!r} does not exist{tail}")
-  data = epath.Path(path).read_bytes()
+  must hash to it; a missing or different file, or one that is no regular file (a FIFO, a
+  device) or larger than the memory (jaxkd.paths.read_whole), is refused with a UserError
+  ending in `remedy`."""
+  _exists(path, what, remedy)
+  data = paths.read_whole(path, what, remedy)
   if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-    raise UserError(f"{what} {path!r} is damaged: its sha256 differs from the one recorded when "
-                    f"it was written ({sha256[:12]}...){tail}")
+    raise _damaged(path, what, sha256, remedy)
   return data
 
 

@@ -53,6 +53,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not path:
     raise UserError("--config is empty; pass a recipe file, e.g. --config configs/demo.py")
+  paths.check_regular_file(path, "config file", "a recipe, e.g. --config configs/demo.py")
   if not os.path.isfile(path):
     raise UserError(f"config file {path!r} does not exist; pass a recipe file, e.g. "
                     "--config configs/demo.py (run from the repository root)")
@@ -446,6 +447,9 @@ def check_file(field: str, file: str) -> None:
   else:
     local = os.path.expanduser(file)
     found, is_dir = os.path.isfile(local), os.path.isdir(local)
+    if not is_dir:  # A FIFO or a device: refused by its kind, never opened.
+      paths.check_regular_file(file, field, "a variables file, e.g. <workdir>/teacher/"
+                               "teacher.msgpack of an earlier run")
   if not found:
     what = "is a directory, not a file" if is_dir else "does not exist"
     raise UserError(f"{field} {file!r} {what}; pass an existing variables file (e.g. "

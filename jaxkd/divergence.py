@@ -85,6 +85,18 @@ class Unchecked:
                                     str(self.mngr.directory)))
 
 
+def check_final(stage_name: str, variables: Any, step: int, directory: str) -> None:
+  """Raises Diverged when the variables a stage ends with (about to be exported) are not all
+  finite: whatever the checkpoint they were resumed from held, nothing non-finite is
+  exported."""
+  leaf = nonfinite_leaf(variables)
+  if leaf is not None:
+    raise Diverged(
+        f"[{stage_name}] the variables of its last step {step} are not finite ({leaf}), so "
+        f"nothing was exported; they come from the checkpoint {directory}/{step}: remove it to "
+        "resume from the one before, or rerun in a new --workdir with a fixed config")
+
+
 def diverged_message(stage_name: str, step: int, what: str, metrics: dict[str, Any],
                      last_good: Optional[int], directory: str) -> str:
   """What went non-finite where (`what`: the terms, named before their sum, or the variables),

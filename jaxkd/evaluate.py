@@ -48,6 +48,7 @@ from ml_collections import config_flags
 from jaxkd import cli
 from jaxkd import config_checks
 from jaxkd import defaults
+from jaxkd import paths
 from jaxkd.errors import UserError
 
 # A stage's saved config, beside the files it exports (jaxkd.stage_config.CONFIG_FILE).
@@ -196,7 +197,7 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
 
   mesh = parallel.create_mesh() if mesh is None else mesh
   info = data.get_dataset_info(config.dataset)
-  parallel.check_batch_divides(config.eval_batch_size, mesh)
+  parallel.check_batch_divides(config.eval_batch_size, mesh, "eval_batch_size")
   network, variables = load_network(model_name, path, info, networks.compute_dtype(config),
                                     method, teacher)
   variables = parallel.replicate(variables, mesh)
@@ -210,6 +211,8 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
 def saved_stage_config(path: str) -> Optional[dict[str, Any]]:
   """The `config.json` of the workdir stage whose directory holds file `path`, or None."""
   saved = os.path.join(os.path.dirname(os.path.abspath(path)), STAGE_CONFIG)
+  if paths.file_kind(saved) is not None:  # A FIFO or a device: never opened.
+    return None
   try:
     with open(saved) as f:
       record = json.load(f)
@@ -248,6 +251,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main evaluates
   try:
+    paths.check_regular_file(_CHECKPOINT.value, "--checkpoint", "a variables file, e.g. "
+                             "<workdir>/student_kd/student.msgpack")
     model, config = model_and_config(_MODEL.value, _CHECKPOINT.value, flags.FLAGS.config,
                                      config_checks.override_paths(sys.argv))
     method, teacher = deployment(_METHOD.value, _TEACHER.value, _CHECKPOINT.value)

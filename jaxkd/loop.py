@@ -252,10 +252,14 @@ def compile_steps(stage: Stage, inputs: Inputs, network: Network,
 
 
 def reuse_stage(stage: Stage, inputs: Inputs, workdir: str) -> dict[str, Any]:
-  """The record of a finished stage (its `result.json`), refused if it holds another stage."""
+  """The record of a finished stage (its `result.json`), refused if it holds another stage or
+  its export does not match the sha256 it recorded."""
   stage_dir = os.path.join(workdir, stage.name)
   result = results.read_result(workdir, stage.name)
   results.check_same_stage(result, stage_description(stage, inputs), stage_dir)
+  if result.get("export") and result.get("export_sha256"):
+    checkpoint.verify_file(result["export"], f"stage {stage.name}'s export",
+                           result["export_sha256"], results.export_remedy(result))
   print(f"[{stage.name}] already done ({os.path.join(stage_dir, results.RESULT_FILE)}): top-1 "
         f"{percent(result['top1_last'])}")
   return result
@@ -277,8 +281,6 @@ def run_stage(stage: Stage, inputs: Inputs, workdir: str, mesh: jax.sharding.Mes
     return reuse_stage(stage, inputs, workdir)
   paths.check_writable(stage_dir, "stage directory",
                        "make it writable, or pass another --workdir")
-  stage_config.save(stage, stage_dir, started=bool(checkpoint.saved_steps(
-      os.path.join(stage_dir, "checkpoints"))))
 
   config = stage.config
   network = stage.network(info.num_classes, compute_dtype(config), info.num_train)
@@ -431,6 +433,8 @@ def _run_steps(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
       unchecked.check(state)  # Only finite states are checkpointed.
       _make_room(stage.name, mngr, stage_dir, 2 * checkpoint_bytes)
       record[results.WALL_SECONDS] = clock.seconds()  # Carried over to a run that resumes from it.
+      # The config this checkpoint is trained under (rewritten only once there is one).
+      stage_config.save(stage, stage_dir, started=mngr.latest_step() is not None)
       checkpoint.save(mngr, step, state, record, force=True)  # The loop decided: save now.
     if signum:
       writer.flush()
@@ -532,12 +536,15 @@ def _scores(stage: Stage, compiled: StageSteps, state: TrainState, record: dict[
 def finish_stage(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainState,
                  record: dict[str, Any], mngr: Any, mesh: jax.sharding.Mesh, stage_dir: str
                  ) -> dict[str, Any]:
-  """The stage's result record, written last (after the exported variables, if any).
+  """The stage's result record, written last (after the exported variables, if any), for
+  variables that are finite (else Diverged: nothing is exported).
 
   Returned with its paths as this run reaches them; written with those inside the workdir
   relative to it (jaxkd.results).
   """
-  del mngr
+  divergence.check_final(stage.name, variables_of(state), compiled.total_steps,
+                         str(mngr.directory))
+  stage_config.save(stage, stage_dir, started=mngr.latest_step() is not None)
   result = dict(stage_description(stage, inputs), stage=stage.name,
                 steps=compiled.total_steps, checkpoints=os.path.join(stage_dir, "checkpoints"),
                 logdir=stage_dir, **_scores(stage, compiled, state, record, mesh))

@@ -34,14 +34,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_divides(global_batch_size: int, mesh: Mesh) -> None:
-  """Raises a UserError unless the global batch splits evenly over the mesh."""
+def check_batch_divides(global_batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
+  """Raises a UserError unless the global batch splits evenly over the mesh; `field`: the
+  config field it comes from (named in the fix)."""
   n = mesh.devices.size
   if global_batch_size % n:
     lower = (global_batch_size // n) * n
     raise UserError(
         f"global batch size {global_batch_size} does not divide over {n} devices; "
-        f"set --config.batch_size to a multiple of {n} (e.g. {max(lower, n)} or {lower + n})")
+        f"set --config.{field} to a multiple of {n} (e.g. {max(lower, n)} or {lower + n})")
 
 
 def to_global(local_batch: Any, mesh: Mesh) -> Any:

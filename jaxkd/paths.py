@@ -8,7 +8,9 @@ URL intact, while `os.path.abspath` and the os module's file calls do not.
 import contextlib
 import os
 import shutil
+import stat
 import sys
+import tempfile
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -72,6 +74,88 @@ def check_writable(directory: str, what: str, fix: str) -> None:
     probe.unlink()
   except io_errors() as e:
     raise UserError(f"{what} {directory!r} is not writable ({reason(e)}); {fix}") from None
+
+
+def check_writable_ahead(directory: str, what: str, fix: str) -> None:
+  """One UserError (naming `directory` as `what`, ending with `fix`) when a local `directory`
+  could not be written: a probe file is made and removed in it, or, where it does not exist
+  yet, in the nearest folder above it that does (which must be a folder). Nothing stays
+  behind: the plan checks every folder a stage writes before the workdir exists. A URL is
+  not probed here (a bucket has no folders; the workdir's own check writes to it)."""
+  if is_url(directory):
+    return
+  target = os.path.abspath(directory)
+  existing = target
+  while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      kind = file_kind(existing) or "a file"
+      raise NotADirectoryError(0, f"{existing} is {kind}, not a folder")
+    handle, probe_path = tempfile.mkstemp(prefix=".write_probe_", dir=existing)
+    os.close(handle)
+    os.unlink(probe_path)
+  except OSError as e:
+    raise UserError(f"{what} {directory!r} is not writable ({reason(e)}); {fix}") from None
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(path: str) -> Optional[str]:
+  """What a local `path` is when it is not a regular file ('a FIFO', 'a character device',
+  'a directory', ...; symbolic links followed), else None; None for a missing path or a URL.
+  Stat only: opening a FIFO or a device blocks or never ends."""
+  if is_url(path):
+    return None
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    return None
+  if stat.S_ISREG(mode):
+    return None
+  return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def check_regular_file(path: str, what: str, fix: str) -> None:
+  """One UserError naming `path` (as `what`) by its kind when it exists but is not a regular
+  file (a FIFO would block the read forever, /dev/zero never end it); `fix` ('' for none)
+  ends the line."""
+  kind = file_kind(path)
+  if kind is not None:
+    raise UserError(f"{what} {path!r} is {kind}; give a regular file"
+                    + (f" ({fix})" if fix else ""))
+
+
+def memory_bytes() -> int:
+  """This machine's physical memory: no file larger than it can be read whole."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def read_whole(path: str, what: str, fix: str) -> bytes:
+  """The bytes of file `path`, refused in one UserError (naming it as `what`, ending with
+  `fix`) when it is not a regular file or holds more than the machine's memory: its size is
+  checked before it is read, and no more than that is read whatever its size said."""
+  check_regular_file(path, what, fix)
+  limit = memory_bytes()
+  size = None if is_url(path) else os.stat(path).st_size
+  chunks, total = [], 0
+  if size is None or size <= limit:
+    step = 1 << 24 if size is None else size + 1  # One read for a file whose size is known.
+    with epath.Path(path).open("rb") as f:
+      while total <= limit:
+        chunk = f.read(min(step, limit + 1 - total))
+        if not chunk:
+          break
+        chunks.append(chunk)
+        total += len(chunk)
+  if (size or 0) > limit or total > limit:
+    raise UserError(f"{what} {path!r} is larger than this machine's memory "
+                    f"({limit / 2**30:.1f} GiB), and it is read whole"
+                    + (f"; {fix}" if fix else ""))
+  return b"".join(chunks)
 
 
 def check_free_space(directory: str, needed: int, fix: str) -> None:

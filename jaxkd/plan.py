@@ -38,6 +38,7 @@ from jaxkd import checkpoint
 from jaxkd import config_checks
 from jaxkd import data
 from jaxkd import method_inputs
+from jaxkd import metrics_log
 from jaxkd import models
 from jaxkd import networks
 from jaxkd import parallel
@@ -112,11 +113,14 @@ def _plain_teacher(config: ml_collections.ConfigDict, stages: list[AnyStage]) ->
         epochs_field="teacher.num_epochs"))
     return TeacherSource(name, stage="pretrain", file=BACKBONE_FILE)
   ce = cross_entropy_method()
+  # Recorded only when not the default, so that a teacher trained before the field was saved
+  # reads as keep='last'.
+  best = config.teacher.get("keep", "last") == "best"
   stages.append(Stage(
       name="teacher", config=config, model_name=name, method=ce, hparams=ce.hparams(), num_epochs=config.teacher.num_epochs,
       base_lr=recipe.teacher_lr(config), export_file=TEACHER_FILE,
-      select=best_top1 if config.teacher.get("keep", "last") == "best" else None,
-      epochs_field="teacher.num_epochs"))
+      select=best_top1 if best else None, epochs_field="teacher.num_epochs",
+      recorded=(("teacher.keep", "best"),) if best else ()))
   return TeacherSource(name, stage="teacher")
 
 
@@ -315,6 +319,7 @@ def _check_teacher(config: ml_collections.ConfigDict, clip_teacher: bool) -> Non
     checkpoint_path = config.teacher.checkpoint
     if not checkpoint_path or not os.path.exists(checkpoint_path):
       raise clip_weights.missing_weights_error(teacher_name, checkpoint_path)
+    clip_weights.check_weights_path(checkpoint_path)
 
 
 def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -341,7 +346,7 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
           f"({info.name!r}); probe on a dataset with the same channels")
     infos["linear_probe"] = probe_info
   parallel.check_batch_divides(config.batch_size, mesh)
-  parallel.check_batch_divides(config.eval_batch_size, mesh)
+  parallel.check_batch_divides(config.eval_batch_size, mesh, "eval_batch_size")
   return infos
 
 
@@ -365,19 +370,48 @@ def check_teacher_file(stage: ImportStage, info: data.DatasetInfo) -> None:
 
 def stage_state(stage: AnyStage, workdir: Optional[str]) -> str:
   """'import', 'done', 'resume from step N' or 'to run'; a stage directory trained under
-  another effective config is refused (jaxkd.stage_config)."""
+  another effective config, or holding a damaged record, is refused (jaxkd.stage_config,
+  jaxkd.results), and so is one that could not be written where the stage will run."""
   if isinstance(stage, ImportStage):
     return IMPORT
   if workdir is None:
     return TO_RUN
   stage_dir = os.path.join(workdir, stage.name)
-  done = os.path.exists(os.path.join(stage_dir, results.RESULT_FILE))
+  done = os.path.lexists(os.path.join(stage_dir, results.RESULT_FILE))
+  if not done:
+    check_stage_folders(stage, workdir)
   saved = checkpoint.saved_steps(os.path.join(stage_dir, "checkpoints"))
   if done or saved:
     stage_config.check(stage, stage_dir)
   if done:
+    results.read_result(workdir, stage.name)  # A damaged record: one line, before any work.
     return DONE
   return f"resume from step {saved[-1]}" if saved else TO_RUN
+
+
+def stage_files(stage: Stage) -> list[str]:
+  """The files a stage writes in its directory, besides its checkpoints/ and its result."""
+  names = [stage_config.CONFIG_FILE, metrics_log.FILE]
+  if stage.export_file:
+    names += [stage.export_file] + (["best_" + stage.export_file] if stage.select else [])
+  return names + ([stage.backbone_file] if stage.backbone_file else [])
+
+
+def check_stage_folders(stage: Stage, workdir: str) -> None:
+  """Every folder the stage writes (its directory: logs, metrics, exports and result; its
+  checkpoints/) can be written, probed where it is or would be made, leaving nothing behind;
+  a folder, FIFO or device under the name of a file it writes is refused too. One line each,
+  before any stage trains (orbax would retry a refused checkpoint folder for minutes)."""
+  stage_dir = os.path.join(workdir, stage.name)
+  fix = "make it writable, or pass another --workdir"
+  paths.check_writable_ahead(stage_dir, "stage directory", fix)
+  paths.check_writable_ahead(os.path.join(stage_dir, "checkpoints"), "checkpoint folder", fix)
+  for name in stage_files(stage):
+    path = os.path.join(stage_dir, name)
+    kind = paths.file_kind(path)
+    if kind is not None:
+      raise UserError(f"{path} is {kind}, where stage {stage.name} writes its {name}; remove "
+                      "it, or pass another --workdir")
 
 
 def make_plan(config: ml_collections.ConfigDict, workdir: Optional[str],

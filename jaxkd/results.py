@@ -23,6 +23,8 @@ WALL_SECONDS = "wall_seconds"
 
 # The paths of a record, written relative to the workdir when inside it.
 PATH_FIELDS = ("checkpoints", "logdir", "export", "teacher_path")
+# The fields every record holds.
+REQUIRED = ("stage", "logdir", "top1_last")
 
 
 def workdir_of(stage_dir: str) -> str:
@@ -67,15 +69,38 @@ def _in_origin(path: str, origin: str) -> Optional[str]:
   return path[len(prefix):] if path.startswith(prefix) else None
 
 
+def _rerun(stage_name: str) -> str:
+  return f"rerun (stage {stage_name} is finished again from its last checkpoint)"
+
+
 def read_result(workdir: str, stage_name: str) -> dict[str, Any]:
-  """The result record of a finished stage, its paths resolved in `workdir`."""
+  """The result record of a finished stage, its paths resolved in `workdir`; a file that is
+  not one (damaged, truncated, a folder, a FIFO, JSON of another shape) is one UserError
+  naming it and the fix."""
   path = os.path.join(workdir, stage_name, RESULT_FILE)
-  try:
-    result = json.loads(epath.Path(path).read_text())
-  except ValueError as e:
-    raise UserError(f"{path} is not a result record ({e}); remove it and rerun (stage "
-                    f"{stage_name} is finished again from its last checkpoint)") from None
+  kind = paths.file_kind(path)
+  why, result = (f"it is {kind}" if kind else None), None
+  if why is None:
+    try:
+      result = json.loads(paths.read_whole(path, "result record", ""))
+    except (OSError, ValueError) as e:
+      why = " ".join((paths.reason(e) if isinstance(e, OSError) else str(e)).split())[:120]
+  if why is None and not (isinstance(result, dict) and all(k in result for k in REQUIRED)):
+    why = f"not a JSON object with {' and '.join(REQUIRED)}"
+  if why is not None:
+    raise UserError(f"{path} is not a result record ({why}); remove it and "
+                    f"{_rerun(stage_name)}")
   return resolve_paths(result, workdir)
+
+
+def export_remedy(result: dict[str, Any]) -> str:
+  """What rewrites the export of finished stage `result` (paths resolved): the stage
+  finished again from its last checkpoint, or (a `best_` file, which no checkpoint keeps)
+  trained again."""
+  stage_dir = result["logdir"]
+  if os.path.basename(result["export"]).startswith("best_"):
+    return f"remove {stage_dir} and rerun (stage {result['stage']} is trained again)"
+  return f"remove {os.path.join(stage_dir, RESULT_FILE)} and {_rerun(result['stage'])}"
 
 
 def check_same_stage(result: dict[str, Any], description: dict[str, Any], stage_dir: str):

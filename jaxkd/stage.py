@@ -91,6 +91,9 @@ class Stage:
   `select`: `(eval scores, hparams) -> score or None`; the export is the evaluation with the
   highest score (e.g. `teacher.keep='best'`), else the last.
   `epochs_field`: the config field `num_epochs` comes from (named by the plan's refusals).
+  `recorded`: (field, value) pairs of the run config that decide this stage's result beyond
+  what every stage records (`teacher.keep='best'`); saved in its config.json and compared on
+  resume and reuse like the rest (jaxkd.stage_config).
   """
   name: str
   config: ml_collections.ConfigDict
@@ -110,6 +113,7 @@ class Stage:
   freeze_backbone: bool = True
   features_only: bool = False
   epochs_field: str = "num_epochs"
+  recorded: tuple[tuple[str, Any], ...] = ()
 
   @property
   def num_negatives(self) -> int:

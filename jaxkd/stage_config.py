@@ -5,11 +5,14 @@ flat dotted fields) and the whole run config for reference. Resuming an interrup
 reusing a finished one, under a config whose effective values differ would silently mix two
 schedules or report another run's numbers: it is refused, naming the fields, unless the run
 sets `allow_changed_config` (then the new values are saved, the old ones kept in `history`).
+Work (a checkpoint, a result) beside a missing or damaged config.json is refused the same way,
+and the file is rewritten only once the stage has work under the new values: a resume that
+fails before its first checkpoint leaves the file of the checkpoints that are there.
 """
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -54,6 +57,7 @@ def effective_config(stage: Any, config: ml_collections.ConfigDict) -> dict[str,
       if key.split(".")[-1] not in _NOT_EFFECTIVE and value is not None:
         fields[key] = value
   fields.update(_flat("method.", stage.hparams.to_dict()))
+  fields.update(stage.recorded)
   return _plain(fields)
 
 
@@ -66,15 +70,51 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
           or (key in saved) != (key in current)]
 
 
-def check(stage: Any, stage_dir: str) -> None:
-  """Refuses a stage directory whose saved config.json holds other effective values than this
-  run's (resuming or reusing it would mix two configs), unless `allow_changed_config`."""
+def _fix(path: epath.Path) -> str:
+  return (f"restore {path}, or use a new --workdir, or --config.allow_changed_config=True to go "
+          "on with this run's values (the file is then written anew)")
+
+
+def read(stage_dir: str) -> Optional[dict[str, Any]]:
+  """The saved record of a stage directory ({'effective': ..., 'history': ..., 'run': ...}),
+  None where there is none; a file that is not such a record (damaged, truncated, a folder,
+  a FIFO) is one UserError naming it and the fix."""
   path = epath.Path(os.path.join(stage_dir, CONFIG_FILE))
   if not path.exists():
+    return None
+  kind = paths.file_kind(str(path))
+  why = f"it is {kind}" if kind else None
+  if why is None:
+    try:
+      record = json.loads(paths.read_whole(str(path), "stage config", ""))
+      why = None if isinstance(record, dict) and isinstance(record.get("effective"), dict) else (
+          "no 'effective' fields")
+    except (OSError, ValueError) as e:
+      why = " ".join((paths.reason(e) if isinstance(e, OSError) else str(e)).split())[:120]
+  if why is not None:
+    raise UserError(f"{path} is not a stage config record ({why}); {_fix(path)}")
+  return record
+
+
+def check(stage: Any, stage_dir: str) -> None:
+  """Refuses a stage directory that holds work (a checkpoint or a result) under other
+  effective values than this run's, or whose config.json is missing or damaged (the work could
+  not be matched to a config), unless `allow_changed_config`."""
+  allowed = stage.config.get("allow_changed_config", False)
+  path = epath.Path(os.path.join(stage_dir, CONFIG_FILE))
+  try:
+    saved = read(stage_dir)
+  except UserError:
+    if allowed:
+      return
+    raise
+  if saved is None:
+    if not allowed:
+      raise UserError(f"{path} is missing, so the work in {stage_dir} cannot be matched to a "
+                      f"config; {_fix(path)}")
     return
-  changed = differences(json.loads(path.read_text())["effective"],
-                        effective_config(stage, stage.config))
-  if changed and not stage.config.get("allow_changed_config", False):
+  changed = differences(saved["effective"], effective_config(stage, stage.config))
+  if changed and not allowed:
     shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
     raise UserError(
         f"{stage_dir} was trained with another config ({shown}); use a new --workdir, or "
@@ -82,12 +122,17 @@ def check(stage: Any, stage_dir: str) -> None:
 
 
 def save(stage: Any, stage_dir: str, started: bool) -> None:
-  """Saves this run's effective config in the stage directory (process 0); where the stage
-  was `started` (it has a checkpoint) under other values, which the plan let through with
-  `allow_changed_config`, the old ones are kept in `history`."""
-  path = epath.Path(os.path.join(stage_dir, CONFIG_FILE))
+  """Saves this run's effective config in the stage directory (process 0), where it differs
+  from the saved one. Called when the stage has work under this run's values (before its
+  first checkpoint, or its result), so a run refused or failed before that leaves the file of
+  the work that is there. Where the stage was `started` (it had a checkpoint) under other
+  values, which the plan let through with `allow_changed_config`, the old ones are kept in
+  `history` (a damaged old file is replaced)."""
   current = effective_config(stage, stage.config)
-  saved = json.loads(path.read_text()) if started and path.exists() else None
+  try:
+    saved = read(stage_dir) if started else None
+  except UserError:
+    saved = None
   if saved is not None and not differences(saved["effective"], current):
     return
   history = saved.get("history", []) + [saved["effective"]] if saved is not None else []

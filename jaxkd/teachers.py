@@ -15,7 +15,7 @@ from jaxkd.data import teacher_views
 from jaxkd.interop import clip_weights
 from jaxkd.models import clip
 from jaxkd.networks import Network, build_network, compute_dtype, read_variables
-from jaxkd.results import RESULT_FILE
+from jaxkd.results import export_remedy
 from jaxkd.stage import TeacherSource
 
 
@@ -59,14 +59,9 @@ def load_export(network: Network, result: dict[str, Any], info: data.DatasetInfo
   teacher; refused unless the file has the sha256 the stage recorded, with the rerun that
   writes it again: the stage finished again from its last checkpoint, or (a `best_` file,
   which no checkpoint keeps) trained again."""
-  stage_dir, export = result["logdir"], result["export"]
-  if os.path.basename(export).startswith("best_"):
-    remedy = f"remove {stage_dir} and rerun (stage {result['stage']} is trained again)"
-  else:
-    remedy = (f"remove {os.path.join(stage_dir, RESULT_FILE)} and rerun (stage "
-              f"{result['stage']} is finished again from its last checkpoint)")
-  return load_teacher(network, export, info, mesh, sha256=result.get("export_sha256"),
-                      remedy=remedy, what=f"stage {result['stage']}'s export")
+  return load_teacher(network, result["export"], info, mesh,
+                      sha256=result.get("export_sha256"), remedy=export_remedy(result),
+                      what=f"stage {result['stage']}'s export")
 
 
 def load_clip_teacher(path: str, model_name: str, config: ml_collections.ConfigDict,

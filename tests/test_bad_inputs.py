@@ -11,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -27,7 +28,10 @@ from jaxkd import paths
 from jaxkd import networks
 from jaxkd import plan
 from jaxkd import train
+from jaxkd.data import sources
 from jaxkd.errors import UserError
+from jaxkd.interop import clip_weights
+from jaxkd.interop import torch_checkpoint
 
 DEMO = "configs/demo.py"
 
@@ -111,6 +115,9 @@ CASES = {
     "batch_size_zero": Case(("--config.batch_size=0",), "batch_size is 0"),
     "eval_batch_size_zero": Case(("--config.eval_batch_size=0",),
                                  "eval_batch_size is 0; it must be an integer >= 1"),
+    "eval_batch_size_indivisible": Case(("--config.eval_batch_size=6",),
+                                        "global batch size 6 does not divide over 4 devices; "
+                                        "set --config.eval_batch_size to a multiple of 4"),
     "keep_checkpoints_zero": Case(("--config.keep_checkpoints=0",), "keep_checkpoints is 0"),
     "log_every_zero": Case(("--config.log_every_steps=0",), "log_every_steps is 0"),
     "checkpoint_every_negative": Case(("--config.checkpoint_every_steps=-5",),
@@ -232,6 +239,19 @@ CASES = {
     "teacher_checkpoint_directory": Case(("--config.teacher.checkpoint={data_dir}",),
                                          "teacher.checkpoint '{data_dir}' is a directory, not a "
                                          "file"),
+    # Special files are refused by their kind, never opened (a FIFO would block forever,
+    # /dev/zero be read until the memory runs out), for a zoo teacher and a CLIP tower alike.
+    "teacher_checkpoint_fifo": Case(("--config.teacher.checkpoint={fifo}",),
+                                    "teacher.checkpoint '{fifo}' is a FIFO; give a regular "
+                                    "file (a variables file, e.g. <workdir>/teacher/"),
+    "teacher_checkpoint_device": Case(("--config.teacher.checkpoint=/dev/zero",),
+                                      "teacher.checkpoint '/dev/zero' is a character device; "
+                                      "give a regular file"),
+    "clip_teacher_fifo": Case(("--config", "configs/demo.py:ega",
+                               "--config.teacher.name=clip_vit_b32", "--config.teacher.pretrain=",
+                               "--config.teacher.checkpoint={fifo}"),
+                              "teacher.checkpoint '{fifo}' is a FIFO; give a regular file (a "
+                              "Hugging Face CLIP folder or OpenAI's .pt file)", config=False),
     "tfds_builder_missing": Case(("--config.dataset.name=tfds:no_such_builder",),
                                  "tfds has no builder 'no_such_builder'"),
     # Values parsed where the config is checked.
@@ -296,8 +316,10 @@ def files(tmp_path_factory, digits_dir):
   shapes = networks.variable_shapes(networks.build_network("resnet8", 10), (8, 8, 1))
   resnet8 = str(root / "resnet8.msgpack")
   checkpoint.export_variables(resnet8, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+  fifo = str(root / "teacher.fifo")
+  os.mkfifo(fifo)
   return dict(paths, data_dir=str(digits_dir), empty_dir=str(tmp_path_factory.mktemp("empty")),
-              resnet8=resnet8)
+              resnet8=resnet8, fifo=fifo)
 
 
 def command_line(case: Case, workdir: str, files: dict[str, str]) -> list[str]:
@@ -500,3 +522,57 @@ def test_a_refusal_keeps_a_created_workdir_that_holds_work(refused_after_start, 
   with pytest.raises(UserError, match="student_kd"):
     train.train_and_evaluate(refused_after_start, str(workdir))
   assert (workdir / "teacher" / "result.json").exists()
+
+
+# ------------------------------------------------------------------- special and huge files
+
+
+def _returns_within(seconds, fn, *args):
+  """What `fn(*args)` raises or returns, run in a thread given `seconds` (a FIFO opened by
+  mistake would block it forever, and fail the test instead of hanging it)."""
+  outcome = []
+
+  def run():
+    try:
+      outcome.append(fn(*args))
+    except BaseException as e:  # pylint: disable=broad-except
+      outcome.append(e)
+  worker = threading.Thread(target=run, daemon=True)
+  worker.start()
+  worker.join(seconds)
+  assert outcome, f"{fn.__name__} did not return within {seconds} s"
+  return outcome[0]
+
+
+@pytest.mark.parametrize("reader", ["variables", "torch", "image", "clip_folder"])
+def test_every_reader_of_a_given_file_refuses_a_fifo_by_its_kind(files, tmp_path, reader):
+  """The teacher or evaluated file (jaxkd.evaluate, export_student), a PyTorch checkpoint
+  (import_teacher, an OpenAI CLIP file), a folder dataset's image and a CLIP folder's files."""
+  fifo = files["fifo"]
+  clip_folder = tmp_path / "clip"
+  clip_folder.mkdir()
+  os.symlink(fifo, clip_folder / "config.json")
+  calls = {"variables": (checkpoint.read_verified, fifo, "--checkpoint"),
+           "torch": (torch_checkpoint.load, fifo),
+           "image": (sources._stored_shape, fifo),  # pylint: disable=protected-access
+           "clip_folder": (clip_weights.read_hf_folder, str(clip_folder))}
+  error = _returns_within(20, *calls[reader])
+  assert isinstance(error, UserError), error
+  assert "is a FIFO; give a regular file" in str(error) and "\n" not in str(error)
+
+
+def test_a_file_read_whole_is_bounded_by_the_memory(tmp_path, monkeypatch):
+  """A file larger than the machine's memory is refused by its size before it is read; one
+  whose size says nothing (a /proc file says 0) is read no further than the memory."""
+  monkeypatch.setattr(paths, "memory_bytes", lambda: 1000)
+  small, large = tmp_path / "small.msgpack", tmp_path / "large.msgpack"
+  small.write_bytes(b"x" * 1000)
+  large.write_bytes(b"x" * 1001)
+  assert paths.read_whole(str(small), "teacher file", "") == b"x" * 1000
+  for path in (str(large), "/proc/self/smaps"):  # smaps: st_size 0, several kB.
+    with pytest.raises(UserError, match=f"teacher file '{path}' is larger than this "
+                                        r"machine's memory \(0.0 GiB\), and it is read whole; "
+                                        "give the right file$"):
+      paths.read_whole(path, "teacher file", "give the right file")
+  with pytest.raises(UserError, match="'/dev/zero' is a character device; give a regular file"):
+    checkpoint.read_verified("/dev/zero", "variables file")

@@ -257,6 +257,25 @@ def test_damaged_teacher_file_is_refused_naming_the_stage_and_nothing_is_written
   assert checkpoint.file_sha256(teacher_file) == results[0]["export_sha256"]
 
 
+def test_damaged_final_student_file_is_not_already_done(trained, tmp_path, capsys):
+  """A finished stage's export that no later stage reads (the student's) is verified when the
+  stage is reused, as a teacher's is when it is read."""
+  config, reference, results = trained
+  workdir = _copy(reference, tmp_path)
+  student_file = os.path.join(workdir, "student_kd", "student.msgpack")
+  _flip_bytes(student_file, os.path.getsize(student_file) // 2)
+  before = _files(workdir)
+  with pytest.raises(UserError) as refused:
+    train.train_and_evaluate(config, workdir)
+  result_file = os.path.join(workdir, "student_kd", "result.json")
+  assert str(refused.value) == (
+      f"stage student_kd's export {student_file!r} is damaged: its sha256 differs from the one "
+      f"recorded when it was written ({results[1]['export_sha256'][:12]}...); remove "
+      f"{result_file} and rerun (stage student_kd is finished again from its last checkpoint)")
+  assert "[student_kd] already done" not in capsys.readouterr().out
+  assert _files(workdir) == before
+
+
 # ----------------------------------------------------------------------- moved and copied
 
 

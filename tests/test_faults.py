@@ -1,10 +1,11 @@
-"""Faults a long run meets: preemption signals, divergence, a second run on the workdir, an
-unwritable stage directory, a full disk, a changed config on resume.
+"""Faults a long run meets: preemption signals, divergence (a non-finite final state too), a
+second run on the workdir, an unwritable stage directory or checkpoints/, a full disk, a changed
+config on resume, a damaged or missing config.json or result.json.
 
 Each checks the exit status (or the exception that `jaxkd.main` turns into it), the one line
 that says what happened, and that nothing already written is lost or changed. Damaged
-checkpoints and exported files are in test_corruption.py, bad config values in
-test_bad_inputs.py.
+checkpoints and exported files are in test_corruption.py, bad config values and special files
+in test_bad_inputs.py.
 """
 
 import json
@@ -20,6 +21,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import helpers
@@ -30,6 +32,9 @@ from jaxkd import divergence
 from jaxkd import interrupts
 from jaxkd import loop
 from jaxkd import paths
+from jaxkd import plan
+from jaxkd import results
+from jaxkd import stage_config
 from jaxkd import train
 from jaxkd import workdir_lock
 from jaxkd.data import pipeline
@@ -359,6 +364,52 @@ def test_an_error_in_an_input_worker_is_one_line(reference, tmp_path, monkeypatc
   assert not multiprocessing.active_children()
 
 
+def _poison_final_checkpoint(stage_dir):
+  """The stage's newest checkpoint rewritten with a NaN parameter, as a version that did not
+  check the state before checkpointing it could leave it (no digest: restored unchecked)."""
+  directory = os.path.join(stage_dir, "checkpoints")
+  mngr = checkpoint.manager(directory, 1, 2)
+  step = mngr.latest_step()
+  restored = mngr.restore(step)
+  state, record = restored["state"], dict(restored["record"])
+  del record[checkpoint.DIGEST_KEY]
+  first = jax.tree_util.tree_leaves_with_path(state["params"])[0][0]
+  state["params"] = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.full_like(x, np.nan) if path == first else x, state["params"])
+  mngr.close()
+  shutil.rmtree(os.path.join(directory, str(step)))
+  mngr = checkpoint.manager(directory, 1, 2)
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          record=ocp.args.JsonSave(record)), force=True)
+  mngr.wait_until_finished()
+  return step
+
+
+def test_a_final_state_that_is_not_finite_is_never_exported(reference, tmp_path):
+  """The teacher resumed from a final checkpoint that holds a NaN: stopped with one line
+  before its export and result are written, so no later stage reads it."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference[1], workdir)
+  shutil.rmtree(os.path.join(workdir, "student_kd"))
+  stage_dir = os.path.join(workdir, "teacher")
+  for name in ("result.json", "teacher.msgpack"):
+    os.remove(os.path.join(stage_dir, name))
+  step = _poison_final_checkpoint(stage_dir)
+  with pytest.raises(Diverged) as stopped:
+    train.train_and_evaluate(tiny_config(reference[0].dataset.data_dir), workdir)
+  message = str(stopped.value)
+  assert stopped.value.exit_status == 3 and "\n" not in message
+  assert message.startswith(f"[teacher] the variables of its last step {step} are not finite "
+                            "(['params']['backbone']")
+  assert f"nothing was exported; they come from the checkpoint {stage_dir}/checkpoints/{step}" \
+      in message
+  assert not {"teacher.msgpack", "result.json"} & set(os.listdir(stage_dir))
+  assert not os.path.exists(os.path.join(workdir, "student_kd"))
+  with pytest.raises(Diverged, match="is not finite|are not finite"):  # The function alone.
+    divergence.check_final("s", {"params": {"w": np.array([1.0, np.inf], np.float32)}}, 3, "d")
+  divergence.check_final("s", {"params": {"w": np.ones(2, np.float32)}}, 3, "d")
+
+
 # ------------------------------------------------------------------------------ workdirs
 
 
@@ -398,6 +449,34 @@ def test_unwritable_stage_directory_is_reported_before_training(reference, tmp_p
                                       "writable .*; make it writable, or pass another"):
     train.train_and_evaluate(student_config(reference), workdir)
   assert open(os.path.join(workdir, "student_kd")).read() == "in the way"
+
+
+def test_every_folder_a_stage_writes_is_probed_by_the_plan(reference, tmp_path):
+  """An unwritable checkpoints/ (a file in its way; orbax would retry for minutes), or a
+  folder where an export goes, is one line from the plan; nothing is created or left."""
+  workdir = tmp_path / "w"
+  (workdir / "teacher").mkdir(parents=True)
+  (workdir / "teacher" / "checkpoints").write_text("in the way")
+  before = snapshot(workdir)
+  config = tiny_config(reference[0].dataset.data_dir)
+  with pytest.raises(UserError) as refused:
+    train.train_and_evaluate(config, str(workdir))
+  assert str(refused.value) == (
+      f"checkpoint folder '{workdir}/teacher/checkpoints' is not writable ({workdir}/teacher/"
+      "checkpoints is a file, not a folder); make it writable, or pass another --workdir")
+  assert snapshot(workdir) == before and sorted(os.listdir(workdir)) == ["teacher"]
+  os.remove(workdir / "teacher" / "checkpoints")
+  (workdir / "teacher" / "teacher.msgpack").mkdir()
+  with pytest.raises(UserError, match=f"^{workdir}/teacher/teacher.msgpack is a directory, "
+                                      "where stage teacher writes its teacher.msgpack; remove"):
+    train.train_and_evaluate(config, str(workdir))
+  # The probe itself: a folder that does not exist yet is probed where it would be made,
+  # and a folder that cannot be made (under /sys, even for root) is refused.
+  paths.check_writable_ahead(str(tmp_path / "new" / "a" / "checkpoints"), "folder", "fix")
+  assert not os.path.exists(tmp_path / "new") and sorted(os.listdir(tmp_path)) == ["w"]
+  with pytest.raises(UserError, match="^checkpoint folder '/sys/jaxkd/checkpoints' is not "
+                                      r"writable \(.+\); fix$"):
+    paths.check_writable_ahead("/sys/jaxkd/checkpoints", "checkpoint folder", "fix")
 
 
 def test_full_disk_is_one_line_and_keeps_what_was_finished(reference, tmp_path, monkeypatch):
@@ -447,3 +526,90 @@ def test_resuming_with_another_config_is_refused_naming_the_fields(reference, tm
   saved = json.loads(open(os.path.join(workdir, "student_kd", "config.json")).read())
   assert saved["effective"]["method.T"] == 2.0
   assert saved["history"][-1]["method.T"] == 4.0
+
+
+@pytest.mark.parametrize("content,why", [
+    ('{"effective": {"model": "res', "Unterminated string"), ("{}", "no 'effective' fields"),
+    ("null", "no 'effective' fields"), (None, "it is a directory"), ("fifo", "it is a FIFO"),
+    ("missing", "is missing, so the work in")])
+def test_a_damaged_or_missing_stage_config_is_one_line(tmp_path, content, why):
+  """config.json beside a stage's work: read for what it is, never opened as a FIFO."""
+  config = tiny_config(str(tmp_path / "tfds"))
+  stage = plan.stage_list(config, 10)[0]
+  stage_dir = tmp_path / "teacher"
+  stage_dir.mkdir()
+  path = stage_dir / "config.json"
+  if content is None:
+    path.mkdir()
+  elif content == "fifo":
+    os.mkfifo(path)
+  elif content != "missing":
+    path.write_text(content)
+  with pytest.raises(UserError) as refused:
+    stage_config.check(stage, str(stage_dir))
+  message = str(refused.value)
+  assert "\n" not in message and message.startswith(f"{path} ")
+  assert why in message, message
+  assert message.endswith("or --config.allow_changed_config=True to go on with this run's "
+                          "values (the file is then written anew)")
+  config.allow_changed_config = True
+  stage_config.check(stage, str(stage_dir))  # Let through; the run rewrites it.
+
+
+@pytest.mark.parametrize("content,why", [
+    ("null", "not a JSON object with stage and logdir and top1_last"),
+    ("[1]", "not a JSON object with stage"), ('{"stage": "teacher", "top1_', "Unterminated"),
+    (None, "it is a directory"), ("fifo", "it is a FIFO")])
+def test_a_damaged_result_record_is_one_line(tmp_path, content, why):
+  path = tmp_path / "teacher" / "result.json"
+  path.parent.mkdir()
+  if content is None:
+    path.mkdir()
+  elif content == "fifo":
+    os.mkfifo(path)
+  else:
+    path.write_text(content)
+  with pytest.raises(UserError) as refused:
+    results.read_result(str(tmp_path), "teacher")
+  assert str(refused.value).startswith(f"{path} is not a result record (")
+  assert why in str(refused.value)
+  assert str(refused.value).endswith("); remove it and rerun (stage teacher is finished again "
+                                     "from its last checkpoint)")
+
+
+def test_a_failed_resume_with_allow_changed_config_keeps_the_saved_config(reference, tmp_path):
+  """config.json is rewritten only once the stage has work under the new values: a resume that
+  fails first (here: no checkpoint can be restored) leaves it, and the original command gets
+  the same answer as before, not a changed-config refusal."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference[1], workdir)
+  stage_dir = os.path.join(workdir, "student_kd")
+  os.remove(os.path.join(stage_dir, "result.json"))
+  for step in os.listdir(os.path.join(stage_dir, "checkpoints")):
+    with open(os.path.join(stage_dir, "checkpoints", step, "record", "metadata"), "w") as f:
+      f.write('{"step": ')
+  with open(os.path.join(stage_dir, "config.json"), "rb") as f:
+    saved = f.read()
+  config = tiny_config(reference[0].dataset.data_dir,
+                       **{"method.T": 2.0, "allow_changed_config": True})
+  for run_config in (config, tiny_config(reference[0].dataset.data_dir)):
+    with pytest.raises(UserError, match=f"^no checkpoint in {stage_dir}/checkpoints can be "
+                                        "restored"):
+      train.train_and_evaluate(run_config, workdir)
+    with open(os.path.join(stage_dir, "config.json"), "rb") as f:
+      assert f.read() == saved
+
+
+def test_teacher_keep_best_on_a_finished_teacher_is_refused_as_a_changed_field(reference):
+  """keep=best would hand on another epoch than the finished teacher's last: refused like any
+  other changed field of a stage, naming it (a teacher saved without the field kept 'last')."""
+  config, workdir, _ = reference
+  with open(os.path.join(workdir, "teacher", "config.json")) as f:
+    assert "teacher.keep" not in json.load(f)["effective"]
+  mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+  assert plan.make_plan(config, workdir, mesh).states["teacher"] == "done"
+  best = tiny_config(config.dataset.data_dir, **{"teacher.keep": "best"})
+  with pytest.raises(UserError, match=f"^{workdir}/teacher was trained with another config "
+                                      r"\(teacher.keep \(absent\) -> 'best'\); use a new "
+                                      "--workdir"):
+    plan.make_plan(best, workdir, mesh)

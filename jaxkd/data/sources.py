@@ -219,7 +219,9 @@ def folder_files(root: str, splits: tuple[str, ...]) -> dict[str, dict[str, list
 
 
 def _stored_shape(path: str) -> tuple[int, int, int]:
-  """(H, W, C) of an image file, from its header; C is 1 for a greyscale file, else 3 (RGB)."""
+  """(H, W, C) of an image file, from its header; C is 1 for a greyscale file, else 3 (RGB).
+  A FIFO or a device under an image's name is refused by its kind, never opened."""
+  paths.check_regular_file(path, 'image file', 'replace or remove it')
   try:
     with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as image:
       width, height = image.size

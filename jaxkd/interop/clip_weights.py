@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import errors
+from jaxkd import paths
 from jaxkd.interop import torch_checkpoint
 from jaxkd.interop.torch_layout import torch_to_flax
 from jaxkd.models import clip
@@ -134,11 +135,20 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> clip.VisionTransformerConfig
       activation=v["hidden_act"])
 
 
+def check_weights_path(checkpoint: str) -> None:
+  """A CLIP checkpoint that exists is a folder or a regular file: a FIFO or a device is
+  refused by its kind before anything opens it (reading one would block or never end)."""
+  if not os.path.isdir(checkpoint):
+    paths.check_regular_file(checkpoint, "teacher.checkpoint", "a Hugging Face CLIP folder or "
+                             "OpenAI's .pt file")
+
+
 def read_hf_folder(folder: str) -> tuple[clip.VisionTransformerConfig, dict[str, np.ndarray]]:
   """(config, OpenAI-named float32 state dict) of the vision tower in a HF folder."""
   config_path = os.path.join(folder, "config.json")
   weights_path = os.path.join(folder, "model.safetensors")
   for path in (config_path, weights_path):
+    paths.check_regular_file(path, "CLIP file", "config.json + model.safetensors of the tower")
     if not os.path.isfile(path):
       hint = (" (only model.safetensors is read; convert pytorch_model.bin with transformers' "
               "save_pretrained(safe_serialization=True))"
@@ -367,6 +377,7 @@ def load_clip(checkpoint: str, name: str = "", dtype: Any = jnp.float32,
     raise errors.unknown_name("CLIP model", name, clip.CLIP_MODELS)
   if not checkpoint or not os.path.exists(checkpoint):
     raise missing_weights_error(name, checkpoint)
+  check_weights_path(checkpoint)
   if os.path.isdir(checkpoint):
     config, state = read_hf_folder(checkpoint)
     if heads is not None:

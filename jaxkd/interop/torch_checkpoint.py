@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from jaxkd import paths
 from jaxkd.errors import UserError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -330,10 +331,11 @@ def load(path: str) -> Any:
   scalars. Raises `UserError` for a missing or malformed file and for a pickle that names anything
   beyond what tensors need (see the module docstring) -- before that thing could run.
   """
+  fix = "a .pth / .pt file torch.save wrote"
+  paths.check_regular_file(path, "PyTorch checkpoint", fix)
   if not os.path.isfile(path):
     raise UserError(f"PyTorch checkpoint {path!r} does not exist")
-  with open(path, "rb") as f:
-    blob = f.read()
+  blob = paths.read_whole(path, "PyTorch checkpoint", fix)
   try:
     if zipfile.is_zipfile(io.BytesIO(blob)):
       with zipfile.ZipFile(io.BytesIO(blob)) as archive:
