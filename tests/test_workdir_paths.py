@@ -92,7 +92,8 @@ def test_stage_result_round_trip_on_a_url(ram_bucket):
   assert not tf.io.gfile.listdir(workdir)  # The write probe is gone.
   config = demo.get_config("runlocal")
   stage = _stage(config)
-  result = _finished_result(stage, config.dataset.name)
+  result = dict(_finished_result(stage, config.dataset.name), logdir=f"{workdir}/teacher",
+                checkpoints=f"{workdir}/teacher/checkpoints")
   tf.io.gfile.makedirs(f"{workdir}/teacher")
   results.write_result(f"{workdir}/teacher", result)
   assert tf.io.gfile.listdir(f"{workdir}/teacher") == ["result.json"]
