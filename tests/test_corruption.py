@@ -233,47 +233,44 @@ def test_digest_covers_every_array_byte_and_its_place():
 # --------------------------------------------------------------------------- exported files
 
 
-def test_damaged_teacher_file_is_refused_naming_the_stage_and_nothing_is_written(
-    trained, tmp_path, capsys):
+def _refused_damaged_export(trained, tmp_path, stage: str, file: str, index: int) -> tuple:
+  """A copy of the trained workdir with `stage`'s export damaged: the run is refused naming it
+  and the fix, and changes nothing. Returns (config, workdir, export file, result file)."""
   config, reference, results = trained
   workdir = _copy(reference, tmp_path)
-  teacher_file = os.path.join(workdir, "teacher", "teacher.msgpack")
-  _flip_bytes(teacher_file, os.path.getsize(teacher_file) // 2)
+  export = os.path.join(workdir, stage, file)
+  _flip_bytes(export, os.path.getsize(export) // 2)
   before = _files(workdir)
   with pytest.raises(UserError) as refused:
     train.train_and_evaluate(config, workdir)
-  result_file = os.path.join(workdir, "teacher", "result.json")
+  result_file = os.path.join(workdir, stage, "result.json")
   assert str(refused.value) == (
-      f"stage teacher's export {teacher_file!r} is damaged: its sha256 differs from the one "
-      f"recorded when it was written ({results[0]['export_sha256'][:12]}...); remove "
-      f"{result_file} and rerun (stage teacher is finished again from its last checkpoint)")
+      f"stage {stage}'s export {export!r} is damaged: its sha256 differs from the one "
+      f"recorded when it was written ({results[index]['export_sha256'][:12]}...); remove "
+      f"{result_file} and rerun (stage {stage} is finished again from its last checkpoint)")
   assert _files(workdir) == before
+  return config, workdir, export, result_file
+
+
+def test_damaged_teacher_file_is_refused_naming_the_stage_and_nothing_is_written(
+    trained, tmp_path, capsys):
+  config, workdir, teacher_file, result_file = _refused_damaged_export(
+      trained, tmp_path, "teacher", "teacher.msgpack", 0)
   # The remedy it names: the teacher is exported again from its final checkpoint, as it was.
   os.remove(result_file)
   capsys.readouterr()
   again = train.train_and_evaluate(config, workdir)
   assert "[student_kd] already done" in capsys.readouterr().out
-  assert again[0]["export_sha256"] == results[0]["export_sha256"]
-  assert checkpoint.file_sha256(teacher_file) == results[0]["export_sha256"]
+  expected = trained[2][0]["export_sha256"]
+  assert again[0]["export_sha256"] == expected
+  assert checkpoint.file_sha256(teacher_file) == expected
 
 
 def test_damaged_final_student_file_is_not_already_done(trained, tmp_path, capsys):
   """A finished stage's export that no later stage reads (the student's) is verified when the
   stage is reused, as a teacher's is when it is read."""
-  config, reference, results = trained
-  workdir = _copy(reference, tmp_path)
-  student_file = os.path.join(workdir, "student_kd", "student.msgpack")
-  _flip_bytes(student_file, os.path.getsize(student_file) // 2)
-  before = _files(workdir)
-  with pytest.raises(UserError) as refused:
-    train.train_and_evaluate(config, workdir)
-  result_file = os.path.join(workdir, "student_kd", "result.json")
-  assert str(refused.value) == (
-      f"stage student_kd's export {student_file!r} is damaged: its sha256 differs from the one "
-      f"recorded when it was written ({results[1]['export_sha256'][:12]}...); remove "
-      f"{result_file} and rerun (stage student_kd is finished again from its last checkpoint)")
+  _refused_damaged_export(trained, tmp_path, "student_kd", "student.msgpack", 1)
   assert "[student_kd] already done" not in capsys.readouterr().out
-  assert _files(workdir) == before
 
 
 # ----------------------------------------------------------------------- moved and copied
