@@ -181,9 +181,25 @@ def student_stage(method_name, teacher_name, student_name, num_classes, dtype):
   return stage
 
 
-def random_teacher(stage, info, teacher_dtype, mesh):
+def _made(fn, abstract):
+  """fn(), or with `abstract` its shapes and dtypes only (jax.eval_shape: nothing compiled).
+
+  Traced, the initialisations take no compiler options (jax refuses them below the top level,
+  and there is nothing to compile), so their run-once options are left out meanwhile.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from jaxkd import networks, stage_step  # pylint: disable=g-import-not-at-top
+  if not abstract:
+    return fn()
+  with mock.patch.object(networks, "run_once_options", lambda mesh: None), \
+       mock.patch.object(stage_step, "run_once_options", lambda mesh: None):
+    return jax.eval_shape(fn)
+
+
+def random_teacher(stage, info, teacher_dtype, mesh, abstract=False):
   """The stage's frozen teacher with random variables (None when the stage reads none): a zoo
-  network with the method's heads, or a CLIP tower."""
+  network with the method's heads, or a CLIP tower. `abstract`: variables as shapes only."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -196,17 +212,18 @@ def random_teacher(stage, info, teacher_dtype, mesh):
   if source.clip:
     tower = clip.get_clip_model(source.model_name, teacher_dtype)
     size = tower.config.image_size
-    variables = jax.jit(lambda k: tower.init(k, jnp.zeros((1, size, size, 3)), train=False))(
-        jax.random.key(1))
+    variables = _made(lambda: jax.jit(lambda k: tower.init(
+        k, jnp.zeros((1, size, size, 3)), train=False))(jax.random.key(1)), abstract)
     return teachers.Teacher(
         network=networks.Network(backbone=tower), path="", sha256="",
-        variables=parallel.replicate({c: {"backbone": t} for c, t in variables.items()}, mesh),
+        variables=({c: {"backbone": t} for c, t in variables.items()} if abstract else
+                   parallel.replicate({c: {"backbone": t} for c, t in variables.items()}, mesh)),
         input=teachers.clip_input(tower))
   network = networks.build_network(source.model_name, info.num_classes, source.heads,
                                    source.hparams, teacher_dtype)
-  teacher = teachers.Teacher(network=network, path="", sha256="",
-                             variables=networks.init_variables(network, info.image_shape, 1,
-                                                               mesh))
+  variables = _made(lambda: networks.init_variables(network, info.image_shape, 1, mesh),
+                    abstract)
+  teacher = teachers.Teacher(network=network, path="", sha256="", variables=variables)
   if source.own_view:  # As jaxkd.teachers.Teachers.get: a view of its own, the dataset's.
     teacher = dataclasses.replace(teacher, input=teacher_views.DATASET_INPUT)
   return teacher
@@ -233,10 +250,11 @@ def random_batch(stage, teacher, info, batch, seed=0):
 
 
 def build_step(method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
-               teacher_dtype, xla_defaults=False, num_train=50_000):
+               teacher_dtype, xla_defaults=False, num_train=50_000, abstract=False):
   """(step, state, teacher variables, batch, stage, inputs) of the trainer's student stage:
   its network, first state, optimiser and jitted train step (jaxkd.stage_step, as the loop
-  builds them), a random teacher and a random batch on the devices."""
+  builds them), a random teacher and a random batch on the devices. `abstract`: the state and
+  the teacher's variables as shapes only, enough to lower the step (nothing is compiled)."""
   from jaxkd import optim, parallel, stage_step  # pylint: disable=g-import-not-at-top
   from jaxkd.data.info import DatasetInfo  # pylint: disable=g-import-not-at-top
   info = DatasetInfo(name="benchmark", tfds_name="", num_classes=num_classes,
@@ -244,12 +262,20 @@ def build_step(method_name, teacher_name, student_name, batch, image_size, num_c
                      mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
   mesh = parallel.create_mesh()
   stage = student_stage(method_name, teacher_name, student_name, num_classes, dtype)
-  inputs = stage_step.Inputs(teacher=random_teacher(stage, info, teacher_dtype, mesh))
+  inputs = stage_step.Inputs(teacher=random_teacher(stage, info, teacher_dtype, mesh,
+                                                    abstract and not stage.teacher_constants))
   network = stage.network(num_classes, dtype, num_train)
   steps_per_epoch = max(num_train // batch, 1)
   schedule = optim.learning_rate_schedule(stage.config, stage.base_lr, stage.num_epochs,
                                           steps_per_epoch, stage.milestones)
-  state, tx, head = stage_step.initial_state(stage, inputs, network, schedule, mesh, info)
+  made = {}
+
+  def first_state():
+    state, made["tx"], made["head"] = stage_step.initial_state(stage, inputs, network, schedule,
+                                                               mesh, info)
+    return state
+  state = _made(first_state, abstract)
+  tx, head = made["tx"], made["head"]
   step = stage_step.jit_train_step(stage, inputs, network, tx, schedule, head, steps_per_epoch,
                                    xla_defaults)
   arrays = parallel.to_global(random_batch(stage, inputs.teacher, info, batch), mesh)
@@ -269,7 +295,7 @@ class PreparedStep:
     from jaxkd.data import views as views_lib  # pylint: disable=g-import-not-at-top
     step, self.state, self.teacher_variables, self.batch, self.stage, self.inputs = build_step(
         method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
-        teacher_dtype, xla_defaults, num_train)
+        teacher_dtype, xla_defaults, num_train, abstract=lower_only)
     self.rows = batch * views_lib.num_views(self.stage.views)
     self.image_size, self.num_classes = image_size, num_classes
     start = time.perf_counter()
@@ -288,7 +314,8 @@ class PreparedStep:
     the last step's loss."""
     import jax  # pylint: disable=g-import-not-at-top
     for _ in range(warmup):  # First-call allocations; caches after another process ran.
-      jax.block_until_ready((self.state, self.run()))
+      metrics = self.run()
+      jax.block_until_ready((self.state, metrics))
     times, cpu_times, metrics = [], [], None
     for _ in range(steps):
       start, cpu_start = time.perf_counter(), time.process_time()
@@ -338,7 +365,8 @@ def bench_one(method_name, teacher_name, student_name, batch, image_size, num_cl
     trace_dir = os.path.join(profile_dir, f"{method_name}_{teacher_name}_{student_name}")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(2):
-        jax.block_until_ready((prepared.state, prepared.run()))
+        metrics = prepared.run()
+        jax.block_until_ready((prepared.state, metrics))
     record["op_ms_per_step"] = op_times_per_step(trace_dir, 2)
   if breakdown and prepared.inputs.teacher is not None:
     teacher = stage_step.teacher_network(prepared.stage, prepared.inputs)

@@ -28,7 +28,7 @@ of the method's views, jaxkd's own in-memory batch function, timed here).
 
 No reference number is a constant here. Where torch or the reference code is missing, the
 reference column says so and no ratio is printed (exit status 1). `--dry`: a tiny run of the
-whole path (one small pair, batch 2, nothing timed: jaxkd's step is traced and lowered, not
+whole path (one small pair, batch 4, nothing timed: jaxkd's step is traced and lowered, not
 compiled; the reference, where present, runs one untimed batch), for the test suite.
 
 EGA's teacher is a CLIP tower: its case is clip_vit_b32 -> resnet8x4 whatever `--pairs` says.
@@ -135,29 +135,28 @@ def serve(handlers):
 class JaxkdSide:
   """The handlers of jaxkd's worker: the machine, one case's step at a time."""
 
-  def __init__(self, dry=False):
+  def __init__(self):
     sys.path.insert(0, HERE)
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main
-    if dry:  # The cases' equal initialisations compile once.
-      self.cache = tempfile.TemporaryDirectory(prefix="jaxkd_dry_cache_")  # pylint: disable=consider-using-with
-      jax.config.update("jax_compilation_cache_dir", self.cache.name)
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     import benchmark  # pylint: disable=g-import-not-at-top,import-outside-toplevel
     self.benchmark, self.prepared = benchmark, None
 
-  def machine(self, dtype, peak_size):
+  def machine(self, dtypes, peak_size):
+    """The machine, and the matmul peak ([size, size]² products) in each dtype."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     description = self.benchmark.machine_description()
-    if peak_size:
-      peak, per_cpu_s = self.benchmark.matmul_peak(jnp.dtype(dtype), size=peak_size)
-      description.update(matmul_peak_flops_per_s=peak, matmul_peak_flops_per_cpu_s=per_cpu_s,
-                         matmul_peak_dtype=dtype, matmul_peak_size=peak_size)
+    description["matmul_peak_flops_per_s"] = {
+        dtype: self.benchmark.matmul_peak(jnp.dtype(dtype), size=peak_size)[0]
+        for dtype in (dtypes if peak_size else ())}
+    description["matmul_peak_size"] = peak_size
     return description
 
   def prepare(self, method, teacher, student, batch, dtype, lower_only):
+    import gc  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    self.prepared = None
+    self.prepared = None  # The last case's buffers go before this one's come.
+    gc.collect()
     dtype = jnp.dtype(dtype)
     self.prepared = p = self.benchmark.PreparedStep(method, teacher, student, batch, 32, 100,
                                                     dtype, dtype, lower_only=lower_only)
@@ -258,9 +257,8 @@ def code_missing(code, method):
   return None
 
 
-def jaxkd_worker(cpus, dry=False):
-  return Worker([sys.executable, os.path.abspath(__file__), "--serve-jaxkd"]
-                + (["--dry"] if dry else []), cpus, "jaxkd")
+def jaxkd_worker(cpus):
+  return Worker([sys.executable, os.path.abspath(__file__), "--serve-jaxkd"], cpus, "jaxkd")
 
 
 def reference_worker(args, case, dtype, device, cpus):
@@ -338,11 +336,15 @@ def side_summary(rounds, side, batch):
           "peak_device_memory_mb": max(devices) if None not in devices else None}
 
 
-def summarize(record, peak):
-  """The case's figures: each side, the ratio and its per-round range, FLOP/s and workers."""
+def summarize(record, peak, shared=False):
+  """The case's figures: each side, the ratio and its per-round range, FLOP/s and workers.
+  `shared`: jaxkd's process ran other cases too, so its device memory is XLA's analysis of
+  this step rather than the process's peak."""
   batch = record["batch_images"]
   jx = side_summary(record["rounds"], "jaxkd", batch)
   ref = side_summary(record["rounds"], "reference", batch)
+  if jx and shared:
+    jx["peak_device_memory_mb"] = record["jaxkd_setup"]["device_memory_mb"]
   out = {"jaxkd": jx, "reference": ref}
   if jx and ref:
     per_round = [a / b for a, b in zip(jx["images_per_s_rounds"], ref["images_per_s_rounds"])]
@@ -384,7 +386,7 @@ def table_row(record):
   device = " / ".join(f"{x['peak_device_memory_mb']:.0f}" if x and x["peak_device_memory_mb"]
                       else "–" for x in (jx, ref))
   peak = f"{100 * s['fraction_of_peak']:.0f} %" if "fraction_of_peak" in s else "–"
-  tflops = f"{s['flops_per_s'] / 1e12:.2f}" if "flops_per_s" in s else "–"
+  tflops = f"{s['flops_per_s'] / 1e12:.3g}" if "flops_per_s" in s else "–"
   loads = [r["load_before"] for r in record["rounds"]] + [r["load_after"] for r in record["rounds"]]
   load = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "–"
   return (f"| {record['method']} | {record['teacher']} → {record['student']} | "
@@ -404,13 +406,17 @@ TABLE_HEAD = (
 
 def markdown(report):
   m = report["machine"]
+  peaks = ", ".join(f"{d} {p / 1e12:.2f} TFLOP/s"
+                    for d, p in m.get("matmul_peak_flops_per_s", {}).items())
+  settings = report["settings"]
   lines = [f"{m.get('device_kind', '')} ({m.get('platform', '')}); {m.get('processor', '')}, "
-           f"{report['settings']['threads']} threads per side; jax {m.get('jax', '')}; "
-           f"matmul peak {m.get('matmul_peak_flops_per_s', 0) / 1e9:.0f} GFLOP/s "
-           f"({m.get('matmul_peak_dtype', '')}); batch {report['settings']['batch']}, "
-           f"{report['settings']['rounds']} rounds × ({report['settings']['warmup']} warm-up + "
-           f"{report['settings']['steps']} timed steps) per side", "", TABLE_HEAD]
+           f"{settings['threads']} threads per side; jax {m.get('jax', '')}; matmul peak "
+           f"{peaks or 'not measured'}; batch {settings['batch']}, {settings['rounds']} rounds "
+           f"× ({settings['warmup']} warm-up + {settings['steps']} timed steps) per side", "",
+           TABLE_HEAD]
   lines += [table_row(r) for r in report["cases"]]
+  lines += [f"| {c[1]} | {c[2]} → {c[3]} | {c[0]} | not measured: --deadline-s |"
+            for c in report.get("not_measured", [])]
   return "\n".join(lines) + "\n"
 
 
@@ -437,6 +443,9 @@ def parse_args(argv=None):
   parser.add_argument("--peak-size", type=int, default=4096, help="matmul of the peak")
   parser.add_argument("--out", default="", help="JSON results (rewritten after each case)")
   parser.add_argument("--markdown", default="", help="the table as markdown")
+  parser.add_argument("--deadline-s", type=float, default=0,
+                      help="start no case after this many seconds (0: none); the rest are "
+                      "listed as not measured")
   parser.add_argument("--dry", action="store_true", help="tiny, nothing timed (tests)")
   parser.add_argument("--serve-jaxkd", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -453,7 +462,7 @@ def parse_args(argv=None):
   except AssertionError:
     parser.error(f"--pairs={args.pairs!r}: write teacher:student[,teacher:student]")
   if args.dry:
-    args.batch, args.steps, args.warmup, args.rounds = 2, 0, 1, 1
+    args.batch, args.steps, args.warmup, args.rounds = 4, 0, 1, 1  # 4: any 1, 2, 4 devices
   return args
 
 
@@ -473,29 +482,37 @@ def compare(args):
   cpus = sorted(os.sched_getaffinity(0))
   cpus = set(cpus[:args.threads] if args.threads else cpus)
   absent_torch = torch_missing(args.torch_python)
-  shared = jaxkd_worker(cpus, args.dry)  # the machine; in --dry, every case too
+  shared = jaxkd_worker(cpus)  # the machine; in --dry and on a GPU, every case too
   machine = shared.ask("machine " + json.dumps(
-      {"dtype": args.dtypes[0], "peak_size": 0 if args.dry else args.peak_size}))
-  if not args.dry:
-    shared.close()
+      {"dtypes": args.dtypes, "peak_size": 0 if args.dry else args.peak_size}))
   device = "cuda" if machine["platform"] == "gpu" else "cpu"
+  # One jaxkd process for every case on a GPU (its device memory: XLA's analysis of the step)
+  # and in --dry; on a CPU a process per case, for its peak host memory.
+  share = args.dry or device == "cuda"
+  if not share:
+    shared.close()
   report = {"machine": machine, "settings": dict(
       batch=args.batch, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-      threads=len(cpus), dry=args.dry, torch_python=args.torch_python), "cases": []}
+      threads=len(cpus), dry=args.dry, torch_python=args.torch_python,
+      shared_jaxkd_process=share), "cases": []}
   print(f"{machine['device_kind']} ({machine['platform']}), {len(cpus)} threads per side; "
         f"reference: {absent_torch or args.torch_python}", flush=True)
-  peak = machine.get("matmul_peak_flops_per_s")
+  start = time.perf_counter()
   try:
     for dtype, case in cases(args.methods, args.pairs, args.dtypes, args.dry):
+      if args.deadline_s and time.perf_counter() - start > args.deadline_s:
+        report["not_measured"] = report.get("not_measured", []) + [[dtype] + list(case)]
+        continue
       missing = absent_torch or code_missing(args.code, case[0])
       record = measure_case(args, case, dtype, device, cpus, missing,
-                            shared if args.dry else None)
-      record["summary"] = summarize(record, peak)
+                            shared if share else None)
+      record["summary"] = summarize(record, machine["matmul_peak_flops_per_s"].get(dtype),
+                                    shared=share)
       report["cases"].append(record)
       print(table_row(record), flush=True)
       write(report, args)
   finally:
-    if args.dry:
+    if share:
       shared.close()
   report["machine"]["load_average_at_end"] = os.getloadavg()
   write(report, args)
@@ -505,7 +522,7 @@ def compare(args):
 def main(argv=None):
   args = parse_args(argv)
   if args.serve_jaxkd:
-    side = JaxkdSide(args.dry)
+    side = JaxkdSide()
     serve({"machine": side.machine, "prepare": side.prepare, "run": side.run,
            "input_rate": side.input_rate})
     return 0
