@@ -507,6 +507,8 @@ class Session:
     self.device = torch.device(args.device)
     if self.device.type == "cpu":
       _cpu_only_cuda(torch)
+    else:
+      torch.backends.cudnn.benchmark = True  # as every one of the reference scripts sets it
     torch.manual_seed(0)
     start = time.perf_counter()
     with self._quiet():

@@ -146,10 +146,12 @@ class JaxkdSide:
     """The machine, and the matmul peak ([size, size]² products) in each dtype."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     description = self.benchmark.machine_description()
-    description["matmul_peak_flops_per_s"] = {
-        dtype: self.benchmark.matmul_peak(jnp.dtype(dtype), size=peak_size)[0]
-        for dtype in (dtypes if peak_size else ())}
-    description["matmul_peak_size"] = peak_size
+    peaks = {dtype: self.benchmark.matmul_peak(jnp.dtype(dtype), size=peak_size)
+             for dtype in (dtypes if peak_size else ())}
+    description.update(
+        matmul_peak_flops_per_s={dtype: wall for dtype, (wall, _) in peaks.items()},
+        matmul_peak_flops_per_cpu_s={dtype: cpu for dtype, (_, cpu) in peaks.items()},
+        matmul_peak_size=peak_size)
     return description
 
   def prepare(self, method, teacher, student, batch, dtype, lower_only):
@@ -336,10 +338,12 @@ def side_summary(rounds, side, batch):
           "peak_device_memory_mb": max(devices) if None not in devices else None}
 
 
-def summarize(record, peak, shared=False):
+def summarize(record, peak, shared=False, peak_per_cpu_s=None):
   """The case's figures: each side, the ratio and its per-round range, FLOP/s and workers.
-  `shared`: jaxkd's process ran other cases too, so its device memory is XLA's analysis of
-  this step rather than the process's peak."""
+  `peak`, `peak_per_cpu_s`: the matmul peak per wall second and per CPU-second (the second
+  holds on a shared machine, where the wall clock is shared too). `shared`: jaxkd's process
+  ran other cases too, so its device memory is XLA's analysis of this step rather than the
+  process's peak."""
   batch = record["batch_images"]
   jx = side_summary(record["rounds"], "jaxkd", batch)
   ref = side_summary(record["rounds"], "reference", batch)
@@ -355,6 +359,8 @@ def summarize(record, peak, shared=False):
     out["flops_per_s"] = flops / jx["step_s"]
     if peak:
       out["fraction_of_peak"] = out["flops_per_s"] / peak
+    if peak_per_cpu_s:
+      out["fraction_of_peak_per_cpu_s"] = flops / jx["step_cpu_s"] / peak_per_cpu_s
   if jx and record.get("jaxkd_input"):
     rate = record["jaxkd_input"]["images_per_cpu_s"]
     out["input_workers"] = math.ceil(jx["images_per_s"] / rate)
@@ -386,6 +392,8 @@ def table_row(record):
   device = " / ".join(f"{x['peak_device_memory_mb']:.0f}" if x and x["peak_device_memory_mb"]
                       else "–" for x in (jx, ref))
   peak = f"{100 * s['fraction_of_peak']:.0f} %" if "fraction_of_peak" in s else "–"
+  if "fraction_of_peak_per_cpu_s" in s:
+    peak += f" ({100 * s['fraction_of_peak_per_cpu_s']:.0f} %)"
   tflops = f"{s['flops_per_s'] / 1e12:.3g}" if "flops_per_s" in s else "–"
   loads = [r["load_before"] for r in record["rounds"]] + [r["load_after"] for r in record["rounds"]]
   load = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "–"
@@ -399,7 +407,7 @@ def table_row(record):
 TABLE_HEAD = (
     "| method | teacher → student | dtype | jaxkd img/s (rounds) | reference img/s (rounds) | "
     "ratio (rounds) | CPU-s/step jaxkd / ref | peak host MB jaxkd / ref | "
-    "peak device MB jaxkd / ref | compile s | GFLOP/step | TFLOP/s | of peak | "
+    "peak device MB jaxkd / ref | compile s | GFLOP/step | TFLOP/s | of peak (per CPU-s) | "
     "input workers | load |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -506,8 +514,9 @@ def compare(args):
       missing = absent_torch or code_missing(args.code, case[0])
       record = measure_case(args, case, dtype, device, cpus, missing,
                             shared if share else None)
-      record["summary"] = summarize(record, machine["matmul_peak_flops_per_s"].get(dtype),
-                                    shared=share)
+      record["summary"] = summarize(
+          record, machine["matmul_peak_flops_per_s"].get(dtype), shared=share,
+          peak_per_cpu_s=machine["matmul_peak_flops_per_cpu_s"].get(dtype))
       report["cases"].append(record)
       print(table_row(record), flush=True)
       write(report, args)
