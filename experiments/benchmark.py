@@ -9,9 +9,15 @@ and achieved FLOP/s (XLA's cost analysis) as a fraction of this machine's measur
         --dtype=bfloat16 --teacher_dtype=bfloat16 --steps=5 --out=runs/benchmark.json
 
 Images/s counts original images (the batch), as the reference does: one SSKD step on 64 images
-trains on their 4 views (256 rows) and counts 64. The step is the trainer's own `train_step`
-(teacher forward in inference mode, student forward and backward, SGD update), jitted with the
-state donated, on random CIFAR-shaped inputs; the input pipeline is not part of it.
+trains on their 4 views (256 rows) and counts 64. The step is the trainer's own: the method's
+student stage as `jaxkd.plan` makes it (CIFAR-100 recipe), its first state, optimiser and jitted
+`train_step` as the loop builds them (`jaxkd.stage_step`: teacher forward in inference mode,
+student forward and backward with the method's bridge and heads, SGD update, state donated),
+beside a teacher of random weights, on one random batch as the pipeline would give it (views,
+CRD's negatives, a CLIP teacher's own 224-px view); the input pipeline is not part of it.
+The teacher computes in --dtype unless --teacher_dtype says otherwise, as the trainer does.
+A side-by-side comparison with each method's reference PyTorch step is
+`experiments/speed_vs_reference.py`.
 `--breakdown` also times the teacher forward alone, and the rest of the step by difference;
 `--profile=DIR` traces two steps into DIR (TensorBoard/Perfetto) and prints the wall time per
 step of each kind of XLA op (fusions of one kind summed; on CPU, convolutions are not timed per
@@ -42,6 +48,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -50,8 +57,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The standard shapes: teacher -> student, SSKD (4 rotated views) at batch 64.
 SSKD_CIFAR_PAIRS = "resnet32x4:resnet8x4,wrn_40_2:wrn_16_2"
-# The reference PyTorch SSKD student step on the 2-core CPU this was written on (images/s).
-REFERENCE_IMAGES_PER_S = {"resnet32x4:resnet8x4": 11.5, "wrn_40_2:wrn_16_2": 28.8}
 
 _SHAPES = flags.DEFINE_enum("shapes", None, ["sskd_cifar"],
                             f"'sskd_cifar': --pairs={SSKD_CIFAR_PAIRS} --methods=sskd --batch=64.")
@@ -63,8 +68,9 @@ _CLASSES = flags.DEFINE_integer("num_classes", 100, "Classes (CIFAR-100: 100).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Student compute dtype (bfloat16 = config.half_precision).")
 _TEACHER_DTYPE = flags.DEFINE_enum(
-    "teacher_dtype", "float32", ["float32", "bfloat16"],
-    "Teacher compute dtype (the trainer runs the teacher in float32).")
+    "teacher_dtype", None, ["float32", "bfloat16"],
+    "Teacher compute dtype (default: --dtype, as the trainer runs the teacher in the run's "
+    "precision).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the teacher forward alone.")
 _PROFILE = flags.DEFINE_string(
@@ -88,8 +94,17 @@ def peak_host_memory_mb() -> float:
   return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
+def peak_device_memory_mb() -> Optional[float]:
+  """Peak memory in use on the first device so far (None where the backend does not say: CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return peak / (1 << 20) if peak is not None else None
+
+
 def compiled_flops(compiled) -> float:
-  """FLOPs of one call of a compiled function, from XLA's cost analysis (0 if unavailable)."""
+  """FLOPs of one call of a compiled (or lowered) function, from XLA's cost analysis (0 if
+  unavailable)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
@@ -151,95 +166,219 @@ def op_times_per_step(trace_dir, num_steps) -> dict[str, float]:
   return dict(totals.most_common())
 
 
-def bench_one(method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
-              teacher_dtype, steps, breakdown, xla_defaults=False, profile_dir=""):
-  """Compiles and times one distillation step; returns its record."""
-  import functools  # pylint: disable=g-import-not-at-top
+def student_stage(method_name, teacher_name, student_name, num_classes, dtype):
+  """The trainer's student stage of `method_name` on the pair (jaxkd.plan.stage_list of the
+  CIFAR-100 recipe config, lr 0.05), in the precision `dtype` (bfloat16: half_precision)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from jaxkd import plan  # pylint: disable=g-import-not-at-top
+  from jaxkd.methods import canonical_name  # pylint: disable=g-import-not-at-top
+  config = default.cifar100_recipe(teacher_name, student_name, lr=0.05, nesterov=False)
+  config.method.name = method_name
+  config.half_precision = jnp.dtype(dtype) == jnp.bfloat16
+  name = f"student_{canonical_name(method_name)}"
+  (stage,) = [s for s in plan.stage_list(config, num_classes) if s.name == name]
+  return stage
+
+
+def _made(fn, abstract):
+  """fn(), or with `abstract` its shapes and dtypes only (jax.eval_shape: nothing compiled).
+
+  Traced, the initialisations take no compiler options (jax refuses them below the top level,
+  and there is nothing to compile), so their run-once options are left out meanwhile.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from jaxkd import networks, stage_step  # pylint: disable=g-import-not-at-top
+  if not abstract:
+    return fn()
+  with mock.patch.object(networks, "run_once_options", lambda mesh: None), \
+       mock.patch.object(stage_step, "run_once_options", lambda mesh: None):
+    return jax.eval_shape(fn)
+
+
+def random_teacher(stage, info, teacher_dtype, mesh, abstract=False):
+  """The stage's frozen teacher with random variables (None when the stage reads none): a zoo
+  network with the method's heads, or a CLIP tower. `abstract`: variables as shapes only."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxkd import networks, parallel, teachers  # pylint: disable=g-import-not-at-top
+  from jaxkd.data import teacher_views  # pylint: disable=g-import-not-at-top
+  from jaxkd.models import clip  # pylint: disable=g-import-not-at-top
+  source = stage.teacher
+  if source is None:
+    return None
+  if source.clip:
+    tower = clip.get_clip_model(source.model_name, teacher_dtype)
+    size = tower.config.image_size
+    variables = _made(lambda: jax.jit(lambda k: tower.init(
+        k, jnp.zeros((1, size, size, 3)), train=False))(jax.random.key(1)), abstract)
+    return teachers.Teacher(
+        network=networks.Network(backbone=tower), path="", sha256="",
+        variables=({c: {"backbone": t} for c, t in variables.items()} if abstract else
+                   parallel.replicate({c: {"backbone": t} for c, t in variables.items()}, mesh)),
+        input=teachers.clip_input(tower))
+  network = networks.build_network(source.model_name, info.num_classes, source.heads,
+                                   source.hparams, teacher_dtype)
+  variables = _made(lambda: networks.init_variables(network, info.image_shape, 1, mesh),
+                    abstract)
+  teacher = teachers.Teacher(network=network, path="", sha256="", variables=variables)
+  if source.own_view:  # As jaxkd.teachers.Teachers.get: a view of its own, the dataset's.
+    teacher = dataclasses.replace(teacher, input=teacher_views.DATASET_INPUT)
+  return teacher
+
+
+def random_batch(stage, teacher, info, batch, seed=0):
+  """A batch as the pipeline gives it to the stage's step, of random values: 'image' (with the
+  method's views), 'label', the teacher's own view, CRD's 'index' and 'contrast_index'."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from jaxkd import networks, parallel, steps as step_fns  # pylint: disable=g-import-not-at-top
-  from jaxkd.methods import get_method  # pylint: disable=g-import-not-at-top
-  from jaxkd.optim import make_optimizer  # pylint: disable=g-import-not-at-top
-  from jaxkd.state import TrainState  # pylint: disable=g-import-not-at-top
+  from jaxkd.data import teacher_views, views as views_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  views = views_lib.num_views(stage.method.views)
+  shape = (batch, views) + info.image_shape if views > 1 else (batch,) + info.image_shape
+  arrays = {"image": rng.normal(size=shape).astype(np.float32),
+            "label": rng.integers(0, info.num_classes, size=batch).astype(np.int32)}
+  if teacher is not None and teacher.input is not None:
+    arrays["teacher_image"] = rng.normal(size=(batch,) + teacher_views.teacher_view_shape(
+        info, teacher.input)).astype(np.float32)
+  if stage.num_negatives:
+    arrays["index"] = rng.integers(0, info.num_train, size=batch).astype(np.int32)
+    arrays["contrast_index"] = rng.integers(
+        0, info.num_train, size=(batch, stage.num_negatives + 1)).astype(np.int32)
+  return arrays
 
-  from jaxkd.data import views as views_lib  # pylint: disable=g-import-not-at-top
 
-  method = get_method(method_name)
-  hparams = method.hparams()
-  views = views_lib.num_views(method.views)
+def build_step(method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
+               teacher_dtype, xla_defaults=False, num_train=50_000, abstract=False):
+  """(step, state, teacher variables, batch, stage, inputs) of the trainer's student stage:
+  its network, first state, optimiser and jitted train step (jaxkd.stage_step, as the loop
+  builds them), a random teacher and a random batch on the devices. `abstract`: the state and
+  the teacher's variables as shapes only, enough to lower the step (nothing is compiled)."""
+  from jaxkd import optim, parallel, stage_step  # pylint: disable=g-import-not-at-top
+  from jaxkd.data.info import DatasetInfo  # pylint: disable=g-import-not-at-top
+  info = DatasetInfo(name="benchmark", tfds_name="", num_classes=num_classes,
+                     image_shape=(image_size, image_size, 3), num_train=num_train, num_eval=0,
+                     mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
   mesh = parallel.create_mesh()
-  shape = (image_size, image_size, 3)
-  teacher_heads = method.teacher.heads if method.teacher else None
-  teacher = networks.build_network(teacher_name, num_classes, teacher_heads, hparams,
-                                dtype=teacher_dtype)
-  student = networks.build_network(student_name, num_classes, method.student_heads, hparams,
-                                dtype=dtype)
-  teacher_variables = networks.init_variables(teacher, shape, 1, mesh)
-  variables = networks.init_variables(student, shape, 0, mesh)
-  config = default.get_config()
-  schedule = lambda step: config.optimizer.lr  # pylint: disable=unnecessary-lambda-assignment
-  tx = make_optimizer(config, schedule)
-  state = parallel.replicate(TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
-  rng = np.random.default_rng(0)
-  image_shape = (batch, views) + shape if views > 1 else (batch,) + shape
-  batch_arrays = parallel.to_global({
-      "image": rng.normal(size=image_shape).astype(np.float32),
-      "label": rng.integers(0, num_classes, size=batch).astype(np.int32)}, mesh)
+  stage = student_stage(method_name, teacher_name, student_name, num_classes, dtype)
+  inputs = stage_step.Inputs(teacher=random_teacher(stage, info, teacher_dtype, mesh,
+                                                    abstract and not stage.teacher_constants))
+  network = stage.network(num_classes, dtype, num_train)
+  steps_per_epoch = max(num_train // batch, 1)
+  schedule = optim.learning_rate_schedule(stage.config, stage.base_lr, stage.num_epochs,
+                                          steps_per_epoch, stage.milestones)
+  made = {}
 
-  step = jax.jit(functools.partial(
-      step_fns.train_step, network=student,
-      teacher_network=teacher if method.uses_teacher else None, loss=method.loss,
-      hparams=hparams, tx=tx, schedule=schedule, steps_per_epoch=1), donate_argnums=(0,),
-      compiler_options=None if xla_defaults else parallel.step_compiler_options())
-  start = time.perf_counter()
-  compiled = step.lower(state, teacher_variables, batch_arrays).compile()
-  compile_s = time.perf_counter() - start
-  flops = compiled_flops(compiled)
+  def first_state():
+    state, made["tx"], made["head"] = stage_step.initial_state(stage, inputs, network, schedule,
+                                                               mesh, info)
+    return state
+  state = _made(first_state, abstract)
+  tx, head = made["tx"], made["head"]
+  step = stage_step.jit_train_step(stage, inputs, network, tx, schedule, head, steps_per_epoch,
+                                   xla_defaults)
+  arrays = parallel.to_global(random_batch(stage, inputs.teacher, info, batch), mesh)
+  teacher_variables = inputs.teacher.variables if inputs.teacher else None
+  return step, state, teacher_variables, arrays, stage, inputs
 
-  def run(state):
-    return compiled(state, teacher_variables, batch_arrays)
 
-  state, metrics = run(state)  # Warm-up: first-call allocations.
-  jax.block_until_ready(metrics)
-  times, cpu_times = [], []
-  for _ in range(steps):
-    start, cpu_start = time.perf_counter(), time.process_time()
-    state, metrics = run(state)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-    cpu_times.append(time.process_time() - cpu_start)
-  loss = float(jax.device_get(metrics["loss"]))
+class PreparedStep:
+  """The trainer's compiled step of one method on one pair, its state and batch.
+
+  `lower_only`: the step is traced and lowered but not compiled (`run` is None); `flops` is
+  then the lowered module's cost analysis.
+  """
+
+  def __init__(self, method_name, teacher_name, student_name, batch, image_size, num_classes,
+               dtype, teacher_dtype, xla_defaults=False, num_train=50_000, lower_only=False):
+    from jaxkd.data import views as views_lib  # pylint: disable=g-import-not-at-top
+    step, self.state, self.teacher_variables, self.batch, self.stage, self.inputs = build_step(
+        method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
+        teacher_dtype, xla_defaults, num_train, abstract=lower_only)
+    self.rows = batch * views_lib.num_views(self.stage.method.views)
+    self.image_size, self.num_classes = image_size, num_classes
+    start = time.perf_counter()
+    lowered = step.lower(self.state, self.teacher_variables, self.batch)
+    self.compiled = None if lower_only else lowered.compile()
+    self.compile_s = time.perf_counter() - start
+    self.flops = compiled_flops(lowered if lower_only else self.compiled)
+
+  def run(self):
+    """One step; returns its metrics (the state moves on)."""
+    self.state, metrics = self.compiled(self.state, self.teacher_variables, self.batch)
+    return metrics
+
+  def timed(self, steps, warmup=1):
+    """(wall seconds, CPU seconds) of each of `steps` steps after `warmup` untimed ones, and
+    the last step's loss."""
+    import jax  # pylint: disable=g-import-not-at-top
+    for _ in range(warmup):  # First-call allocations; caches after another process ran.
+      metrics = self.run()
+      jax.block_until_ready((self.state, metrics))
+    times, cpu_times, metrics = [], [], None
+    for _ in range(steps):
+      start, cpu_start = time.perf_counter(), time.process_time()
+      metrics = self.run()
+      jax.block_until_ready((self.state, metrics))
+      times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
+    loss = float(jax.device_get(metrics["loss"])) if metrics is not None else None
+    return times, cpu_times, loss
+
+
+def step_record(prepared, method_name, teacher_name, student_name, dtype, teacher_dtype,
+                times, cpu_times, loss):
+  """The benchmark's record of timed steps of a PreparedStep."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  batch = prepared.batch["image"].shape[0]
   step_s, cpu_s = statistics.median(times), statistics.median(cpu_times)
-  record = {
+  return {
       "method": method_name, "teacher": teacher_name, "student": student_name,
       "dtype": jnp.dtype(dtype).name, "teacher_dtype": jnp.dtype(teacher_dtype).name,
-      "batch_images": batch, "rows": batch * views, "image_size": image_size,
-      "num_classes": num_classes, "images_per_s": batch / step_s,
-      "images_per_s_best": batch / min(times), "step_s": step_s, "step_s_min": min(times),
-      "step_s_all": times, "step_cpu_s": cpu_s, "compile_s": compile_s,
-      "flops_per_step": flops, "flops_per_s": flops / step_s, "flops_per_cpu_s": flops / cpu_s,
-      "loss": loss, "peak_host_memory_mb": peak_host_memory_mb(),
+      "batch_images": batch, "rows": prepared.rows,
+      "image_size": prepared.image_size, "num_classes": prepared.num_classes,
+      "images_per_s": batch / step_s, "images_per_s_best": batch / min(times),
+      "step_s": step_s, "step_s_min": min(times), "step_s_all": times, "step_cpu_s": cpu_s,
+      "step_cpu_s_all": cpu_times, "compile_s": prepared.compile_s,
+      "flops_per_step": prepared.flops, "flops_per_s": prepared.flops / step_s,
+      "flops_per_cpu_s": prepared.flops / cpu_s, "loss": loss,
+      "peak_host_memory_mb": peak_host_memory_mb(),
+      "peak_device_memory_mb": peak_device_memory_mb(),
   }
+
+
+def bench_one(method_name, teacher_name, student_name, batch, image_size, num_classes, dtype,
+              teacher_dtype, steps, breakdown, xla_defaults=False, profile_dir="", warmup=1,
+              num_train=50_000):
+  """Compiles and times the trainer's step of one method on one pair; returns its record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxkd import parallel, stage_step  # pylint: disable=g-import-not-at-top
+  from jaxkd import steps as step_fns  # pylint: disable=g-import-not-at-top
+
+  prepared = PreparedStep(method_name, teacher_name, student_name, batch, image_size,
+                          num_classes, dtype, teacher_dtype, xla_defaults, num_train)
+  times, cpu_times, loss = prepared.timed(steps, warmup)
+  record = step_record(prepared, method_name, teacher_name, student_name, dtype, teacher_dtype,
+                       times, cpu_times, loss)
   if profile_dir:
     trace_dir = os.path.join(profile_dir, f"{method_name}_{teacher_name}_{student_name}")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(2):
-        state, metrics = run(state)
-        jax.block_until_ready((state, metrics))
+        metrics = prepared.run()
+        jax.block_until_ready((prepared.state, metrics))
     record["op_ms_per_step"] = op_times_per_step(trace_dir, 2)
-  if breakdown:
+  if breakdown and prepared.inputs.teacher is not None:
+    teacher = stage_step.teacher_network(prepared.stage, prepared.inputs)
+    images = prepared.batch.get("teacher_image", prepared.batch["image"])
+    variables = prepared.teacher_variables
     forward = jax.jit(lambda v, x: teacher.apply(v, step_fns.flatten_views(x), train=False),
                       compiler_options=None if xla_defaults else parallel.step_compiler_options())
-    fwd = forward.lower(teacher_variables, batch_arrays["image"]).compile()
-    jax.block_until_ready(fwd(teacher_variables, batch_arrays["image"]))
-    teacher_s = statistics.median(timed_calls(fwd, (teacher_variables, batch_arrays["image"]),
-                                              max(steps, 2)))
+    fwd = forward.lower(variables, images).compile()
+    jax.block_until_ready(fwd(variables, images))
+    teacher_s = statistics.median(timed_calls(fwd, (variables, images), max(steps, 2)))
     record.update(teacher_forward_s=teacher_s, teacher_forward_flops=compiled_flops(fwd),
-                  student_s=step_s - teacher_s)
+                  student_s=record["step_s"] - teacher_s)
   return record
 
 
@@ -263,7 +402,8 @@ def main(argv):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")  # as jaxkd.main
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
-  teacher_dtype = jnp.bfloat16 if _TEACHER_DTYPE.value == "bfloat16" else jnp.float32
+  teacher_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, None: dtype}[
+      _TEACHER_DTYPE.value]
 
   peak, peak_per_cpu_s = matmul_peak(dtype)
   machine = dict(machine_description(), **{
@@ -286,10 +426,6 @@ def main(argv):
       record["fraction_of_matmul_peak"] = record["flops_per_s"] / peak
       # Per CPU-second: what the step makes of the cores it gets, even on a shared machine.
       record["cpu_fraction_of_matmul_peak"] = record["flops_per_cpu_s"] / peak_per_cpu_s
-      reference = REFERENCE_IMAGES_PER_S.get(pair)
-      if reference and method_name == "sskd" and batch == 64:
-        record["reference_images_per_s"] = reference
-        record["speedup_vs_reference"] = record["images_per_s"] / reference
       results.append(record)
       print(_row(record), flush=True)
   machine["load_average_at_end"] = os.getloadavg()
@@ -323,8 +459,6 @@ def _row(r):
           f"{r['flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_matmul_peak']:.0f}% "
           f"of peak ({100 * r['cpu_fraction_of_matmul_peak']:.0f}% per CPU-s)  "
           f"mem {r['peak_host_memory_mb']:.0f} MB")
-  if "speedup_vs_reference" in r:
-    text += f"  | {r['speedup_vs_reference']:.2f}x the PyTorch reference"
   if "teacher_forward_s" in r:
     text += (f"\n    teacher forward {r['teacher_forward_s']:.3f} s "
              f"({r['teacher_forward_flops'] / 1e9:.0f} GFLOP), rest {r['student_s']:.3f} s")

@@ -10,7 +10,6 @@ import os
 from typing import Any, Optional
 
 import jax
-from etils import epath
 
 from jaxkd import paths
 from jaxkd.errors import UserError

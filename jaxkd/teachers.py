@@ -71,13 +71,16 @@ def load_clip_teacher(path: str, model_name: str, config: ml_collections.ConfigD
   path = os.path.abspath(path) if path else ""
   tower, variables = clip_weights.load_clip(path, model_name, compute_dtype(config))
   weights = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
-  size = tower.config.image_size
   return Teacher(network=Network(backbone=tower),
                  variables=parallel.replicate({col: {"backbone": tree}
                                                for col, tree in variables.items()}, mesh),
-                 path=path, sha256=checkpoint.file_sha256(weights),
-                 input=teacher_views.TeacherInput(size=size, mean=clip.CLIP_MEAN,
-                                                  std=clip.CLIP_STD, channels=3))
+                 path=path, sha256=checkpoint.file_sha256(weights), input=clip_input(tower))
+
+
+def clip_input(tower: Any) -> teacher_views.TeacherInput:
+  """How a CLIP tower sees an image: its own resolution, CLIP's statistics, RGB."""
+  return teacher_views.TeacherInput(size=tower.config.image_size, mean=clip.CLIP_MEAN,
+                                    std=clip.CLIP_STD, channels=3)
 
 
 class Teachers:
