@@ -263,7 +263,7 @@ def build_step(method_name, teacher_name, student_name, batch, image_size, num_c
   mesh = parallel.create_mesh()
   stage = student_stage(method_name, teacher_name, student_name, num_classes, dtype)
   inputs = stage_step.Inputs(teacher=random_teacher(stage, info, teacher_dtype, mesh,
-                                                    abstract and not stage.teacher_constants))
+                                                    abstract and not stage.method.teacher_constants))
   network = stage.network(num_classes, dtype, num_train)
   steps_per_epoch = max(num_train // batch, 1)
   schedule = optim.learning_rate_schedule(stage.config, stage.base_lr, stage.num_epochs,

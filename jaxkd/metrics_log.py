@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 from clu.metric_writers import interface
 from etils import epath
 
-FILE = "metrics.jsonl"
+from jaxkd.stage import METRICS_FILE as FILE
 
 
 def read(stage_dir: str) -> list[dict[str, Any]]:

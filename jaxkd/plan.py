@@ -38,7 +38,6 @@ from jaxkd import checkpoint
 from jaxkd import config_checks
 from jaxkd import data
 from jaxkd import method_inputs
-from jaxkd import metrics_log
 from jaxkd import models
 from jaxkd import networks
 from jaxkd import parallel
@@ -52,8 +51,8 @@ from jaxkd.methods import METHOD_NAMES, Method, cross_entropy_method, get_method
 from jaxkd.methods import objective
 from jaxkd.methods.ce import linear_probe_heads
 from jaxkd.models import clip
-from jaxkd.stage import (BACKBONE_FILE, STUDENT_FILE, TEACHER_FILE, AnyStage, ImportStage,
-                         Stage, TeacherSource)
+from jaxkd.stage import (BACKBONE_FILE, METRICS_FILE, STUDENT_FILE, TEACHER_FILE, AnyStage,
+                         ImportStage, Stage, TeacherSource)
 
 DONE, TO_RUN, IMPORT = "done", "to run", "import"
 
@@ -391,7 +390,7 @@ def stage_state(stage: AnyStage, workdir: Optional[str]) -> str:
 
 def stage_files(stage: Stage) -> list[str]:
   """The files a stage writes in its directory, besides its checkpoints/ and its result."""
-  names = [stage_config.CONFIG_FILE, metrics_log.FILE]
+  names = [stage_config.CONFIG_FILE, METRICS_FILE]
   if stage.export_file:
     names += [stage.export_file] + (["best_" + stage.export_file] if stage.select else [])
   return names + ([stage.backbone_file] if stage.backbone_file else [])

@@ -19,6 +19,7 @@ from jaxkd.networks import Network, build_network
 TEACHER_FILE = "teacher.msgpack"
 STUDENT_FILE = "student.msgpack"
 BACKBONE_FILE = "backbone.msgpack"
+METRICS_FILE = "metrics.jsonl"  # Every scalar the stage logs (jaxkd.metrics_log).
 NO_CLASSIFIER_NOTE = ("no classifier is trained in this stage, so it has no top-1; its features "
                       "are judged by the stages that use them (e.g. linear_probe)")
 

@@ -32,6 +32,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_step_benchmark_runs_without_tensorflow(tmp_path):
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(helpers.REPO))
+  # Another installation: the session's compilation cache is not its (jax reads it through
+  # etils, which would look for TensorFlow's file system).
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   proc = subprocess.run(
       [sys.executable, "-c", _BLOCKED_RUN, str(helpers.REPO / "experiments" / "benchmark.py"),
        "--pairs=resnet8:resnet8", "--methods=sskd", "--batch=4", "--image_size=8",
