@@ -302,12 +302,13 @@ def hsakd(code, teacher, student, batch, device, torch):
   namespace.update(args=args, net=net, tnet=tnet, num_classes=NUM_CLASSES,
                    num_auxiliary_branches=len(ss_logits), log_txt=log.name)
 
-  def run(loader):
+  def run(loader):  # train() appends its epoch summary to log_txt at the end: dropped.
     namespace["trainloader"] = loader
     try:
       namespace["train"](0, criterion_list, optimizer)
     finally:
-      os.remove(log.name)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(log.name)
 
   data = (_images(torch, device, batch), _labels(torch, device, batch))
   return run, data, script.path
