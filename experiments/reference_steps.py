@@ -497,7 +497,7 @@ def _cpu_only_cuda(torch):
   torch.nn.Module.cuda = lambda self, *args, **kwargs: self
 
 
-class Session:
+class ReferenceRun:
   """One method's reference loop on one pair, set up once, timed on request."""
 
   def __init__(self, args):
@@ -549,11 +549,11 @@ class Session:
 
 def measure(args):
   """The record of one measurement: the description, then the timed steps."""
-  session = Session(args)
-  record = dict(session.description(), side="reference", method=args.method,
+  reference = ReferenceRun(args)
+  record = dict(reference.description(), side="reference", method=args.method,
                 teacher=args.teacher, student=args.student, batch_images=args.batch,
                 dtype=args.dtype)
-  record.update(session.run(args.steps, args.warmup))
+  record.update(reference.run(args.steps, args.warmup))
   wall = record["step_s_all"]
   record.update(step_s=statistics.median(wall) if wall else None,
                 images_per_s=args.batch / statistics.median(wall) if wall else None)
@@ -565,12 +565,12 @@ def serve(args):
   sys.path.insert(1, HERE)
   import speed_vs_reference as harness  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   try:
-    session = Session(args)
+    reference = ReferenceRun(args)
   except Exception as e:  # pylint: disable=broad-except
     harness.say("error", f"{type(e).__name__}: {e}")
     raise
-  harness.say("ready", session.description())
-  harness.serve({"run": session.run})
+  harness.say("ready", reference.description())
+  harness.serve({"run": reference.run})
 
 
 def parse_args(argv=None):
