@@ -23,6 +23,7 @@ from jaxkd import models
 from jaxkd import parallel
 from jaxkd import plan
 from jaxkd import results
+from jaxkd import stage_config
 from jaxkd import stage as stage_lib
 from jaxkd import teachers
 from jaxkd import steps
@@ -190,6 +191,9 @@ def test_resumed_student_ends_with_the_same_teacher_head(ega_run, tmp_path, caps
   workdir = str(tmp_path / "resumed")
   shutil.copytree(os.path.join(ref_workdir, "student_ega", "checkpoints", "2"),
                   os.path.join(workdir, "student_ega", "checkpoints", "2"))
+  # A stopped run's stage also holds the config its checkpoint was trained under.
+  shutil.copy(os.path.join(ref_workdir, "student_ega", stage_config.CONFIG_FILE),
+              os.path.join(workdir, "student_ega"))
   capsys.readouterr()
   results = train.train_and_evaluate(resumed, workdir)
   assert "[student_ega] resuming from step 2" in capsys.readouterr().out
