@@ -94,16 +94,17 @@ def _dataset_config(name: str, data_dir: str):
 
 def measure(batch_fn, batch: int, seconds: float, num_workers: int) -> dict:
   """Images/s of `batch_fn` run by jaxkd's grain iterator, after one warm-up batch: per wall
-  second, and per CPU-second of this process (its threads; workers excluded)."""
+  second, and per CPU-second of this process (its threads; workers excluded). At least one
+  batch is timed, however long it takes on a loaded machine."""
   from jaxkd.data import stream  # pylint: disable=g-import-not-at-top
   batches = stream.batches(batch_fn, 0, 1 << 62, num_workers=num_workers, num_threads=1)
   next(batches)
   count, start, cpu_start = 0, time.perf_counter(), time.process_time()
-  while time.perf_counter() - start < seconds:
+  while count == 0 or time.perf_counter() - start < seconds:
     next(batches)
     count += 1
   wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-  return {"images_per_s": count * batch / wall, "images_per_cpu_s": count * batch / cpu,
+  return {"images_per_s": count * batch / wall, "images_per_cpu_s": count * batch / max(cpu, 1e-9),
           "batches": count}
 
 
