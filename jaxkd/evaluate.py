@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
@@ -210,13 +211,13 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
 
 def saved_stage_config(path: str) -> Optional[dict[str, Any]]:
   """The `config.json` of the workdir stage whose directory holds file `path`, or None."""
-  saved = os.path.join(os.path.dirname(os.path.abspath(path)), STAGE_CONFIG)
+  saved = os.path.join(os.path.dirname(paths.absolute(path)), STAGE_CONFIG)
   if paths.file_kind(saved) is not None:  # A FIFO or a device: never opened.
     return None
   try:
-    with open(saved) as f:
+    with epath.Path(saved).open() as f:
       record = json.load(f)
-  except (OSError, ValueError):
+  except (*paths.io_errors(), ValueError):
     return None
   ok = isinstance(record, dict) and "model" in record.get("effective", {}) and isinstance(
       record.get("run", {}).get("dataset"), dict)

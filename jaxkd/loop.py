@@ -19,7 +19,6 @@ import numpy as np
 import optax
 from clu import metric_writers
 from clu import periodic_actions
-from etils import epath
 
 from jaxkd import checkpoint
 from jaxkd import data
@@ -170,7 +169,7 @@ def run_stage(stage: Stage, inputs: Inputs, workdir: str, mesh: jax.sharding.Mes
   started = time.monotonic()
   stage_dir = os.path.join(workdir, stage.name)
   interrupts.stop_if_requested(stage.name, f"before stage {stage.name} started")
-  if epath.Path(os.path.join(stage_dir, results.RESULT_FILE)).exists():
+  if paths.exists(os.path.join(stage_dir, results.RESULT_FILE)):
     return reuse_stage(stage, inputs, workdir)
   paths.check_writable(stage_dir, "stage directory",
                        "make it writable, or pass another --workdir")

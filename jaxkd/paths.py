@@ -34,6 +34,12 @@ def is_absolute(path: str) -> bool:
   return is_url(path) or os.path.isabs(path)
 
 
+def exists(path: str) -> bool:
+  """Whether anything is at `path`: a local name (a dangling symbolic link counts, so that the
+  damage is reported rather than the file written over) or an object of a bucket."""
+  return epath.Path(path).exists() if is_url(path) else os.path.lexists(path)
+
+
 def inside(path: str, folder: str) -> Optional[str]:
   """`path` relative to `folder` when it lies inside it (compared as absolute paths), else None."""
   path, folder = absolute(path), absolute(folder).rstrip("/")

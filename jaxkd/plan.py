@@ -376,7 +376,7 @@ def stage_state(stage: AnyStage, workdir: Optional[str]) -> str:
   if workdir is None:
     return TO_RUN
   stage_dir = os.path.join(workdir, stage.name)
-  done = os.path.lexists(os.path.join(stage_dir, results.RESULT_FILE))
+  done = paths.exists(os.path.join(stage_dir, results.RESULT_FILE))
   if not done:
     check_stage_folders(stage, workdir)
   saved = checkpoint.saved_steps(os.path.join(stage_dir, "checkpoints"))

@@ -20,9 +20,12 @@ from etils.epath import backend, gpath, register
 
 from configs import demo
 from jaxkd import checkpoint
+from jaxkd import evaluate
 from jaxkd import loop
 from jaxkd import results
+from jaxkd import parallel
 from jaxkd import paths
+from jaxkd import plan
 from jaxkd import stage as stage_lib
 from jaxkd import train
 from jaxkd.errors import UserError
@@ -162,4 +165,9 @@ def test_a_run_into_a_url_workdir(ram_bucket, tmp_path, monkeypatch):
   assert records[0]["export_sha256"] == checkpoint.file_sha256(records[0]["export"])
   assert os.listdir(local) == ["student_ce"]
   assert not os.listdir(cwd)
+  # `jaxkd.evaluate` finds the stage's config beside the export on the URL.
+  assert evaluate.saved_stage_config(records[0]["export"])["effective"]["model"] == "resnet8"
+  # The second run's plan sees the finished stage there, and the run reads it back.
+  second = plan.make_plan(config, workdir, parallel.create_mesh(), cache=False)
+  assert second.states == {"student_ce": plan.DONE}
   assert train.train_and_evaluate(config, workdir) == records
