@@ -324,32 +324,46 @@ def _repdistiller_options(script, distill, teacher, student, r, a, b):
   return opt
 
 
+def _train_student_script(root):
+  """The `train_student.py` of a RepDistiller-style repository (RepDistiller, EGA) at `root`,
+  importable: its folder on the path, its logger stubbed."""
+  _with_path(root)
+  _stub_missing({"tensorboard_logger": {"Logger": _Unused}})
+  return Script(os.path.join(root, "train_student.py"))
+
+
+def _train_student_main(script, start, values, device):
+  """(namespace, train_distill): `main()`'s statements from the one that begins with `start` to
+  its `.cuda()` block, executed over the script's imports and `values` (the objects the
+  statements before `start` would have made), and the modules and criteria they build moved to
+  `device`; `helper.loops.train_distill` of the same repository."""
+  from helper.loops import train_distill  # pylint: disable=g-import-not-at-top,import-error
+  namespace = script.imports({})
+  namespace.update(values)
+  script.run(_between(script.definition("main").body, start, "if torch.cuda.is_available()"),
+             namespace)
+  namespace["module_list"].to(device)
+  namespace["criterion_list"].to(device)
+  return namespace, train_distill
+
+
 def repdistiller(code, method, teacher, student, batch, device, torch):
   """RepDistiller's `helper.loops.train_distill` over modules built by `main()`'s own
   statements."""
-  root = os.path.join(code, "RepDistiller")
-  _with_path(root)
-  _stub_missing({"tensorboard_logger": {"Logger": _Unused}})
-  script = Script(os.path.join(root, "train_student.py"))
+  script = _train_student_script(os.path.join(code, "RepDistiller"))
   distill, r, a, b = REPDISTILLER[method]
   opt = _repdistiller_options(script, distill, teacher, student, r, a, b)
-  from helper.loops import train_distill  # pylint: disable=g-import-not-at-top,import-error
   from models import model_dict  # pylint: disable=g-import-not-at-top,import-error
-  namespace = script.imports({})
   n_data = 50_000  # CIFAR-100's training images: CRD's memory bank
-  namespace.update(opt=opt, n_data=n_data, n_cls=NUM_CLASSES, logger=None, train_loader=None,
-                   model_t=model_dict[teacher](num_classes=NUM_CLASSES),
-                   model_s=model_dict[student](num_classes=NUM_CLASSES),
-                   init=lambda *args, **kwargs: None)  # the preparation stage: not this step
-  main = script.definition("main")
-  script.run(_between(main.body, "data = torch.randn", "if torch.cuda.is_available()"),
-             namespace)
-  module_list, criterion_list = namespace["module_list"], namespace["criterion_list"]
-  module_list.to(device)
-  criterion_list.to(device)
+  namespace, train_distill = _train_student_main(script, "data = torch.randn", dict(
+      opt=opt, n_data=n_data, n_cls=NUM_CLASSES, logger=None, train_loader=None,
+      model_t=model_dict[teacher](num_classes=NUM_CLASSES),
+      model_s=model_dict[student](num_classes=NUM_CLASSES),
+      init=lambda *args, **kwargs: None), device)  # init: the preparation stage, not this step
 
   def run(loader):
-    train_distill(1, loader, module_list, criterion_list, namespace["optimizer"], opt)
+    train_distill(1, loader, namespace["module_list"], namespace["criterion_list"],
+                  namespace["optimizer"], opt)
 
   data = [_images(torch, device, batch), _labels(torch, device, batch),
           torch.randint(0, n_data, (batch,), device=device)]
@@ -442,27 +456,17 @@ def _clip_stand_in(code, tower, torch):
 
 def ega(code, teacher, student, batch, device, torch):
   """EGA's `helper.loops.train_distill` over the modules `main()`'s own statements build."""
-  root = os.path.join(code, "EGA")
-  _with_path(root)
-  _stub_missing({"tensorboard_logger": {"Logger": _Unused}})
-  script = Script(os.path.join(root, "train_student.py"))
+  script = _train_student_script(os.path.join(code, "EGA"))
   clip, mode = _clip_stand_in(code, teacher, torch)
   opt = script.parser(script.definition("parse_option").body).parse_args(
       ["--model_s", student, "--clip_mode", mode, "--distill", "ega",
        "-node", "0.8", "-edge", "0.24"])
-  from helper.loops import train_distill  # pylint: disable=g-import-not-at-top,import-error
-  namespace = script.imports({})
-  namespace.update(opt=opt, clip=clip, n_data=50_000, train_loader=None, logger=None)
-  main = script.definition("main")
-  script.run(_between(main.body, "if opt.model_s in", "if torch.cuda.is_available()"),
-             namespace)
-  module_list, criterion_list = namespace["module_list"], namespace["criterion_list"]
-  module_list.to(device)
-  criterion_list.to(device)
+  namespace, train_distill = _train_student_main(script, "if opt.model_s in", dict(
+      opt=opt, clip=clip, n_data=50_000, train_loader=None, logger=None), device)
 
   def run(loader):
-    train_distill(1, loader, module_list, criterion_list, namespace["optimizer"],
-                  namespace["optimizer_t"], opt)
+    train_distill(1, loader, namespace["module_list"], namespace["criterion_list"],
+                  namespace["optimizer"], namespace["optimizer_t"], opt)
 
   size = EGA_CLIP[teacher][1]["image_resolution"]
   data = (torch.randn((batch, 3, size, size), device=device), _images(torch, device, batch),
