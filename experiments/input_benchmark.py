@@ -104,8 +104,8 @@ def measure(batch_fn, batch: int, seconds: float, num_workers: int) -> dict:
     next(batches)
     count += 1
   wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-  return {"images_per_s": count * batch / wall, "images_per_cpu_s": count * batch / max(cpu, 1e-9),
-          "batches": count}
+  return {"images_per_s": count * batch / wall,
+          "images_per_cpu_s": count * batch / max(cpu, 1e-9), "batches": count}
 
 
 def input_record(dataset: str, views: str, batch: int, data_dir: str, seconds: float,

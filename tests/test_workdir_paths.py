@@ -22,10 +22,10 @@ from configs import demo
 from jaxkd import checkpoint
 from jaxkd import evaluate
 from jaxkd import loop
-from jaxkd import results
 from jaxkd import parallel
 from jaxkd import paths
 from jaxkd import plan
+from jaxkd import results
 from jaxkd import stage as stage_lib
 from jaxkd import train
 from jaxkd.errors import UserError
