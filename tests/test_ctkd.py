@@ -155,8 +155,15 @@ def test_iteration_matches_the_reference(p):
   assert_grad_close(np.reshape(grad_temp, (1,)), g[f"{p}_grad_temp"], scale=scale)
   assert_grad_close(grad_params["global_T"], g[f"{p}_grad_param.global_T"], scale=scale)
   sigma = jax.nn.sigmoid(1.0)
-  np.testing.assert_allclose(grad_params["global_T"], metrics["ctkd_lambda"] * grad_temp
-                             * g[f"{p}_hp_t_end"] * sigma * (1 - sigma), rtol=1e-5)
+  chain = metrics["ctkd_lambda"] * grad_temp * g[f"{p}_hp_t_end"] * sigma * (1 - sigma)
+  # The reversal and the sigmoid pass d loss / d τ on exactly so...
+  theta = jnp.ones((1,), jnp.float32)
+  _, back = jax.vjp(lambda th: ctkd.temperature(th, metrics["ctkd_lambda"], 1.0,
+                                                float(g[f"{p}_hp_t_end"])), theta)
+  np.testing.assert_allclose(back(jnp.reshape(grad_temp, (1,)))[0], chain, rtol=1e-6)
+  # ...and the optimiser's gradient is that product, up to the float32 noise of d loss / d τ
+  # between two compilations of it (3e-5 of itself measured with jax 0.12.1).
+  np.testing.assert_allclose(grad_params["global_T"], chain, rtol=2e-4)
   # The reference's parameter gradient is the same product of its own numbers.
   np.testing.assert_allclose(g[f"{p}_grad_param.global_T"], g[f"{p}_hp_grl_lambda"]
                              * g[f"{p}_grad_temp"] * g[f"{p}_hp_t_end"] * sigma * (1 - sigma),

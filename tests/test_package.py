@@ -43,3 +43,14 @@ def test_the_wheel_holds_jaxkd_and_imports_outside_the_checkout(tmp_path):
       text=True, timeout=300, check=True)
   path, count = done.stdout.split()[-2:]
   assert path.startswith(str(target)) and int(count) >= 28
+
+
+def test_ci_runs_the_readme_test_command():
+  """CI's steps run the suite with the arguments of the README's test command."""
+  readme = (helpers.REPO / "README.md").read_text()
+  command = next(line for line in readme.splitlines() if line.startswith("python -m pytest "))
+  ci = (helpers.REPO / ".ci" / "run").read_text()
+  (args,) = [line for line in ci.splitlines() if line.startswith("PYTEST_ARGS=(")]
+  assert args.removeprefix("PYTEST_ARGS=(").removesuffix(")") == command.removeprefix(
+      "python -m pytest ")
+  assert ci.count('"${PYTEST_ARGS[@]}"') == 2  # Python 3.11 and 3.13.
