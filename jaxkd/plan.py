@@ -42,6 +42,7 @@ from jaxkd import models
 from jaxkd import networks
 from jaxkd import parallel
 from jaxkd import paths
+from jaxkd import progress
 from jaxkd import recipe
 from jaxkd import results
 from jaxkd import stage_config
@@ -464,10 +465,7 @@ def describe(plan: Plan) -> str:
   rows = [("stage", "model", "method", "epochs", "steps", "images/step", "lr", "teacher",
            "starts from", "state")]
   rows += [_row(plan, stage) for stage in plan.stages]
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = [f"plan of {plan.workdir or '(no workdir)'}: {info.name}, {info.num_train:,} "
            f"training / {info.num_eval:,} eval examples, {info.num_classes} classes, "
            f"{jax.device_count()} device(s)"]
-  lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-  lines.insert(2, "  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return "\n".join(lines + progress.columns(rows))

@@ -1,4 +1,5 @@
-"""The progress line of a training stage (step, epoch, loss, rate and ETA) and its wall time."""
+"""The progress line of a training stage (step, epoch, loss, rate and ETA), its wall time, and
+the text of the tables a run prints."""
 
 import time
 from typing import Optional
@@ -14,6 +15,15 @@ def format_seconds(seconds: float) -> str:
 def percent(value: Optional[float]) -> str:
   """A top-1 / top-5 for printing; '-' where a stage has none (no classifier trained)."""
   return "-" if value is None else f"{value:.2f}"
+
+
+def columns(rows: list[tuple[str, ...]]) -> list[str]:
+  """`rows` (the first one the header) as lines of left-aligned columns two spaces apart, a
+  rule of dashes under the header, no trailing spaces."""
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return lines
 
 
 class Progress:

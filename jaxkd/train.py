@@ -22,7 +22,7 @@ from jaxkd import paths
 from jaxkd import plan as plan_lib
 from jaxkd import workdir_lock
 from jaxkd.errors import UserError
-from jaxkd.progress import percent
+from jaxkd.progress import columns, percent
 from jaxkd.results import RESULT_FILE
 
 
@@ -95,9 +95,7 @@ def results_table(results: list[dict[str, Any]], workdir: str) -> str:
   for r in results:
     rows.append((r["stage"], r["model"], r["method"], percent(r.get("top1_last")),
                  percent(r.get("top1_best")), percent(r.get("top5_last"))))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
+  lines = columns(rows)
   lines.append(f"\nlogs (TensorBoard): tensorboard --logdir {workdir}")
   lines.append(f"checkpoints: {workdir}/<stage>/checkpoints; results: {workdir}/<stage>/"
                f"{RESULT_FILE}")

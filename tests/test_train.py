@@ -176,8 +176,11 @@ def test_demo_trains_teacher_then_kd_and_ce_students(demo_run, capsys):
   # The student's checkpoint records the teacher but does not contain it.
   kd = results[1]
   assert kd["teacher_sha256"] == checkpoint.file_sha256(results[0]["export"])
-  table = train.results_table(results, workdir)
-  assert "student_kd" in table and "top-1 last" in table
+  table = train.results_table(results, workdir).splitlines()
+  assert table[0].split("  ")[0] == "stage" and table[0].endswith("top-5 last")
+  assert set(table[1]) == {"-", " "} and len(table[1]) == len(table[0])
+  assert [line.split()[0] for line in table[2:2 + len(results)]] == [r["stage"] for r in results]
+  assert not any(line != line.rstrip() for line in table)  # Copied into issues and READMEs.
 
 
 def test_finished_stages_are_skipped(demo_run, capsys):
