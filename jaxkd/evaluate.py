@@ -33,7 +33,6 @@ one line `error: …` and exit status 2.
 """
 
 import functools
-import json
 import os
 import sys
 import time
@@ -42,7 +41,6 @@ from typing import Any, Callable, Optional, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
@@ -212,12 +210,10 @@ def evaluate_file(model_name: str, path: str, config: ml_collections.ConfigDict,
 def saved_stage_config(path: str) -> Optional[dict[str, Any]]:
   """The `config.json` of the workdir stage whose directory holds file `path`, or None."""
   saved = os.path.join(os.path.dirname(paths.absolute(path)), STAGE_CONFIG)
-  if paths.file_kind(saved) is not None:  # A FIFO or a device: never opened.
+  if not paths.exists(saved):
     return None
-  try:
-    with epath.Path(saved).open() as f:
-      record = json.load(f)
-  except (*paths.io_errors(), ValueError):
+  record, why = paths.read_json(saved, "stage config")  # A FIFO or a device: never opened.
+  if why is not None:
     return None
   ok = isinstance(record, dict) and "model" in record.get("effective", {}) and isinstance(
       record.get("run", {}).get("dataset"), dict)

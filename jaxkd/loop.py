@@ -335,13 +335,18 @@ def _run_steps(stage: Stage, inputs: Inputs, compiled: StageSteps, state: TrainS
   return state
 
 
+def _finish_writes(stage_name: str, mngr: Any) -> None:
+  """Waits for the checkpoint being written; one that failed ends the stage in one line."""
+  failed = checkpoint.finish_writes(mngr)
+  if failed:
+    raise _write_failed(stage_name, mngr, *failed)
+
+
 def _make_room(stage_name: str, mngr: Any, stage_dir: str, needed: int) -> None:
   """Before a checkpoint: the one being written is finished (one that failed ends the stage in
   one line), then `needed` bytes must be free (twice the state: orbax writes the new checkpoint
   before it deletes the oldest). The step to resume from is then one complete on disk."""
-  failed = checkpoint.finish_writes(mngr)
-  if failed:
-    raise _write_failed(stage_name, mngr, *failed)
+  _finish_writes(stage_name, mngr)
   paths.check_free_space(stage_dir, needed, (
       f"free some and run the same command again to resume from step {mngr.latest_step() or 0}"))
 
@@ -391,9 +396,7 @@ def evaluate_and_record(stage: Stage, compiled: StageSteps, state: TrainState,
   """One evaluation: logged, added to the record, and the selected variables kept if best."""
   # A background checkpoint write must not overlap opening a split: tfds' mock data
   # redirects file access while it does.
-  failed = checkpoint.finish_writes(mngr)
-  if failed:
-    raise _write_failed(stage.name, mngr, *failed)
+  _finish_writes(stage.name, mngr)
   scores = evaluate(compiled.network, compiled.evaluated(variables_of(state)), stage.config,
                     mesh, compiled.eval, compiled.method_eval)
   record["best_top1"] = max(record["best_top1"], scores["top1"])

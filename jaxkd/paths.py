@@ -6,6 +6,7 @@ URL intact, while `os.path.abspath` and the os module's file calls do not.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import stat
@@ -162,6 +163,20 @@ def read_whole(path: str, what: str, fix: str) -> bytes:
                     f"({limit / 2**30:.1f} GiB), and it is read whole"
                     + (f"; {fix}" if fix else ""))
   return b"".join(chunks)
+
+
+def read_json(path: str, what: str) -> tuple[Any, Optional[str]]:
+  """(the JSON value held by file `path`, None), or (None, why it holds none, in a few words:
+  its kind where it is no regular file, the read error, or the parse error). A file larger than
+  the memory is one UserError naming it as `what` (read_whole)."""
+  kind = file_kind(path)
+  if kind is not None:
+    return None, f"it is {kind}"
+  try:
+    return json.loads(read_whole(path, what, "")), None
+  except (*io_errors(), ValueError) as e:
+    text = str(e) if isinstance(e, ValueError) else reason(e)
+    return None, " ".join(text.split())[:120]
 
 
 def check_free_space(directory: str, needed: int, fix: str) -> None:

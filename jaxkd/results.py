@@ -77,13 +77,7 @@ def read_result(workdir: str, stage_name: str) -> dict[str, Any]:
   not one (damaged, truncated, a folder, a FIFO, JSON of another shape) is one UserError
   naming it and the fix."""
   path = os.path.join(workdir, stage_name, RESULT_FILE)
-  kind = paths.file_kind(path)
-  why, result = (f"it is {kind}" if kind else None), None
-  if why is None:
-    try:
-      result = json.loads(paths.read_whole(path, "result record", ""))
-    except (OSError, ValueError) as e:
-      why = " ".join((paths.reason(e) if isinstance(e, OSError) else str(e)).split())[:120]
+  result, why = paths.read_json(path, "result record")
   if why is None and not (isinstance(result, dict) and all(k in result for k in REQUIRED)):
     why = f"not a JSON object with {' and '.join(REQUIRED)}"
   if why is not None:

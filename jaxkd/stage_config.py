@@ -82,15 +82,9 @@ def read(stage_dir: str) -> Optional[dict[str, Any]]:
   path = epath.Path(os.path.join(stage_dir, CONFIG_FILE))
   if not path.exists():
     return None
-  kind = paths.file_kind(str(path))
-  why = f"it is {kind}" if kind else None
-  if why is None:
-    try:
-      record = json.loads(paths.read_whole(str(path), "stage config", ""))
-      why = None if isinstance(record, dict) and isinstance(record.get("effective"), dict) else (
-          "no 'effective' fields")
-    except (OSError, ValueError) as e:
-      why = " ".join((paths.reason(e) if isinstance(e, OSError) else str(e)).split())[:120]
+  record, why = paths.read_json(str(path), "stage config")
+  if why is None and not (isinstance(record, dict) and isinstance(record.get("effective"), dict)):
+    why = "no 'effective' fields"
   if why is not None:
     raise UserError(f"{path} is not a stage config record ({why}); {_fix(path)}")
   return record
