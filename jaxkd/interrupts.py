@@ -42,6 +42,8 @@ from jaxkd.errors import UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STARTING, TRAINING, ENDING, EXITING = "starting", "training", "ending", "exiting"
+# What the line of a signal after the stages says.
+_AFTER_THE_STAGES = "as the run ended: every stage had finished and written its result"
 
 
 @dataclasses.dataclass
@@ -71,15 +73,20 @@ def signal_name(signum: int) -> str:
   return signal.Signals(signum).name
 
 
-def end_now(signum: int, what: str) -> None:
-  """Writes `error: interrupted (<signal>) <what>` and ends the process with 128 + signum, at
-  once: no cleanup runs, so nothing can print a traceback after the line."""
+def end_process(line: str, status: int) -> None:
+  """Writes `error: <line>` and ends the process with `status`, at once: no cleanup runs, so
+  nothing can print a traceback after the line (from a signal handler or another thread)."""
   try:
     sys.stdout.flush()
   except Exception:  # pylint: disable=broad-except  (the handler may interrupt a write of it)
     pass
-  os.write(2, f"error: interrupted ({signal_name(signum)}) {what}\n".encode())
-  os._exit(128 + signum)  # pylint: disable=protected-access
+  os.write(2, f"error: {line}\n".encode())
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def end_now(signum: int, what: str) -> None:
+  """Ends the process at once with `error: interrupted (<signal>) <what>` and 128 + signum."""
+  end_process(f"interrupted ({signal_name(signum)}) {what}", 128 + signum)
 
 
 def what_stays() -> str:
@@ -100,7 +107,7 @@ def _handler(signum, frame):
     end_now(signum, f"again while stopping: ended at once; {what_stays()}; run the same "
             "command again to go on")
   elif _run.phase == EXITING and _run.exit_status == 0:
-    end_now(signum, "as the run ended: every stage had finished and written its result")
+    end_now(signum, _AFTER_THE_STAGES)
   # Otherwise a flag, looked at at the next safe point (or by exit_status).
 
 
@@ -158,8 +165,7 @@ def exit_status(status: int) -> int:
   _run.phase = EXITING
   signum = pending_signal()
   if status == 0 and signum:
-    print(f"error: interrupted ({signal_name(signum)}) as the run ended: every stage had "
-          "finished and written its result", file=sys.stderr)
+    print(f"error: interrupted ({signal_name(signum)}) {_AFTER_THE_STAGES}", file=sys.stderr)
     _run.exit_status = status = 128 + signum
   return status
 

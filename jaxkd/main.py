@@ -264,13 +264,8 @@ def _exit_status(status: int) -> int:
 def _end_lost(what: str) -> None:
   """Ends this process at once with one line when another process of the run was lost (called
   from jaxkd.distributed's watch thread while the main thread may hang in a collective)."""
-  try:
-    sys.stdout.flush()
-  except Exception:  # pylint: disable=broad-except
-    pass
-  line = distributed.lost_message(what, interrupts.what_stays())
-  os.write(2, f"error: {line}\n".encode())
-  os._exit(LostProcess.exit_status)  # pylint: disable=protected-access
+  interrupts.end_process(distributed.lost_message(what, interrupts.what_stays()),
+                         LostProcess.exit_status)
 
 
 if __name__ == "__main__":
