@@ -207,10 +207,19 @@ def _start_workers(tmp_path, *flags):
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
+# Gloo prints `[Gloo] Rank R is connected to N peer ranks. Expected number of connected peer
+# ranks is : N` on stdout from C++, piece by piece: two of its threads' pieces can interleave
+# ("[Gloo] Rank 0[Gloo] Rank 0 is connected ...\n is connected ...\n").
+_GLOO_PIECES = re.compile(r"\[Gloo\] Rank \d*| is connected to \d*| peer ranks\. ?"
+                          r"|Expected number of connected peer ranks is : \d*")
+
+
 def _own_lines(text):
-  """Output without the C++ libraries' lines (absl's log format, I0123 12:34:56 ...; gloo's
-  `[Gloo] Rank 0 is connected ...` on stdout)."""
-  return [line for line in text.splitlines() if not re.match(r"[IWEF]\d{4} |\[Gloo\] ", line)]
+  """Output without the C++ libraries' lines: absl's log format (I0123 12:34:56 ...) and gloo's
+  connection line, whose interleaved pieces leave only digits behind."""
+  text = _GLOO_PIECES.sub("", text)
+  return [line for line in text.splitlines()
+          if line.strip() and not line.strip().isdigit() and not re.match(r"[IWEF]\d{4} ", line)]
 
 
 def test_a_locked_workdir_is_refused_by_every_process(tmp_path):
