@@ -40,7 +40,7 @@ def test_unprepared_imagenet_raises_one_clear_error_quickly(tmp_path):
       call()
     message = str(excinfo.value)
     assert str(tmp_path) in message and 'ILSVRC2012_img_train.tar' in message
-  assert time.time() - start < 10
+  assert time.time() - start < 60  # Refused before any download: never a wait on the network.
   assert list(tmp_path.iterdir()) == []
 
 
