@@ -5,8 +5,11 @@ import os
 import shutil
 import tempfile
 
-# Must happen before JAX creates its CPU backend.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Must happen before JAX creates its CPU backend. The tests compile far more than they run
+# (hundreds of programs, a few steps each, on tiny networks): XLA's LLVM backend at optimisation
+# level 0 compiles them faster, and the commands the tests start inherit the flags.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
+                      "--xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One XLA compilation cache for the whole session, made here (by pytest's own process) and
 # inherited by its workers and by the jaxkd commands the tests start: a step the tests compile

@@ -4,7 +4,9 @@ dataset configs, mock CIFAR-100 and random zoo variables."""
 import dataclasses
 import functools
 import importlib.util
+import os
 import pathlib
+import re
 from typing import Any, Mapping, Union
 
 import jax
@@ -17,6 +19,15 @@ from jaxkd import networks
 from jaxkd.data import records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def device_env(devices: int, **extra: str) -> dict[str, str]:
+  """The environment of a command a test starts: `devices` CPU devices, the session's other XLA
+  flags (conftest.py's) kept, so that its programs compile as the test's own do."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", "")).split()
+  return dict(os.environ, **extra, XLA_FLAGS=" ".join(
+      [*flags, f"--xla_force_host_platform_device_count={devices}"]))
 
 
 def load_module(path: Union[str, pathlib.Path], name: str) -> Any:

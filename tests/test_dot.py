@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import helpers
+
 from configs import demo
 from jaxkd import checkpoint
 from jaxkd import networks
@@ -230,7 +232,7 @@ def test_a_run_killed_mid_stage_resumes_to_the_same_bits(tmp_path):
   statistics, the step count and both momentum buffers equal the uninterrupted run's bit for
   bit (the optimiser's state is part of the checkpointed train state)."""
   teacher = _teacher_file(str(tmp_path / "teacher.msgpack"))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = helpers.device_env(4)
 
   def command(workdir):
     return [sys.executable, "-m", "jaxkd.main", "--config", "configs/demo.py:runlocal",

@@ -14,6 +14,8 @@ import sys
 import jax
 import pytest
 
+import helpers
+
 from jaxkd import checkpoint
 from jaxkd import evaluate
 from jaxkd import evaluation
@@ -48,7 +50,7 @@ def exported(tmp_path_factory, digits_dir):
 
 
 def _run(*args, devices=2):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = helpers.device_env(devices)
   return subprocess.run([sys.executable, "-m", "jaxkd.evaluate", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 

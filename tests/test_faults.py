@@ -41,7 +41,7 @@ from jaxkd.data import pipeline
 from jaxkd.errors import Diverged, UserError
 
 REPO = str(helpers.REPO)
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+ENV = helpers.device_env(4)
 
 
 def tiny_config(data_dir, **overrides):

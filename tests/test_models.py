@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from jaxkd.errors import UserError
 from jaxkd.interop.torch_layout import flax_module_path, strip_prefix, torch_to_flax
 from jaxkd.models import MODEL_NAMES, get_model, layers
@@ -338,8 +340,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_batchnorm_statistics_are_global_under_sharded_jit():
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  env = helpers.device_env(2, JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = os.pathsep.join(
       [str(pathlib.Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
   proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,

@@ -23,7 +23,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from configs import demo  # noqa: E402  pylint: disable=g-import-not-at-top
+import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import demo  # noqa: E402
 from jaxkd import checkpoint  # noqa: E402
 from jaxkd import distributed  # noqa: E402
 from jaxkd import interrupts  # noqa: E402
@@ -155,8 +156,7 @@ def test_two_processes_match_one_device(tmp_path):
   """2 processes x 2 CPU devices (gloo), 3 SSKD steps on one global batch, one collective
   checkpoint == 1 process x 1 device."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = helpers.device_env(2, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   procs = [subprocess.Popen(
       [sys.executable, __file__, "--worker", f"--port={port}", "--num_processes=2",
        f"--process_id={i}", f"--out={tmp_path}"], env=env, cwd=REPO,
@@ -199,8 +199,7 @@ def test_two_processes_match_one_device(tmp_path):
 def _start_workers(tmp_path, *flags):
   """Two processes of this file's worker (2 CPU devices each), with `flags`."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = helpers.device_env(2, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   return [subprocess.Popen(
       [sys.executable, __file__, "--worker", f"--port={port}", "--num_processes=2",
        f"--process_id={i}", f"--out={tmp_path}", *flags], env=env, cwd=REPO,

@@ -237,7 +237,7 @@ def test_evaluate_command_prints_the_deployed_networks_top1(exported):
   come from the stage's config.json."""
   _, path, scores, _ = exported
   assert evaluate.deployment("", "", path) == ("simkd", "resnet14")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = helpers.device_env(2)
   done = subprocess.run(
       [sys.executable, "-m", "jaxkd.evaluate", f"--checkpoint={path}",
        "--config.eval_batch_size=120"],

@@ -234,7 +234,7 @@ def test_killed_run_resumes_to_the_same_params(demo_run, tmp_path):
          "--workdir", workdir, f"--config.dataset.data_dir={config.dataset.data_dir}",
          f"--config.teacher.checkpoint={results[0]['export']}", "--config.baselines=",
          "--config.checkpoint_every_steps=3"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = helpers.device_env(4)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
   ckpt_dir = os.path.join(workdir, "student_kd", "checkpoints")
@@ -304,7 +304,7 @@ def test_teacher_checkpoint_of_another_architecture_names_the_leaf(demo_run, tmp
 
 
 def test_cli_errors_exit_nonzero_without_traceback(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = helpers.device_env(4)
   base = [sys.executable, "-m", "jaxkd.main", "--config", "configs/demo.py:runlocal",
           "--workdir", str(tmp_path / "w")]
   bad_type = subprocess.run(base + ["--config.batch_size=abc"], cwd=REPO, env=env,
