@@ -80,7 +80,7 @@ def read(stage_dir: str) -> Optional[dict[str, Any]]:
   None where there is none; a file that is not such a record (damaged, truncated, a folder,
   a FIFO) is one UserError naming it and the fix."""
   path = epath.Path(os.path.join(stage_dir, CONFIG_FILE))
-  if not path.exists():
+  if not paths.exists(str(path)):
     return None
   record, why = paths.read_json(str(path), "stage config")
   if why is None and not (isinstance(record, dict) and isinstance(record.get("effective"), dict)):
